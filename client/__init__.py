@@ -1,0 +1,1 @@
+"""Light client for the chest X-ray super-resolution service (no torch)."""
