@@ -1,0 +1,1 @@
+"""Training: data, networks, losses and the loop that writes a checkpoint folder."""

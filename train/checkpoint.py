@@ -1,0 +1,87 @@
+"""The checkpoint folder: the hand-off from training to the builders.
+
+    <folder>/
+      vae/          AutoencoderKL.save_pretrained (config.json + safetensors)
+      unet/         UNet2DModel.save_pretrained
+      scheduler/    scheduler_config.json (cxrdiff.Schedule; diffusers DDPMScheduler keys)
+      cxr_sr.json   our resolved config: {"format": 1, "latent_scaling": float,
+                    "residual_scale": float, "sampling": {...defaults...}, "train": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, UNet2DModel
+
+from cxrdiff import SamplingOptions, Schedule
+from train.models import Denoiser, ResidualVAE
+
+FORMAT = 1
+META = "cxr_sr.json"
+
+
+@dataclass
+class Checkpoint:
+    vae: ResidualVAE
+    denoiser: Denoiser
+    schedule: Schedule
+    sampling: SamplingOptions  # serving defaults
+    meta: dict
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of the latent for a 256x256 image."""
+        cfg = self.vae.vae.config
+        f = 2 ** (len(cfg.block_out_channels) - 1)
+        return (cfg.latent_channels, 256 // f, 256 // f)
+
+
+def save(folder: str | Path, vae: ResidualVAE, denoiser: Denoiser, schedule: Schedule,
+         sampling: SamplingOptions, train_config: dict | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vae.vae.save_pretrained(folder / "vae")
+    denoiser.unet.save_pretrained(folder / "unet")
+    schedule.save(folder / "scheduler")
+    meta = {
+        "format": FORMAT,
+        "latent_scaling": vae.scaling,
+        "residual_scale": vae.residual_scale,
+        "sampling": dict(sampling.__dict__),
+        "train": train_config or {},
+    }
+    (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def load(folder: str | Path) -> Checkpoint:
+    folder = Path(folder)
+    meta_path = folder / META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a checkpoint folder: {META} is missing")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: checkpoint format {meta.get('format')} != {FORMAT}")
+    vae = ResidualVAE(AutoencoderKL.from_pretrained(folder / "vae"), meta["latent_scaling"],
+                      meta["residual_scale"]).eval()
+    denoiser = Denoiser(UNet2DModel.from_pretrained(folder / "unet")).eval()
+    return Checkpoint(vae, denoiser, Schedule.load(folder / "scheduler"),
+                      SamplingOptions(**meta["sampling"]), meta)
+
+
+def random_init(folder: str | Path, vae_cfg=None, unet_cfg=None, schedule: Schedule | None = None,
+                seed: int = 0) -> Path:
+    """A random-weight checkpoint of the given geometry (tests, smoke builds)."""
+    import torch
+
+    from train.models import UNetConfig, VAEConfig, build_unet, build_vae
+
+    torch.manual_seed(seed)
+    vae_cfg = vae_cfg or VAEConfig()
+    unet_cfg = unet_cfg or UNetConfig()
+    vae = ResidualVAE(build_vae(vae_cfg), 1.0, vae_cfg.residual_scale)
+    denoiser = Denoiser(build_unet(unet_cfg, vae_cfg.latent_channels, 256 // vae_cfg.factor))
+    return save(folder, vae, denoiser, schedule or Schedule(), SamplingOptions())
