@@ -1,1 +1,36 @@
-"""Light client for the chest X-ray super-resolution service (no torch)."""
+"""Light client for the chest X-ray super-resolution service (numpy, Pillow, pydicom,
+tritonclient; no torch).
+
+- ``client.io``: ``read_image`` (PNG/JPEG/TIFF/DICOM -> float32 [H, W] in [0, 1]),
+  ``write_png``, ``iter_inputs``;
+- ``client.prepare``: the reference protocol, ``prepare(image) -> (lr [64, 64], hr)``;
+- ``client.metrics``: ``psnr``, ``ssim``, ``ms_ssim``, ``hfen``;
+- ``client.triton``: ``SRClient`` for the ``cxr_sr`` ensemble;
+- ``client.report``: side-by-side strips and text tables; ``client.cli``: ``cxr-sr``.
+"""
+
+from client.io import iter_inputs, read_image, write_png
+from client.metrics import hfen, ms_ssim, psnr, ssim
+from client.prepare import make_lr, prepare, to_reference_hr
+from client.report import bicubic_baseline, format_table, save_side_by_side, side_by_side
+from client.triton import SRClient, SRConnectionError, SRServerError
+
+__all__ = [
+    "SRClient",
+    "SRConnectionError",
+    "SRServerError",
+    "bicubic_baseline",
+    "format_table",
+    "hfen",
+    "iter_inputs",
+    "make_lr",
+    "ms_ssim",
+    "prepare",
+    "psnr",
+    "read_image",
+    "save_side_by_side",
+    "side_by_side",
+    "ssim",
+    "to_reference_hr",
+    "write_png",
+]
