@@ -1,0 +1,278 @@
+"""The cxr-sr CLI and SRClient without Triton: argparse, unreachable server, and a run
+against a tiny in-process stand-in speaking the KServe v2 HTTP protocol (binary tensors).
+
+The stand-in answers SR = bicubic(LR) and records each request's batch size and
+parameters, which is enough to check batching, parameter passing, outputs, the report and
+error translation. The real server is exercised by the integration tests.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.cli import build_parser, main
+from client.io import read_image, write_png
+from client.report import bicubic_baseline, format_table, side_by_side
+from client.triton import SRClient, SRConnectionError, SRServerError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _FakeTriton(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    requests: list[dict] = []  # replaced per server
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def _send(self, code: int, body: bytes, header_length: int | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        if header_length is not None:
+            self.send_header("Inference-Header-Content-Length", str(header_length))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        ok = self.path in ("/v2/health/live", "/v2/health/ready", "/v2/models/cxr_sr/ready")
+        self._send(200 if ok else 404, b"")
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path != "/v2/models/cxr_sr/infer":
+            self._send(404, json.dumps({"error": "unknown model"}).encode())
+            return
+        n_json = int(self.headers.get("Inference-Header-Content-Length", len(body)))
+        request = json.loads(body[:n_json])
+        (inp,) = request["inputs"]
+        lr = np.frombuffer(body[n_json:], dtype=np.float32).reshape(inp["shape"])
+        params = request.get("parameters", {})
+        type(self).requests.append({"batch": lr.shape[0], "parameters": params})
+        if params.get("steps") == 999:
+            msg = {"error": "steps (999) exceeds the 300 timesteps the plan covers"}
+            self._send(400, json.dumps(msg).encode())
+            return
+        sr = bicubic_baseline(lr).astype(np.float32)
+        raw = sr.tobytes()
+        header = json.dumps(
+            {
+                "model_name": "cxr_sr",
+                "outputs": [
+                    {
+                        "name": "SR",
+                        "datatype": "FP32",
+                        "shape": list(sr.shape),
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
+                ],
+            }
+        ).encode()
+        self._send(200, header + raw, header_length=len(header))
+
+
+@pytest.fixture()
+def fake_server() -> Iterator[tuple[str, list[dict]]]:
+    handler = type("Handler", (_FakeTriton,), {"requests": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", handler.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# --- argparse ---------------------------------------------------------------------------
+
+
+def test_every_flag_has_help() -> None:
+    parser = build_parser()
+    for action in parser._actions:
+        assert action.help, f"{action.option_strings or action.dest} has no help"
+
+
+def test_help_runs_as_a_module() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "client.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--out" in out.stdout and "--lr-as-is" in out.stdout and "--protocol" in out.stdout
+
+
+def test_missing_out_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["x.png"])
+    assert e.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_client_does_not_import_heavy_packages() -> None:
+    code = (
+        "import sys, client, client.cli; "
+        "bad = [m for m in ('torch', 'diffusers', 'onnxruntime') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- server unreachable -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unreachable_server_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str
+) -> None:
+    write_png(tmp_path / "a.png", np.zeros((64, 64)))
+    url = f"127.0.0.1:{_free_port()}"
+    code = main([str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--url", url,
+                 "--protocol", protocol, "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("cxr-sr: error:") and url in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_srclient_validation_and_connection_error() -> None:
+    c = SRClient(f"127.0.0.1:{_free_port()}", timeout_s=2)
+    assert not c.is_ready()
+    ok = np.zeros((2, 1, 64, 64), np.float32)
+    with pytest.raises(SRConnectionError, match="cannot reach"):
+        c.super_resolve(ok)
+    for bad, match in [
+        (np.zeros((1, 64, 64), np.float32), "shape"),
+        (np.zeros((1, 1, 32, 32), np.float32), "shape"),
+        (np.zeros((1, 1, 64, 64), np.uint8), "floating"),
+        (np.full((1, 1, 64, 64), 1.5, np.float32), r"\[0, 1\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            c.super_resolve(bad)
+    with pytest.raises(ValueError, match="steps"):
+        c.super_resolve(ok, steps=0)
+    with pytest.raises(ValueError, match="sampler"):
+        c.super_resolve(ok, sampler="euler")
+    with pytest.raises(ValueError, match="protocol"):
+        SRClient(protocol="websocket")
+    with pytest.raises(ValueError, match="scheme"):
+        SRClient("http://127.0.0.1:8000")
+
+
+# --- against the stand-in server --------------------------------------------------------
+
+
+def test_srclient_splits_batches_and_sends_only_given_parameters(fake_server) -> None:
+    url, requests = fake_server
+    lr = np.random.default_rng(0).random((11, 1, 64, 64)).astype(np.float32)
+    with SRClient(url, max_batch=4) as c:
+        c.wait_ready(5)
+        sr = c.super_resolve(lr, steps=4, seed=7, sampler="ddim")
+        assert sr.shape == (11, 1, 256, 256) and sr.dtype == np.float32
+        np.testing.assert_allclose(sr, bicubic_baseline(lr), atol=1e-6)
+        assert [r["batch"] for r in requests] == [4, 4, 3]
+        assert requests[0]["parameters"] == {"steps": 4, "seed": 7, "sampler": "ddim"}
+        c.super_resolve(lr[:1])
+        assert requests[-1]["parameters"] == {}
+        with pytest.raises(SRServerError, match="exceeds the 300 timesteps") as e:
+            c.super_resolve(lr[:1], steps=999)
+        assert not isinstance(e.value, SRConnectionError)
+
+
+def test_cli_end_to_end(fake_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url, requests = fake_server
+    rng = np.random.default_rng(1)
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    big = np.clip(np.add.outer(np.linspace(0, 1, 300), np.linspace(0, 0.5, 400)), 0, 1)
+    write_png(inputs / "big.png", big)
+    write_png(inputs / "sub" / "big.png", big[::-1])
+    write_png(inputs / "small.png", rng.random((64, 64)))
+    (inputs / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    report = tmp_path / "report.json"
+    code = main([str(inputs), "--out", str(out), "--url", url, "--steps", "3", "--seed", "1",
+                 "--batch", "2", "--json", str(report), "--side-by-side", "--quiet"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 1  # broken.png failed, the rest went through
+    assert "broken.png" in captured.err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_sr.png")) == [
+        "big_sr.png",
+        "small_sr.png",
+        "sub/big_sr.png",
+    ]
+    sr = read_image(out / "big_sr.png")
+    assert sr.shape == (256, 256)
+    assert (out / "big_compare.png").is_file()
+    assert [r["batch"] for r in requests] == [2, 1]
+    assert all(r["parameters"] == {"steps": 3, "seed": 1} for r in requests)
+    assert "PSNR SR" in captured.out and "mean (3)" in captured.out
+
+    data = json.loads(report.read_text())
+    assert [f["path"].endswith("broken.png") for f in data["failed"]] == [True]
+    rows = {r["name"]: r for r in data["images"]}
+    assert set(rows) == {"big", "small", "sub/big"}
+    assert rows["small"]["psnr_sr"] is None  # a 64x64 input has no reference
+    # The stand-in returns bicubic, so SR and bicubic scores coincide.
+    assert rows["big"]["psnr_sr"] == pytest.approx(rows["big"]["psnr_bicubic"], abs=1e-3)
+    assert data["mean"]["psnr_sr"] == pytest.approx(
+        np.mean([rows["big"]["psnr_sr"], rows["sub/big"]["psnr_sr"]])
+    )
+
+
+def test_cli_lr_as_is_rejects_other_sizes(fake_server, tmp_path: Path) -> None:
+    url, _ = fake_server
+    write_png(tmp_path / "a.png", np.zeros((64, 64)))
+    write_png(tmp_path / "b.png", np.zeros((80, 80)))
+    code = main([str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "o"),
+                 "--url", url, "--lr-as-is", "--quiet"])  # fmt: skip
+    assert code == 1
+    assert (tmp_path / "o" / "a_sr.png").is_file()
+    assert not (tmp_path / "o" / "b_sr.png").exists()
+
+
+def test_cli_missing_input_is_reported_not_fatal(fake_server, tmp_path: Path) -> None:
+    url, _ = fake_server
+    write_png(tmp_path / "a.png", np.zeros((64, 64)))
+    code = main([str(tmp_path / "nope"), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
+                 "--url", url, "--quiet"])  # fmt: skip
+    assert code == 1
+    assert (tmp_path / "o" / "a_sr.png").is_file()
+
+
+# --- report -----------------------------------------------------------------------------
+
+
+def test_side_by_side_layout() -> None:
+    lr = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    bic = bicubic_baseline(lr)
+    strip = side_by_side(lr, None, bic, bic)
+    assert strip.dtype == np.uint8 and strip.shape == (256, 4 * 256 + 3 * 4)
+    assert (strip[:, 256:260] == 255).all()
+    np.testing.assert_array_equal(strip[:4, :4], np.rint(lr[0, 0] * 255))  # nearest upsampling
+    np.testing.assert_array_equal(strip[:, 260:516], strip[:, 520:776])
+    assert side_by_side(lr, bic, bic, bits=16).shape == (256, 3 * 256 + 2 * 4)
+    with pytest.raises(ValueError, match="sr"):
+        side_by_side(lr, bic, lr)
+
+
+def test_format_table() -> None:
+    rows = [{"name": "a", "psnr": 30.123456, "n": 3}, {"name": "longer name", "psnr": None}]
+    text = format_table(rows, [("name", "image"), ("psnr", "PSNR", ".2f"), "n"])
+    lines = text.splitlines()
+    assert lines[0].split() == ["image", "PSNR", "n"]
+    assert "30.12" in lines[2] and lines[3].split() == ["longer", "name", "-", "-"]
+    assert len({len(line) for line in lines[:3]}) == 1  # aligned
