@@ -2,14 +2,14 @@
 tritonclient; no torch).
 
 - ``client.io``: ``read_image`` (PNG/JPEG/TIFF/DICOM -> float32 [H, W] in [0, 1]),
-  ``write_png``, ``iter_inputs``;
+  ``write_png``, ``write_dicom_sc``, ``iter_inputs``;
 - ``client.prepare``: the reference protocol, ``prepare(image) -> (lr [64, 64], hr)``;
 - ``client.metrics``: ``psnr``, ``ssim``, ``ms_ssim``, ``hfen``;
 - ``client.triton``: ``SRClient`` for the ``cxr_sr`` ensemble;
 - ``client.report``: side-by-side strips and text tables; ``client.cli``: ``cxr-sr``.
 """
 
-from client.io import iter_inputs, read_image, write_png
+from client.io import iter_inputs, read_image, write_dicom_sc, write_png
 from client.metrics import hfen, ms_ssim, psnr, ssim
 from client.prepare import make_lr, prepare, to_reference_hr
 from client.report import bicubic_baseline, format_table, save_side_by_side, side_by_side
@@ -32,5 +32,6 @@ __all__ = [
     "side_by_side",
     "ssim",
     "to_reference_hr",
+    "write_dicom_sc",
     "write_png",
 ]

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from client.io import iter_inputs, read_image, write_png
+from client.io import is_dicom, iter_inputs, read_image, write_dicom_sc, write_png
 from client.metrics import hfen, ms_ssim, psnr, ssim
 from client.prepare import prepare
 from client.report import bicubic_baseline, format_table, save_side_by_side
@@ -34,6 +34,7 @@ from client.triton import (
     SRServerError,
     sampling_parameters,
 )
+from cxrdiff.imaging import HR_SIZE
 from cxrdiff.sampling import SAMPLERS, STARTS
 
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_SERVER = 0, 1, 2
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write <stem>_compare.png: LR | bicubic | SR | reference",
     )
+    p.add_argument(
+        "--dicom",
+        action="store_true",
+        help="also write <stem>_sr.dcm, a derived Secondary Capture; DICOM inputs lend it their "
+        "patient/study attributes, and all outputs of a run form one new series",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -159,6 +166,36 @@ def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return mean
 
 
+def _pixel_spacing(path: Path, side: int) -> tuple[float, float] | None:
+    """Output pixel spacing (mm) when the source DICOM gives one; ``side`` = input square."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    if not spacing or len(spacing) != 2 or min(float(v) for v in spacing) <= 0:
+        return None
+    factor = side / HR_SIZE
+    return float(spacing[0]) * factor, float(spacing[1]) * factor
+
+
+def _write_dicom(args: argparse.Namespace, item: dict[str, Any], sr: np.ndarray) -> None:
+    source = item["path"] if is_dicom(item["path"]) else None
+    spacing = None
+    if source is not None:
+        try:
+            spacing = _pixel_spacing(source, item["side"])
+        except Exception:
+            source = None  # unreadable header: write without source attributes
+    write_dicom_sc(
+        args.out / f"{item['stem']}_sr.dcm",
+        sr,
+        source,
+        series_uid=args.series_uid,
+        instance_number=item["index"] + 1,
+        pixel_spacing=spacing,
+    )
+
+
 def _flush(
     batch: list[dict[str, Any]],
     client: SRClient,
@@ -193,6 +230,8 @@ def _flush(
     bic = bicubic_baseline(lr)
     for i, b in enumerate(batch):
         out = write_png(args.out / f"{b['stem']}_sr.png", sr[i, 0], bits=16)
+        if args.dicom:
+            _write_dicom(args, b, sr[i, 0])
         if args.side_by_side:
             save_side_by_side(
                 args.out / f"{b['stem']}_compare.png", b["lr"], bic[i, 0], sr[i, 0], b["hr"]
@@ -234,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cxr-sr: error: {e}", file=err)
         return EXIT_SERVER
 
+    from pydicom.uid import generate_uid
+
+    args.series_uid = generate_uid()  # one derived series per run
     with client:
         try:
             client.wait_ready(args.wait)
@@ -249,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch: list[dict[str, Any]] = []
         bar = tqdm(jobs, desc="cxr-sr", unit="image", disable=True if args.quiet else None)
         try:
-            for path, stem in bar:
+            for index, (path, stem) in enumerate(bar):
                 try:
                     image = read_image(path)
                     lr, hr = prepare(image, lr_as_is=args.lr_as_is)
@@ -257,8 +299,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     failed.append({"path": str(path), "error": str(e)})
                     tqdm.write(f"failed: {path}: {e}", file=err)
                     continue
-                size = f"{image.shape[0]}x{image.shape[1]}"
-                batch.append({"path": path, "stem": stem, "lr": lr, "hr": hr, "size": size})
+                batch.append(
+                    {
+                        "path": path,
+                        "stem": stem,
+                        "lr": lr,
+                        "hr": hr,
+                        "size": f"{image.shape[0]}x{image.shape[1]}",
+                        "side": min(image.shape),
+                        "index": index,
+                    }
+                )
                 if len(batch) >= args.batch:
                     _flush(batch, client, args, rows, failed, lambda m: tqdm.write(m, file=err))
             _flush(batch, client, args, rows, failed, lambda m: tqdm.write(m, file=err))

@@ -244,6 +244,26 @@ def test_cli_lr_as_is_rejects_other_sizes(fake_server, tmp_path: Path) -> None:
     assert not (tmp_path / "o" / "b_sr.png").exists()
 
 
+def test_cli_writes_derived_dicom_series(fake_server, tmp_path: Path) -> None:
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    url, _ = fake_server
+    source = get_testdata_file("RG1_UNCI.dcm")
+    if source is None:
+        pytest.skip("pydicom-data not installed")
+    write_png(tmp_path / "lr.png", np.full((64, 64), 0.5))
+    code = main([source, str(tmp_path / "lr.png"), "--out", str(tmp_path / "o"), "--url", url,
+                 "--dicom", "--quiet"])  # fmt: skip
+    assert code == 0
+    a = pydicom.dcmread(tmp_path / "o" / "RG1_UNCI_sr.dcm")
+    b = pydicom.dcmread(tmp_path / "o" / "lr_sr.dcm")
+    assert a.PatientID == pydicom.dcmread(source, stop_before_pixels=True).PatientID
+    assert a.SeriesInstanceUID == b.SeriesInstanceUID  # one derived series per run
+    assert (a.InstanceNumber, b.InstanceNumber) == (1, 2)
+    np.testing.assert_allclose(read_image(tmp_path / "o" / "lr_sr.dcm"), 0.5, atol=1e-4)
+
+
 def test_cli_missing_input_is_reported_not_fatal(fake_server, tmp_path: Path) -> None:
     url, _ = fake_server
     write_png(tmp_path / "a.png", np.zeros((64, 64)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.io import is_dicom, iter_inputs, read_image, write_png
+from client.io import is_dicom, iter_inputs, read_image, write_dicom_sc, write_png
 from client.prepare import make_lr, prepare, to_reference_hr
 from cxrdiff.imaging import area_downsample
 
@@ -174,6 +174,27 @@ def test_dicom_detected_by_content_and_folders_expanded(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no such"):
         iter_inputs([tmp_path / "nope"])
     assert read_image(study / "series1" / "IM0001").shape == (1955, 1841)
+
+
+def test_dicom_secondary_capture_round_trip(tmp_path: Path) -> None:
+    import pydicom
+
+    x = _gradient(256, 256)
+    source = _testdata("RG1_UNCI.dcm")
+    path = write_dicom_sc(tmp_path / "sr.dcm", x, source, pixel_spacing=(0.5, 0.5))
+    np.testing.assert_allclose(read_image(path), x, atol=0.5 / 65535 + 1e-7)
+    ds = pydicom.dcmread(path)
+    src = pydicom.dcmread(source, stop_before_pixels=True)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert ds.PatientID == src.PatientID and ds.StudyInstanceUID == src.StudyInstanceUID
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    assert [float(v) for v in ds.PixelSpacing] == [0.5, 0.5]
+    plain = pydicom.dcmread(write_dicom_sc(tmp_path / "plain.dcm", x[None, None]))
+    assert "PatientID" not in plain and plain.Rows == 256
+    with pytest.raises(ValueError, match="shape"):
+        write_dicom_sc(tmp_path / "bad.dcm", np.zeros((2, 3, 4)))
 
 
 # --- prepare ----------------------------------------------------------------------------
