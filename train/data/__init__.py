@@ -151,6 +151,11 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> PairDataset:
 
         base = Path(cfg.cache_dir or cfg.root)
         folder = base / split if (base / split).is_dir() else base
+        if not (folder / "index.json").is_file() and not (folder / "plan.json").is_file():
+            raise ValueError(
+                f"no prepared {split!r} split: expected {base}/{split}/index.json, written by "
+                f"`python -m train.data.prepare --split {split} --out {base} ...`"
+            )
         ds = CachedPairs(
             folder,
             split=split,
