@@ -66,8 +66,9 @@ class SamplingOptions:
         return SamplingOptions(**fields)
 
 
-def timesteps(num_train_timesteps: int, steps: int, *, spacing: str = "trailing",
-              strength: float = 1.0) -> np.ndarray:
+def timesteps(
+    num_train_timesteps: int, steps: int, *, spacing: str = "trailing", strength: float = 1.0
+) -> np.ndarray:
     """Descending int64 timesteps of a sampling plan, shape [steps].
 
     ``trailing`` matches diffusers' ``timestep_spacing="trailing"`` and ``leading`` its
@@ -127,8 +128,13 @@ def _noise(rngs: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarra
     return np.stack([r.standard_normal(shape, dtype=np.float32) for r in rngs])
 
 
-def sample(denoise: Denoiser, z_lr: np.ndarray, schedule: Schedule, options: SamplingOptions,
-           rngs: list[np.random.Generator]) -> np.ndarray:
+def sample(
+    denoise: Denoiser,
+    z_lr: np.ndarray,
+    schedule: Schedule,
+    options: SamplingOptions,
+    rngs: list[np.random.Generator],
+) -> np.ndarray:
     """Run the reverse process; returns the predicted HR latent, float32 like ``z_lr``.
 
     Args:
@@ -143,8 +149,12 @@ def sample(denoise: Denoiser, z_lr: np.ndarray, schedule: Schedule, options: Sam
     if len(rngs) != z_lr.shape[0]:
         raise ValueError(f"need one generator per row: {len(rngs)} for {z_lr.shape[0]} rows")
     abar = schedule.alphas_cumprod()
-    ts = timesteps(schedule.num_train_timesteps, options.steps, spacing=options.spacing,
-                   strength=options.strength)
+    ts = timesteps(
+        schedule.num_train_timesteps,
+        options.steps,
+        spacing=options.spacing,
+        strength=options.strength,
+    )
     n = z_lr.shape[0]
     x = _noise(rngs, z_lr.shape[1:])
     if options.start == "lr":  # q(x_t0 | x_0 = z_lr)

@@ -28,7 +28,11 @@ SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
 
 # our names <-> diffusers' names
-_TO_DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+_TO_DIFFUSERS_SCHEDULE = {
+    "linear": "linear",
+    "scaled_linear": "scaled_linear",
+    "cosine": "squaredcos_cap_v2",
+}
 _TO_DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 
 

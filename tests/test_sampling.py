@@ -81,8 +81,14 @@ def test_ddpm_loop_matches_diffusers(denoiser, prediction):
     steps = 6
     z_lr = np.random.default_rng(2).standard_normal((1, C, S, S)).astype(np.float32)
     x_T = np.random.default_rng(3).standard_normal((1, C, S, S)).astype(np.float32)
-    ref = diffusers_loop(DDPMScheduler.from_config(sched.to_diffusers_config()), denoiser, x_T,
-                         z_lr, steps, generator=torch.Generator().manual_seed(11))
+    ref = diffusers_loop(
+        DDPMScheduler.from_config(sched.to_diffusers_config()),
+        denoiser,
+        x_T,
+        z_lr,
+        steps,
+        generator=torch.Generator().manual_seed(11),
+    )
 
     # Replay diffusers' noise draws (torch.randn on its generator) through our steps.
     from cxrdiff.sampling import ddpm_step
@@ -103,7 +109,10 @@ def test_ddpm_loop_matches_diffusers(denoiser, prediction):
 def numpy_free_torch_ddim(net, sched, z_lr, x_T, steps):
     """An independent torch DDIM (eta = 0) loop written from the paper's eq. 12."""
     abar = torch.tensor(sched.alphas_cumprod())
-    ts = torch.round(torch.arange(sched.num_train_timesteps, 0, -sched.num_train_timesteps / steps)) - 1
+    ts = (
+        torch.round(torch.arange(sched.num_train_timesteps, 0, -sched.num_train_timesteps / steps))
+        - 1
+    )
     x, cond = torch.from_numpy(x_T).double(), torch.from_numpy(z_lr)
     with torch.no_grad():
         for i, t in enumerate(ts.long()):
@@ -118,11 +127,17 @@ def numpy_free_torch_ddim(net, sched, z_lr, x_T, steps):
 def test_ddim_matches_independent_torch_loop(denoiser):
     sched = Schedule("linear", 300, prediction="x0")
     z_lr = np.random.default_rng(4).standard_normal((3, C, S, S)).astype(np.float32)
-    ours = sample(as_numpy_callable(denoiser), z_lr, sched,
-                  SamplingOptions(steps=5, start="noise"), generators([5], [3]))
+    ours = sample(
+        as_numpy_callable(denoiser),
+        z_lr,
+        sched,
+        SamplingOptions(steps=5, start="noise"),
+        generators([5], [3]),
+    )
     x_T = np.stack([r.standard_normal((C, S, S), dtype=np.float32) for r in generators([5], [3])])
-    np.testing.assert_allclose(ours, numpy_free_torch_ddim(denoiser, sched, z_lr, x_T, 5),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        ours, numpy_free_torch_ddim(denoiser, sched, z_lr, x_T, 5), atol=1e-4
+    )
 
 
 def test_seed_determinism_and_batch_independence(denoiser):
@@ -145,13 +160,27 @@ def test_lr_start_at_low_strength_stays_near_lr(denoiser):
     sched = Schedule(prediction="x0")
     z = np.random.default_rng(0).standard_normal((1, C, S, S)).astype(np.float32)
     identity = lambda x_t, t, z_lr: z_lr  # a denoiser that predicts x0 = z_lr
-    out = sample(identity, z, sched, SamplingOptions(steps=2, start="lr", strength=0.05),
-                 generators([0], [1]))
+    out = sample(
+        identity,
+        z,
+        sched,
+        SamplingOptions(steps=2, start="lr", strength=0.05),
+        generators([0], [1]),
+    )
     np.testing.assert_allclose(out, z, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [{"steps": 0}, {"steps": 2.5}, {"sampler": "euler"},
-                                    {"eta": 2.0}, {"strength": 0.0}, {"start": "x"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"steps": 0},
+        {"steps": 2.5},
+        {"sampler": "euler"},
+        {"eta": 2.0},
+        {"strength": 0.0},
+        {"start": "x"},
+    ],
+)
 def test_bad_options_raise(kwargs):
     with pytest.raises(ValueError):
         SamplingOptions(**kwargs)

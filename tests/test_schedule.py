@@ -65,8 +65,13 @@ def test_save_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"kind": "quadratic"}, {"prediction": "epsilon"}, {"num_train_timesteps": 1},
-     {"beta_start": 0.1, "beta_end": 0.01}, {"snr_shift": 0}],
+    [
+        {"kind": "quadratic"},
+        {"prediction": "epsilon"},
+        {"num_train_timesteps": 1},
+        {"beta_start": 0.1, "beta_end": 0.01},
+        {"snr_shift": 0},
+    ],
 )
 def test_bad_values_raise(kwargs):
     with pytest.raises(ValueError):

@@ -1,0 +1,1 @@
+"""Builders: checkpoint -> one spec per network -> ONNX -> (TensorRT) -> Triton repository."""

@@ -1,0 +1,207 @@
+"""Assemble a Triton model repository from a checkpoint folder.
+
+    python -m builders.build --checkpoint weights/demo --target cpu --out build/model_repository
+
+Stages, each cached by a key of its inputs (re-running with nothing changed does nothing):
+  1. ONNX export of vae_encoder, unet, vae_decoder (+ onnxruntime-vs-torch max abs diff)
+  2. TensorRT plan of the UNet (``--target gpu``, where TensorRT is importable)
+  3. the repository: configs from the specs, model.py sources from ``model_repository/``,
+     the schedule and sampling defaults for the sampler
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from builders import specs as S
+from builders import trt
+from builders.triton_config import (
+    TARGETS,
+    ensemble_config,
+    network_config,
+    sampler_config,
+    write_config,
+)
+
+SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
+CACHE_VERSION = 1
+
+
+def _digest(folder: Path, extra: dict) -> str:
+    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **extra}, sort_keys=True).encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def export_all(
+    checkpoint: Path, onnx_dir: Path, max_batch: int, *, dynamo: bool = False, force: bool = False
+) -> tuple[dict[str, S.NetworkSpec], dict[str, Path]]:
+    """Stage 1: ONNX files for every network, reused when the checkpoint is unchanged."""
+    from train.checkpoint import load
+
+    key = _digest(checkpoint, {"max_batch": max_batch, "dynamo": dynamo})
+    stamp = onnx_dir / "export.json"
+    ckpt = load(checkpoint)
+    specs = S.network_specs(ckpt.latent_shape, max_batch)
+    paths = {name: onnx_dir / f"{name}.onnx" for name in S.NETWORKS}
+    cached = stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
+    if cached and not force and all(p.is_file() for p in paths.values()):
+        print(f"[export] up to date ({onnx_dir})")
+        return specs, paths
+    rows = []
+    for name in S.NETWORKS:
+        t0 = time.perf_counter()
+        from builders.export import check_onnx, export_onnx
+
+        export_onnx(ckpt, specs[name], paths[name], dynamo=dynamo)
+        diff = check_onnx(ckpt, specs[name], paths[name])
+        rows.append((name, paths[name].stat().st_size / 2**20, diff, time.perf_counter() - t0))
+    print(f"{'network':<12} {'MiB':>6} {'max |onnx - torch|':>19} {'s':>6}")
+    for name, mib, diff, sec in rows:
+        print(f"{name:<12} {mib:6.2f} {diff:19.2e} {sec:6.1f}")
+    stamp.write_text(
+        json.dumps(
+            {"key": key, "checkpoint": checkpoint.name, "max_abs_diff": {r[0]: r[2] for r in rows}},
+            indent=2,
+        )
+        + "\n"
+    )
+    return specs, paths
+
+
+def _install(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if not dst.exists() or dst.read_bytes() != src.read_bytes():
+        shutil.copyfile(src, dst)
+
+
+def assemble(
+    checkpoint: Path,
+    out: Path,
+    target: str,
+    specs: dict[str, S.NetworkSpec],
+    onnx: dict[str, Path],
+    *,
+    instances: int = 1,
+    engine: str = "auto",
+) -> Path:
+    """Stage 2-3: write the Triton repository for ``target`` into ``out``."""
+    from cxrdiff import Schedule
+
+    meta = json.loads((checkpoint / "cxr_sr.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for name in S.NETWORKS:
+        version = out / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        if target == "gpu" and name == "unet":
+            plan = version / "model.plan"
+            if engine == "skip" or (engine == "auto" and trt.tensorrt_version() is None):
+                print(
+                    f"[trt] TensorRT not importable: wrote the config only; build {plan} "
+                    "inside the NGC container (docker/README.md)"
+                )
+            else:
+                trt.build_engine(onnx[name], specs[name], plan)
+        elif target == "gpu":
+            _install(onnx[name], version / "model.onnx")
+        else:
+            _install(onnx[name], version / "model.onnx")
+            _install(SOURCES / "onnx_python" / "model.py", version / "model.py")
+        write_config(network_config(specs[name], target, instances=instances), out / name)
+
+    sampler = out / S.SAMPLER / "1"
+    _install(SOURCES / S.SAMPLER / "1" / "model.py", sampler / "model.py")
+    Schedule.load(checkpoint / "scheduler").save(sampler)
+    (sampler / "sampling.json").write_text(json.dumps(meta["sampling"], indent=2) + "\n")
+    write_config(sampler_config(specs["unet"], instances=instances), out / S.SAMPLER)
+
+    (out / S.ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)
+    write_config(ensemble_config(specs), out / S.ENSEMBLE)
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("weights/demo"),
+        help="checkpoint folder written by train.loop (default: %(default)s)",
+    )
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="cpu",
+        help="cpu: Python-backend onnxruntime models (the embedded tritonserver); "
+        "gpu: TensorRT UNet + onnxruntime_onnx VAE (NGC tritonserver)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="repository folder (default: build/model_repository_<target>)",
+    )
+    p.add_argument(
+        "--onnx-dir",
+        type=Path,
+        default=Path("build/onnx"),
+        help="where ONNX exports are cached (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="max_batch_size of every model and the TensorRT max profile",
+    )
+    p.add_argument("--instances", type=int, default=1, help="instances per model")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "build", "skip"),
+        default="auto",
+        help="TensorRT plan for --target gpu: build it, skip it, or build only "
+        "where TensorRT is importable (auto)",
+    )
+    p.add_argument(
+        "--dynamo",
+        action="store_true",
+        help="use torch's dynamo ONNX exporter instead of the TorchScript one",
+    )
+    p.add_argument("--force", action="store_true", help="re-export even if cached")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not (args.checkpoint / "cxr_sr.json").is_file():
+        print(
+            f"error: {args.checkpoint} is not a checkpoint folder (no cxr_sr.json); "
+            "train one with `python -m train.loop` or run `make weights`",
+            file=sys.stderr,
+        )
+        return 2
+    if not 1 <= args.max_batch <= 256:
+        print(f"error: --max-batch must be in [1, 256], got {args.max_batch}", file=sys.stderr)
+        return 2
+    out = args.out or Path(f"build/model_repository_{args.target}")
+    specs, onnx = export_all(
+        args.checkpoint, args.onnx_dir, args.max_batch, dynamo=args.dynamo, force=args.force
+    )
+    assemble(
+        args.checkpoint, out, args.target, specs, onnx, instances=args.instances, engine=args.engine
+    )
+    print(f"[repository] {args.target} target written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Triton Python-backend BLS model: the timestep loop over ``unet``.
+
+Input ``z_lr`` [N, C, h, w] (latent of the LR image), output ``z`` [N, C, h, w].
+Per-request parameters (JSON): steps, seed, sampler, eta, start, strength; defaults come
+from ``sampling.json`` next to this file, the schedule from ``scheduler_config.json`` (both
+copied from the checkpoint by ``builders.build``). Requests with the same options are
+sampled in one loop, so the UNet sees the whole dynamic batch each step; every row has its
+own noise stream, so a result does not depend on what it was batched with.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from cxrdiff import SamplingOptions, Schedule, sample
+from cxrdiff.sampling import generators
+from cxrdiff.serving import options_key, parse_parameters
+
+
+class UNetError(RuntimeError):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        here = Path(args["model_repository"]) / args["model_version"]
+        self.schedule = Schedule.load(here)
+        self.defaults = SamplingOptions(**json.loads((here / "sampling.json").read_text()))
+        self.unet = params["unet_model"]
+        self.x_name, self.t_name, self.cond_name = params["unet_inputs"].split(",")
+        self.out_name = params["unet_output"]
+        self.max_batch = int(config["max_batch_size"])
+
+    def _denoise(self, x_t, t, z_lr):
+        """One UNet call over the loop's batch (chunked to the UNet's max batch)."""
+        outs = []
+        for i in range(0, len(x_t), self.max_batch):
+            s = slice(i, i + self.max_batch)
+            request = pb_utils.InferenceRequest(
+                model_name=self.unet,
+                requested_output_names=[self.out_name],
+                inputs=[
+                    pb_utils.Tensor(self.x_name, np.ascontiguousarray(x_t[s])),
+                    pb_utils.Tensor(self.t_name, np.ascontiguousarray(t[s, None])),
+                    pb_utils.Tensor(self.cond_name, np.ascontiguousarray(z_lr[s])),
+                ],
+            )
+            response = request.exec()
+            if response.has_error():
+                raise UNetError(f"unet failed: {response.error().message()}")
+            outs.append(pb_utils.get_output_tensor_by_name(response, self.out_name).as_numpy())
+        return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        groups = {}
+        for i, request in enumerate(requests):
+            try:
+                options, seed = parse_parameters(
+                    request.parameters(), self.defaults, self.schedule.num_train_timesteps
+                )
+            except ValueError as err:
+                responses[i] = _error(str(err), pb_utils.TritonError.INVALID_ARG)
+                continue
+            z_lr = pb_utils.get_input_tensor_by_name(request, "z_lr").as_numpy()
+            groups.setdefault(options_key(options), (options, []))[1].append((i, z_lr, seed))
+
+        for options, items in groups.values():
+            z_lr = np.concatenate([z for _, z, _ in items])
+            rngs = generators([s for _, _, s in items], [len(z) for _, z, _ in items])
+            try:
+                z = sample(self._denoise, z_lr, self.schedule, options, rngs)
+            except Exception as err:  # one failing group must not fail the others
+                for i, _, _ in items:
+                    responses[i] = _error(f"sampling failed: {err}", pb_utils.TritonError.INTERNAL)
+                continue
+            start = 0
+            for i, rows, _ in items:
+                out = z[start : start + len(rows)]
+                start += len(rows)
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("z", out)]
+                )
+        return responses
+
+
+def _error(message, code):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
