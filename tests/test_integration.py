@@ -1,0 +1,207 @@
+"""End to end against a real tritonserver (the one inside the nvidia-pytriton wheel).
+
+A tiny random-weight checkpoint is built into a cpu-target repository, served on
+127.0.0.1 with free ports, and exercised over HTTP and gRPC through ``client.SRClient``.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from builders import build
+from builders.serve import TritonServer
+from client import SRClient, SRServerError, write_png
+from cxrdiff import SamplingOptions, sample
+from cxrdiff.sampling import generators
+from train.checkpoint import load, random_init
+from train.models import UNetConfig, VAEConfig
+
+pytestmark = pytest.mark.integration
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return random_init(
+        folder,
+        VAEConfig(channels=[8, 16, 16], norm_groups=4),
+        UNetConfig(channels=[16, 32], norm_groups=8),
+        seed=3,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("build")
+    repo = root / "repo"
+    assert (
+        build.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(repo),
+                "--onnx-dir",
+                str(root / "onnx"),
+                "--max-batch",
+                "4",
+            ]
+        )
+        == 0
+    )
+    with TritonServer(repo, log_file=root / "triton.log") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def lr():
+    return np.random.default_rng(0).random((3, 1, 64, 64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_shapes_range_and_seed_determinism(server, lr, protocol):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with SRClient(url, protocol=protocol) as c:
+        a = c.super_resolve(lr, steps=STEPS, seed=7)
+        b = c.super_resolve(lr, steps=STEPS, seed=7)
+        other = c.super_resolve(lr, steps=STEPS, seed=8)
+    assert a.shape == (3, 1, 256, 256) and a.dtype == np.float32
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, other)
+
+
+def test_http_and_grpc_agree_bit_for_bit(server, lr):
+    with SRClient(server.http_url) as h, SRClient(server.grpc_url, protocol="grpc") as g:
+        np.testing.assert_array_equal(
+            h.super_resolve(lr, steps=STEPS, seed=1, sampler="ddpm"),
+            g.super_resolve(lr, steps=STEPS, seed=1, sampler="ddpm"),
+        )
+
+
+def test_served_loop_matches_offline_torch_pipeline(server, checkpoint, lr):
+    """The BLS loop over onnxruntime reproduces the offline torch loop (same seed)."""
+    ckpt = load(checkpoint)
+    opts = ckpt.sampling.replace(steps=STEPS, sampler="ddpm")
+    with torch.no_grad():
+        z_lr = ckpt.vae.encode_lr(torch.from_numpy(lr)).numpy()
+
+        def denoise(x, t, c):
+            return ckpt.denoiser(
+                torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(c)
+            ).numpy()
+
+        z = sample(denoise, z_lr, ckpt.schedule, opts, generators([5], [len(lr)]))
+        offline = ckpt.vae.decode(torch.from_numpy(z), torch.from_numpy(lr)).numpy()
+    with SRClient(server.http_url) as c:
+        served = c.super_resolve(lr, steps=STEPS, sampler="ddpm", seed=5)
+    np.testing.assert_allclose(served, offline, atol=1e-4)
+
+
+def test_concurrent_requests_are_batched_without_changing_results(server, lr):
+    """Dynamic batching merges requests; each row keeps its own noise stream."""
+    with SRClient(server.http_url) as c:
+        alone = [c.super_resolve(lr[i : i + 1], steps=STEPS, seed=i) for i in range(3)]
+
+    def one(i):
+        with SRClient(server.http_url) as c:
+            return c.super_resolve(lr[i : i + 1], steps=STEPS, seed=i)
+
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(one, [0, 1, 2, 0, 1, 2]))
+    for i, out in enumerate(together):
+        np.testing.assert_allclose(out, alone[i % 3], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": "many"}, "steps"),
+        ({"sampler": "euler"}, "sampler"),
+        ({"seed": -4}, "seed"),
+        ({"strength": 2.0}, "strength"),
+        ({"steps": 5000}, "steps"),
+    ],
+)
+def test_bad_parameters_get_a_400_and_the_server_keeps_serving(server, lr, params, message):
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_url)
+    x = http.InferInput("LR", list(lr[:1].shape), "FP32")
+    x.set_data_from_numpy(lr[:1])
+    with pytest.raises(Exception) as err:
+        client.infer("cxr_sr", [x], parameters=params)
+    assert "400" in str(err.value) and message in str(err.value)
+    assert client.is_server_live() and client.is_model_ready("cxr_sr")
+
+
+@pytest.mark.parametrize("bad", ["range", "nan"])
+def test_bad_pixels_fail_only_their_request(server, lr, bad):
+    x = lr[:1].copy()
+    x[0, 0, 0, 0] = 7.0 if bad == "range" else np.nan
+
+    def send(arr, seed):
+        with SRClient(server.http_url) as c:
+            return c._infer(arr, {"steps": STEPS, "seed": seed})
+
+    with ThreadPoolExecutor(2) as pool:
+        good = pool.submit(send, lr[1:2], 3)
+        broken = pool.submit(send, x, 3)
+        assert good.result().shape == (1, 1, 256, 256)
+        with pytest.raises(SRServerError, match="LR"):
+            broken.result()
+
+
+def test_client_validates_before_sending(server):
+    with SRClient(server.http_url) as c, pytest.raises(ValueError):
+        c.super_resolve(np.zeros((1, 1, 32, 32), np.float32))
+
+
+def test_cli_end_to_end_with_reference(server, tmp_path):
+    """cxr-sr on a 256 PNG (reference protocol: HR known, metrics) and a 64x64 LR as is."""
+    from client.cli import main
+    from train.data.phantom import chest_phantom
+
+    write_png(tmp_path / "in" / "phantom.png", chest_phantom(512, seed=1))
+    write_png(tmp_path / "in" / "small.png", chest_phantom(64, seed=2))
+    report = tmp_path / "report.json"
+    code = main(
+        [
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "out"),
+            "--url",
+            server.http_url,
+            "--steps",
+            str(STEPS),
+            "--seed",
+            "1",
+            "--json",
+            str(report),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "out" / "phantom_sr.png").is_file()
+    assert (tmp_path / "out" / "small_sr.png").is_file()
+    rows = json.loads(report.read_text())
+    text = json.dumps(rows)
+    assert "psnr" in text.lower()
+
+
+def test_defaults_come_from_the_checkpoint(server, checkpoint, lr):
+    """No parameters = the checkpoint's sampling defaults with seed 0."""
+    defaults = load(checkpoint).sampling
+    assert isinstance(defaults, SamplingOptions)
+    with SRClient(server.http_url) as c:
+        np.testing.assert_array_equal(
+            c.super_resolve(lr[:1]), c.super_resolve(lr[:1], steps=defaults.steps, seed=0)
+        )
