@@ -4,11 +4,17 @@ TensorRT's libraries are not on PyPI; this runs inside NVIDIA's NGC containers
 (``nvcr.io/nvidia/tensorrt`` or ``tritonserver:24.10-py3``). A plan only loads on the
 TensorRT version that built it, so the version is recorded next to the plan and written
 into the Triton config, and :func:`check_plan_version` refuses a mismatch.
+
+    python -m builders.trt check build/model_repository_gpu   # before starting the server
 """
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import json
+import os
+import sys
 from pathlib import Path
 
 from builders.specs import NetworkSpec
@@ -86,3 +92,77 @@ def check_plan_version(plan_path: str | Path, runtime_version: str | None) -> No
             f"{plan_path} was built with TensorRT {built} but this server has {runtime_version}; "
             "a plan only loads on the TensorRT version that built it: rebuild it on this server"
         )
+
+
+def runtime_tensorrt_version() -> str | None:
+    """TensorRT version of this machine: the Python module, else ``libnvinfer``'s own answer.
+
+    The tritonserver image has TensorRT's libraries (its backend loads them) but no Python
+    module, so ``getInferLibVersion()`` of ``libnvinfer.so.<major>`` is asked instead:
+    ``major * 10000 + minor * 100 + patch`` from TensorRT 10 on (``* 1000`` before).
+    """
+    version = tensorrt_version()
+    if version is not None:
+        return version
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "libnvinfer.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        lib.getInferLibVersion.restype = ctypes.c_int32
+        v = int(lib.getInferLibVersion())
+        base = 10000 if v >= 100000 else 1000
+        return f"{v // base}.{(v % base) // 100}.{v % 100}"
+    return None
+
+
+def check_repository(repository: str | Path, runtime_version: str | None) -> list[Path]:
+    """Check every ``*.plan`` of a repository against ``runtime_version``; returns the plans.
+
+    A model whose config says ``platform: "tensorrt_plan"`` but has no plan is an error too.
+    """
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise FileNotFoundError(f"{repository} is not a folder")
+    plans = sorted(repository.rglob("*.plan"))
+    for config in sorted(repository.glob("*/config.pbtxt")):
+        declared = 'platform: "tensorrt_plan"' in config.read_text()
+        if declared and not any(p.is_relative_to(config.parent) for p in plans):
+            raise FileNotFoundError(
+                f"{config.parent.name} is a tensorrt_plan model without a model.plan: build it "
+                "with `python -m builders.build --target gpu --engine build` (docker/README.md)"
+            )
+    for plan in plans:
+        check_plan_version(plan, runtime_version)
+    return plans
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="TensorRT plan checks for a built repository.")
+    sub = p.add_subparsers(dest="command", required=True)
+    check = sub.add_parser(
+        "check", help="refuse plans built by another TensorRT than this machine's"
+    )
+    check.add_argument("repository", type=Path, help="model repository to walk for *.plan")
+    check.add_argument(
+        "--runtime-version",
+        default=os.environ.get("CXR_TRT_RUNTIME_VERSION"),
+        help="TensorRT version to check against (default: env CXR_TRT_RUNTIME_VERSION, else "
+        "the installed TensorRT)",
+    )
+    args = p.parse_args(argv)
+    runtime = args.runtime_version or runtime_tensorrt_version()
+    try:
+        plans = check_repository(args.repository, runtime)
+    except (FileNotFoundError, RuntimeError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if plans:
+        print(f"{len(plans)} TensorRT plan(s) match TensorRT {runtime}")
+    else:
+        print(f"no TensorRT plans in {args.repository}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
