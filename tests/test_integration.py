@@ -1,7 +1,8 @@
 """End to end against a real tritonserver (the one inside the nvidia-pytriton wheel).
 
 A tiny random-weight checkpoint is built into a cpu-target repository, served on
-127.0.0.1 with free ports, and exercised over HTTP and gRPC through ``client.SRClient``.
+127.0.0.1 with free ports (fixtures in conftest.py), and exercised over HTTP and gRPC
+through ``client.SRClient``.
 """
 
 from __future__ import annotations
@@ -13,51 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from builders import build
-from builders.serve import TritonServer
 from client import SRClient, SRServerError, write_png
 from cxrdiff import SamplingOptions, sample
 from cxrdiff.sampling import generators
-from train.checkpoint import load, random_init
-from train.models import UNetConfig, VAEConfig
+from train.checkpoint import load
 
 pytestmark = pytest.mark.integration
 
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt") / "tiny"
-    return random_init(
-        folder,
-        VAEConfig(channels=[8, 16, 16], norm_groups=4),
-        UNetConfig(channels=[16, 32], norm_groups=8),
-        seed=3,
-    )
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("build")
-    repo = root / "repo"
-    assert (
-        build.main(
-            [
-                "--checkpoint",
-                str(checkpoint),
-                "--out",
-                str(repo),
-                "--onnx-dir",
-                str(root / "onnx"),
-                "--max-batch",
-                "4",
-            ]
-        )
-        == 0
-    )
-    with TritonServer(repo, log_file=root / "triton.log") as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

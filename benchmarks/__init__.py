@@ -1,0 +1,1 @@
+"""Benchmarks: perf_analyzer sweeps (perf.py) and per-stage timings (stages.py)."""

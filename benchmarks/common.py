@@ -1,0 +1,171 @@
+"""Shared pieces of the benchmark scripts: device and versions, real LR inputs, tables.
+
+Every benchmark reports where it ran (CPU model, cores, GPU if any) and with what
+(Python, onnxruntime, numpy, tritonclient, the server's Triton version), so a table is
+never separated from the machine that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrdiff.imaging import HR_SIZE
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_names() -> list[str]:
+    """GPU names from ``nvidia-smi`` (empty where there is no NVIDIA driver)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def device_info() -> dict[str, Any]:
+    """Where this process runs: CPU model, logical cores (all and usable), GPUs, OS."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "gpus": gpu_names(),
+        "os": f"{platform.system()} {platform.release()}",
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def server_version(url: str, protocol: str = "grpc") -> str | None:
+    """The Triton version a running server reports in its metadata (None if unreachable)."""
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as client
+
+            meta = client.InferenceServerClient(url).get_server_metadata(as_json=True)
+        else:
+            import tritonclient.http as client
+
+            meta = client.InferenceServerClient(url).get_server_metadata()
+    except Exception:  # noqa: BLE001 - any client failure means "unknown"
+        return None
+    return str(meta.get("version")) if meta else None
+
+
+def software_versions(triton: str | None = None) -> dict[str, str | None]:
+    """Versions of the pieces that shape the numbers; ``triton`` from :func:`server_version`."""
+    return {
+        "python": platform.python_version(),
+        "tritonserver": triton,
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "numpy": _version("numpy"),
+        "tritonclient": _version("tritonclient"),
+        "nvidia-pytriton": _version("nvidia-pytriton"),
+    }
+
+
+def describe(device: dict[str, Any], versions: dict[str, str | None]) -> str:
+    """Two lines for the top of a table."""
+    gpus = ", ".join(device["gpus"]) or "none"
+    soft = "  ".join(f"{k} {v}" for k, v in versions.items() if v)
+    return (
+        f"device: {device['cpu']} ({device['usable_cores']} of {device['logical_cores']} "
+        f"logical cores usable), GPU: {gpus}\nversions: {soft}"
+    )
+
+
+def lr_images(count: int, seed: int = 0) -> np.ndarray:
+    """``count`` real LR inputs, float32 ``[count, 1, 64, 64]`` in [0, 1].
+
+    Square crops of the bundled radiograph (``RG1_UNCI.dcm`` from ``pydicom-data``) at random
+    positions and sizes, put through the reference protocol (``client.prepare``). Where that
+    file is not installed, synthetic chest phantoms stand in.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    from client.prepare import make_lr, to_reference_hr
+
+    rng = np.random.default_rng(seed)
+    try:
+        from pydicom.data import get_testdata_file
+
+        from client.io import read_image
+
+        path = get_testdata_file("RG1_UNCI.dcm")
+        image = read_image(path) if path else None
+    except ImportError:
+        image = None
+    out = []
+    for _ in range(count):
+        if image is None:
+            from train.data.phantom import chest_phantom
+
+            crop = chest_phantom(HR_SIZE * 2, seed=int(rng.integers(1 << 31)))
+        else:
+            h, w = image.shape
+            side = int(rng.integers(HR_SIZE, min(h, w) + 1))
+            top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+            crop = image[top : top + side, left : left + side]
+        out.append(make_lr(to_reference_hr(crop)))
+    lr = np.stack(out)[:, None].astype(np.float32)  # [count, 1, 64, 64]
+    return np.clip(lr, 0.0, 1.0)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain text table; floats get 1-2 decimals, None prints as '-'."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 100 else f"{v:.1f}"
+        return str(v)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

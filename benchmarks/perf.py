@@ -1,0 +1,535 @@
+"""Load-test ``cxr_sr`` with the real ``perf_analyzer`` and print a throughput/latency table.
+
+    python -m benchmarks.perf --repository build/model_repository_cpu --concurrency 1,2,4
+
+Starts the embedded tritonserver on the repository (127.0.0.1, free ports) or uses a
+running one (``--url``, gRPC). For each concurrency level, ``perf_analyzer`` (2.51, from
+the ``tritonclient`` wheel, matching the server) sends batch-1 requests over gRPC, the only
+protocol its ``--request-parameter`` supports in 2.51, with ``steps``/``seed`` as request
+parameters and real LR images as input data (its default random inputs fall outside [0, 1]
+and the server rejects them). Results come from its CSV report (``-f``); failed requests
+are counted from the server's statistics. Writes ``outputs/bench_perf.json``.
+
+perf_analyzer needs Debian's ``libb64-0d`` and ``libcudart.so.12`` (the pip package
+``nvidia-cuda-runtime-cu12``, in the dev extra): :func:`perf_analyzer_env` puts the latter
+on ``LD_LIBRARY_PATH``; :func:`missing_libraries` says what is still missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    describe,
+    device_info,
+    lr_images,
+    server_version,
+    software_versions,
+    table,
+    write_json,
+)
+
+UNSTABLE_EXIT = 2  # perf_analyzer: "Failed to obtain stable measurement"
+
+
+def locate_perf_analyzer() -> Path:
+    """The ``perf_analyzer`` binary: next to this Python (the venv's bin/) or on ``PATH``."""
+    here = Path(sys.executable).parent / "perf_analyzer"
+    if here.is_file() and os.access(here, os.X_OK):
+        return here
+    found = shutil.which("perf_analyzer")
+    if found:
+        return Path(found)
+    raise FileNotFoundError(
+        "perf_analyzer not found: it ships in the tritonclient==2.51.0 wheel "
+        "(pip install -e '.[dev]'), or use the NGC SDK image (docker/README.md)"
+    )
+
+
+def cuda_runtime_libdir() -> Path | None:
+    """The folder holding ``libcudart.so.12`` from the pip package nvidia-cuda-runtime-cu12."""
+    try:
+        import nvidia.cuda_runtime as cuda_runtime
+    except ImportError:
+        return None
+    for root in cuda_runtime.__path__:
+        lib = Path(root) / "lib"
+        if (lib / "libcudart.so.12").is_file():
+            return lib
+    return None
+
+
+def perf_analyzer_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the CUDA runtime on LD_LIBRARY_PATH."""
+    env = dict(os.environ if base is None else base)
+    lib = cuda_runtime_libdir()
+    if lib is not None:
+        paths = [str(lib), *(p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p)]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def missing_libraries(binary: Path, env: Mapping[str, str] | None = None) -> list[str]:
+    """Shared libraries ``binary`` cannot find under ``env`` (``ldd``'s "not found" lines)."""
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        return []
+    out = subprocess.run(
+        [ldd, str(binary)],
+        capture_output=True,
+        text=True,
+        env=dict(env or perf_analyzer_env()),
+        timeout=30,
+        check=False,
+    ).stdout
+    return [line.split("=>")[0].strip() for line in out.splitlines() if "not found" in line]
+
+
+def perf_analyzer_version(binary: Path, env: Mapping[str, str]) -> str | None:
+    """``perf_analyzer --version`` -> "2.51.0" (None when it cannot run)."""
+    try:
+        done = subprocess.run(
+            [str(binary), "--version"],
+            capture_output=True,
+            text=True,
+            env=dict(env),
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"Version\s+(\S+)", done.stdout + done.stderr)
+    return match.group(1) if match else None
+
+
+def write_input_data(path: str | Path, lr: np.ndarray, name: str = "LR") -> Path:
+    """perf_analyzer ``--input-data`` JSON: one batch-1 entry per image of ``lr`` [N, 1, 64, 64]."""
+    lr = np.asarray(lr, dtype=np.float32)
+    if lr.ndim != 4 or lr.shape[1] != 1:
+        raise ValueError(f"lr must be [N, 1, H, W], got shape {lr.shape}")
+    entries = [
+        {name: {"content": [float(v) for v in x.ravel()], "shape": list(x.shape)}} for x in lr
+    ]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"data": entries}))
+    return path
+
+
+@dataclass(frozen=True)
+class PerfSettings:
+    """How perf_analyzer measures one concurrency level."""
+
+    steps: int | None = 4
+    seed: int | None = 0
+    sampler: str | None = None
+    measurement_ms: int = 5000
+    stability_percentage: float = 25.0
+    max_trials: int = 8
+    request_count: int = 0  # > 0: one window of that many requests, no stability search
+
+
+def perf_command(
+    binary: Path,
+    *,
+    model: str,
+    url: str,
+    concurrency: int,
+    input_data: Path,
+    csv_path: Path,
+    settings: PerfSettings,
+) -> list[str]:
+    """The perf_analyzer argument list for one concurrency level (gRPC, batch 1)."""
+    cmd = [
+        str(binary),
+        "-m",
+        model,
+        "-i",
+        "grpc",
+        "-u",
+        url,
+        "-b",
+        "1",
+        "--input-data",
+        str(input_data),
+        "--concurrency-range",
+        str(concurrency),
+        "--measurement-interval",
+        str(settings.measurement_ms),
+        "--stability-percentage",
+        str(settings.stability_percentage),
+        "--max-trials",
+        str(settings.max_trials),
+        "-f",
+        str(csv_path),
+    ]
+    if settings.request_count > 0:
+        cmd += ["--request-count", str(settings.request_count)]
+    for key, value, kind in (
+        ("steps", settings.steps, "int"),
+        ("seed", settings.seed, "int"),
+        ("sampler", settings.sampler, "string"),
+    ):
+        if value is not None:
+            cmd += ["--request-parameter", f"{key}:{value}:{kind}"]
+    return cmd
+
+
+def parse_csv(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a perf_analyzer ``-f`` report, every value as float (latencies in usec)."""
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if k and v} for row in csv.DictReader(f)]
+
+
+@dataclass
+class PerfResult:
+    """One concurrency level: throughput in images/s, latencies in ms."""
+
+    concurrency: int
+    throughput: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    server_queue_ms: float | None
+    server_compute_ms: float | None
+    failed_requests: int | None
+    stable: bool
+    returncode: int
+    error: str | None = None
+
+    @classmethod
+    def from_row(
+        cls, row: Mapping[str, float], *, failed: int | None, stable: bool, returncode: int
+    ) -> PerfResult:
+        ms = 1e-3
+        compute = sum(
+            row.get(k, 0.0)
+            for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output")
+        )
+        return cls(
+            concurrency=int(row["Concurrency"]),
+            throughput=row["Inferences/Second"],
+            p50_ms=row["p50 latency"] * ms,
+            p90_ms=row["p90 latency"] * ms,
+            p95_ms=row["p95 latency"] * ms,
+            p99_ms=row["p99 latency"] * ms,
+            server_queue_ms=row.get("Server Queue", 0.0) * ms,
+            server_compute_ms=compute * ms,
+            failed_requests=failed,
+            stable=stable,
+            returncode=returncode,
+        )
+
+
+def failed_count(url: str, model: str) -> int | None:
+    """The server's cumulative failed-inference count for ``model`` (gRPC statistics)."""
+    try:
+        import tritonclient.grpc as grpcclient
+
+        stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model, as_json=True)
+    except Exception:  # noqa: BLE001 - statistics are a bonus; None means unknown
+        return None
+    return sum(int(m["inference_stats"]["fail"].get("count", 0)) for m in stats["model_stats"])
+
+
+def run_level(
+    binary: Path,
+    env: Mapping[str, str],
+    *,
+    model: str,
+    url: str,
+    concurrency: int,
+    input_data: Path,
+    workdir: Path,
+    settings: PerfSettings,
+    timeout_s: float,
+) -> tuple[PerfResult, str]:
+    """One perf_analyzer run; returns the result and its console output.
+
+    When the time-window search does not stabilise (exit code 2, common on a shared 2-core
+    machine), the level is measured again over a fixed request count and marked unstable.
+    """
+    csv_path = workdir / f"perf_c{concurrency}.csv"
+    before = failed_count(url, model)
+    attempts = [settings]
+    if settings.request_count == 0:
+        fallback = max(8, 4 * concurrency)
+        attempts.append(PerfSettings(**{**asdict(settings), "request_count": fallback}))
+    log = ""
+    done: subprocess.CompletedProcess | None = None
+    for attempt in attempts:
+        csv_path.unlink(missing_ok=True)
+        cmd = perf_command(
+            binary,
+            model=model,
+            url=url,
+            concurrency=concurrency,
+            input_data=input_data,
+            csv_path=csv_path,
+            settings=attempt,
+        )
+        try:
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, env=dict(env), timeout=timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return _failed(concurrency, -1, f"perf_analyzer ran past {timeout_s:.0f} s"), log
+        log += done.stdout + done.stderr
+        if done.returncode != UNSTABLE_EXIT:
+            break
+    after = failed_count(url, model)
+    failed = after - before if before is not None and after is not None else None
+    if done.returncode != 0 or not csv_path.is_file():
+        lines = [line for line in log.splitlines() if line.strip()]
+        reason = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else "")
+        return _failed(concurrency, done.returncode, reason, failed), log
+    rows = parse_csv(csv_path)
+    stable = attempt.request_count == settings.request_count
+    return PerfResult.from_row(rows[0], failed=failed, stable=stable, returncode=0), log
+
+
+def _failed(concurrency: int, code: int, reason: str, failed: int | None = None) -> PerfResult:
+    return PerfResult(
+        concurrency, None, None, None, None, None, None, None, failed, False, code, reason.strip()
+    )
+
+
+def parse_levels(text: str) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4]; every level a positive integer."""
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers: {text!r}")
+    return levels
+
+
+def sweep(
+    url: str,
+    levels: Sequence[int],
+    settings: PerfSettings,
+    *,
+    model: str = "cxr_sr",
+    images: int = 8,
+    seed: int = 0,
+    timeout_s: float = 900.0,
+    verbose: bool = False,
+) -> list[PerfResult]:
+    """perf_analyzer at each concurrency level against the gRPC server at ``url``."""
+    binary = locate_perf_analyzer()
+    env = perf_analyzer_env()
+    missing = missing_libraries(binary, env)
+    if missing:
+        raise RuntimeError(
+            f"perf_analyzer cannot load {', '.join(missing)}: install Debian's libb64-0d "
+            "(apt-get install -y libb64-0d) and the pip package nvidia-cuda-runtime-cu12"
+        )
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cxr-perf-") as tmp:
+        work = Path(tmp)
+        data = write_input_data(work / "lr.json", lr_images(images, seed=seed))
+        for level in levels:
+            result, log = run_level(
+                binary,
+                env,
+                model=model,
+                url=url,
+                concurrency=level,
+                input_data=data,
+                workdir=work,
+                settings=settings,
+                timeout_s=timeout_s,
+            )
+            if verbose:
+                print(log)
+            print(f"[perf] concurrency {level}: {_summary(result)}", flush=True)
+            results.append(result)
+    return results
+
+
+def _summary(r: PerfResult) -> str:
+    if r.error:
+        return f"FAILED (exit {r.returncode}): {r.error}"
+    note = "" if r.stable else " (unstable: fixed request count)"
+    return f"{r.throughput:.2f} img/s, p50 {r.p50_ms:.0f} ms{note}"
+
+
+HEADERS = (
+    "concurrency",
+    "img/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "queue ms",
+    "compute ms",
+    "failed",
+    "stable",
+)
+
+
+def result_rows(results: Sequence[PerfResult]) -> list[list[Any]]:
+    return [
+        [
+            r.concurrency,
+            r.throughput,
+            r.p50_ms,
+            r.p95_ms,
+            r.p99_ms,
+            r.server_queue_ms,
+            r.server_compute_ms,
+            r.failed_requests,
+            "yes" if r.stable else "no",
+        ]
+        for r in results
+    ]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("build/model_repository_cpu"),
+        help="built repository to serve with the embedded tritonserver (default: %(default)s)",
+    )
+    p.add_argument(
+        "--url",
+        default=None,
+        help="gRPC address host:port of a running server; then --repository is not served",
+    )
+    p.add_argument("--model", default="cxr_sr", help="model to load-test (default: %(default)s)")
+    p.add_argument(
+        "--concurrency",
+        type=parse_levels,
+        default=[1, 2, 4],
+        help="comma-separated concurrency levels (default: 1,2,4)",
+    )
+    p.add_argument("--steps", type=int, default=4, help="sampling steps per request (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed sent with every request")
+    p.add_argument(
+        "--sampler", default=None, help="sampler request parameter (default: the server's)"
+    )
+    p.add_argument(
+        "--measurement-ms",
+        type=int,
+        default=5000,
+        help="perf_analyzer measurement window in ms (default: %(default)s)",
+    )
+    p.add_argument(
+        "--stability",
+        type=float,
+        default=25.0,
+        help="perf_analyzer --stability-percentage; a shared 2-core machine needs ~25 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-trials",
+        type=int,
+        default=8,
+        help="measurement windows before a level counts as unstable (default: %(default)s)",
+    )
+    p.add_argument(
+        "--request-count",
+        type=int,
+        default=0,
+        help="> 0: measure each level over exactly this many requests (no stability search)",
+    )
+    p.add_argument(
+        "--images", type=int, default=8, help="distinct LR images in the input data (default: 8)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds allowed per perf_analyzer run"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/bench_perf.json"),
+        help="JSON results (default: %(default)s)",
+    )
+    p.add_argument("--verbose", action="store_true", help="print perf_analyzer's own output")
+    args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.measurement_ms < 100 or args.max_trials < 1 or args.images < 1:
+        p.error("--measurement-ms >= 100, --max-trials >= 1 and --images >= 1 are required")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = PerfSettings(
+        steps=args.steps,
+        seed=args.seed,
+        sampler=args.sampler,
+        measurement_ms=args.measurement_ms,
+        stability_percentage=args.stability,
+        max_trials=args.max_trials,
+        request_count=args.request_count,
+    )
+    kwargs = {"model": args.model, "images": args.images, "timeout_s": args.timeout}
+    try:
+        if args.url:
+            url = args.url
+            results = sweep(url, args.concurrency, settings, verbose=args.verbose, **kwargs)
+            triton = server_version(url)
+        else:
+            from builders.serve import TritonServer
+
+            log = args.out.with_name(args.out.stem + "_triton.log")
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with TritonServer(args.repository, log_file=log) as server:
+                url = server.grpc_url
+                triton = server_version(url)
+                results = sweep(url, args.concurrency, settings, verbose=args.verbose, **kwargs)
+    except (FileNotFoundError, RuntimeError, TimeoutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    binary = locate_perf_analyzer()
+    versions = software_versions(triton)
+    versions["perf_analyzer"] = perf_analyzer_version(binary, perf_analyzer_env())
+    device = device_info()
+    print()
+    print(
+        f"perf_analyzer on {args.model}: batch 1, gRPC, steps={args.steps}, "
+        f"window {args.measurement_ms} ms, stability {args.stability:g}%"
+    )
+    print(describe(device, versions))
+    print(table(HEADERS, result_rows(results)))
+    write_json(
+        args.out,
+        {
+            "benchmark": "perf_analyzer",
+            "model": args.model,
+            "repository": None if args.url else str(args.repository),
+            "url": args.url,
+            "settings": asdict(settings),
+            "device": device,
+            "versions": versions,
+            "results": [asdict(r) for r in results],
+        },
+    )
+    print(f"wrote {args.out}")
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The real perf_analyzer (tritonclient 2.51 wheel) against the real tritonserver.
+
+A short, bounded load test of ``cxr_sr`` on the tiny repository (conftest.py): it must exit
+0, report a positive throughput in its CSV and cause no failed request on the server. Only
+a missing Debian ``libb64-0d`` skips it (CI installs it in .ci/run). Timings are never
+asserted.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from benchmarks.perf import (
+    PerfSettings,
+    failed_count,
+    locate_perf_analyzer,
+    missing_libraries,
+    parse_csv,
+    perf_analyzer_env,
+    perf_command,
+    run_level,
+    write_input_data,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def perf_analyzer():
+    """(binary, environment); skips only when libb64 is what is missing."""
+    binary = locate_perf_analyzer()
+    env = perf_analyzer_env()
+    missing = missing_libraries(binary, env)
+    if any("libb64" in lib for lib in missing):
+        pytest.skip("perf_analyzer needs Debian's libb64-0d: apt-get install -y libb64-0d")
+    assert not missing, f"perf_analyzer cannot load {missing} (nvidia-cuda-runtime-cu12?)"
+    return binary, env
+
+
+@pytest.fixture(scope="module")
+def input_data(tmp_path_factory):
+    lr = np.random.default_rng(0).random((3, 1, 64, 64)).astype(np.float32)
+    return write_input_data(tmp_path_factory.mktemp("perf") / "lr.json", lr)
+
+
+def test_perf_analyzer_reports_throughput_without_errors(
+    server, perf_analyzer, input_data, tmp_path
+):
+    binary, env = perf_analyzer
+    csv_path = tmp_path / "perf.csv"
+    settings = PerfSettings(steps=2, seed=1, measurement_ms=1500, request_count=8)
+    cmd = perf_command(
+        binary,
+        model="cxr_sr",
+        url=server.grpc_url,
+        concurrency=2,
+        input_data=input_data,
+        csv_path=csv_path,
+        settings=settings,
+    )
+    before = failed_count(server.grpc_url, "cxr_sr")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = parse_csv(csv_path)
+    assert len(rows) == 1
+    assert rows[0]["Concurrency"] == 2
+    assert rows[0]["Inferences/Second"] > 0
+    assert rows[0]["p50 latency"] > 0
+    assert before is not None and failed_count(server.grpc_url, "cxr_sr") == before
+
+
+def test_run_level_counts_rejected_requests(server, perf_analyzer, tmp_path):
+    """Out-of-range inputs are rejected (400): the level fails and the failures are counted."""
+    binary, env = perf_analyzer
+    bad = write_input_data(tmp_path / "bad.json", np.full((1, 1, 64, 64), 7.0, np.float32))
+    result, log = run_level(
+        binary,
+        env,
+        model="cxr_sr",
+        url=server.grpc_url,
+        concurrency=1,
+        input_data=bad,
+        workdir=tmp_path,
+        settings=PerfSettings(steps=1, request_count=2),
+        timeout_s=120,
+    )
+    assert result.error and result.returncode != 0 and result.throughput is None
+    assert result.failed_requests and result.failed_requests > 0
+    assert "LR" in log
