@@ -41,8 +41,9 @@ eval: weights ## offline evaluation on the held-out set -> outputs/eval.json
 	$(BIN)/python -m train.evaluate --checkpoint $(CKPT) --out outputs/eval.json \
 	  --plot outputs/quality_vs_steps.png
 
-bench: build ## perf_analyzer sweep and stage timings
+bench: build ## perf_analyzer sweep and stage timings -> outputs/bench_*.json
 	$(BIN)/python -m benchmarks.perf --repository $(REPO)
+	$(BIN)/python -m benchmarks.stages --repository $(REPO)
 
 style: install
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -1,0 +1,366 @@
+"""Per-stage timings: vae_encoder, one unet step, vae_decoder and the whole cxr_sr.
+
+    python -m benchmarks.stages --repository build/model_repository_cpu --onnx-dir build/onnx
+
+Two paths, same inputs (real LR crops of the bundled radiograph), batch 1:
+
+- ``server``: each model of the repository called over gRPC on the embedded tritonserver
+  (or ``--url``); ``cxr_sr`` at several step counts. The BLS overhead per step is
+  ``(full(k) - encoder - decoder) / k - unet``, and a least-squares line through
+  full(k) gives the marginal cost of one more step.
+- ``offline``: onnxruntime sessions on the exported ONNX files (``build/onnx/*.onnx``), the
+  full pipeline being encoder -> ``cxrdiff.sample`` over the unet session -> decoder with the
+  repository's schedule and sampling defaults (the loop the sampler model runs).
+
+Every timing is ``--warmup`` untimed calls then the median and 90th percentile of ``--runs``
+timed calls, in ms. Writes ``outputs/bench_stages.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import (
+    describe,
+    device_info,
+    lr_images,
+    server_version,
+    software_versions,
+    table,
+    write_json,
+)
+
+NETWORKS = ("vae_encoder", "unet", "vae_decoder")
+ENSEMBLE = "cxr_sr"
+TRITON_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
+    """``warmup`` untimed calls, then median / p90 / min of ``runs`` timed calls in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    t = np.asarray(times)
+    return {
+        "median_ms": float(np.median(t)),
+        "p90_ms": float(np.percentile(t, 90)),
+        "min_ms": float(t.min()),
+        "runs": runs,
+    }
+
+
+def make_inputs(
+    tensors: Sequence[tuple[str, Sequence[int], type]],
+    lr: np.ndarray,
+    num_train_timesteps: int = 1000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Plausible inputs by name: ``LR`` = ``lr``, ``timestep`` mid-schedule, latents ~ N(0, 1).
+
+    ``tensors``: (name, full shape with batch, numpy dtype); the batch is ``len(lr)``.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(lr)
+    out = {}
+    for name, shape, dtype in tensors:
+        full = (n, *shape[1:])
+        if name == "LR":
+            x = lr
+        elif name == "timestep":
+            x = np.full(full, num_train_timesteps // 2)
+        else:
+            x = rng.standard_normal(full)
+        out[name] = np.ascontiguousarray(x, dtype=dtype)
+    return out
+
+
+def bls_overhead(stage: dict[str, dict[str, float]], full: dict[int, dict[str, float]]) -> dict:
+    """Per-step BLS cost from medians: ``(full(k) - enc - dec) / k - unet`` and a line fit."""
+    enc, unet, dec = (stage[n]["median_ms"] for n in NETWORKS)
+    per_k = {k: (v["median_ms"] - enc - dec) / k - unet for k, v in full.items()}
+    out: dict[str, Any] = {"per_steps": per_k}
+    if len(full) >= 2:
+        ks = np.array(sorted(full), dtype=float)
+        ys = np.array([full[int(k)]["median_ms"] for k in ks])
+        slope, intercept = np.polyfit(ks, ys, 1)
+        out["marginal_step_ms"] = float(slope)
+        out["fixed_ms"] = float(intercept)
+        out["marginal_overhead_ms"] = float(slope - unet)
+    return out
+
+
+# ----------------------------------------------------------------- through the server
+
+
+def _grpc_inputs(config: dict, lr: np.ndarray, timesteps: int) -> dict[str, np.ndarray]:
+    tensors = [
+        (t["name"], [-1, *map(int, t["dims"])], TRITON_DTYPES[t["data_type"].removeprefix("TYPE_")])
+        for t in config["input"]
+    ]
+    return make_inputs(tensors, lr, timesteps)
+
+
+def server_timings(
+    url: str, lr: np.ndarray, steps: Sequence[int], runs: int, warmup: int, seed: int = 0
+) -> dict[str, Any]:
+    """Stage and full-pipeline timings over gRPC at ``url``."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+
+    def call(model: str, feeds: dict[str, np.ndarray], params: dict | None = None):
+        inputs = []
+        for name, arr in feeds.items():
+            dtype = next(k for k, v in TRITON_DTYPES.items() if v == arr.dtype)
+            x = grpcclient.InferInput(name, list(arr.shape), dtype)
+            x.set_data_from_numpy(arr)
+            inputs.append(x)
+        return lambda: client.infer(model, inputs, parameters=params)
+
+    stage = {}
+    for name in NETWORKS:
+        config = client.get_model_config(name, as_json=True)["config"]
+        stage[name] = timeit(call(name, _grpc_inputs(config, lr, 1000)), runs, warmup)
+        print(f"[server] {name}: {stage[name]['median_ms']:.1f} ms", flush=True)
+    full = {}
+    for k in steps:
+        full[k] = timeit(call(ENSEMBLE, {"LR": lr}, {"steps": k, "seed": seed}), runs, warmup)
+        print(f"[server] {ENSEMBLE} steps={k}: {full[k]['median_ms']:.1f} ms", flush=True)
+    return {"stages": stage, "full": full, "bls": bls_overhead(stage, full)}
+
+
+# ----------------------------------------------------------------- offline onnxruntime
+
+
+def offline_timings(
+    onnx_dir: Path,
+    repository: Path | None,
+    lr: np.ndarray,
+    steps: Sequence[int],
+    runs: int,
+    warmup: int,
+    seed: int = 0,
+    threads: int = 0,
+) -> dict[str, Any]:
+    """The same stages with onnxruntime sessions on ``onnx_dir/<network>.onnx``."""
+    import onnxruntime as ort
+
+    from cxrdiff import SamplingOptions, Schedule, sample
+    from cxrdiff.sampling import generators
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {}
+    for name in NETWORKS:
+        path = onnx_dir / f"{name}.onnx"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run `python -m builders.build` first")
+        cpu = ["CPUExecutionProvider"]
+        sessions[name] = ort.InferenceSession(str(path), options, providers=cpu)
+
+    def feeds(name: str) -> dict[str, np.ndarray]:
+        tensors = [(i.name, i.shape, ORT_DTYPES[i.type]) for i in sessions[name].get_inputs()]
+        return make_inputs(tensors, lr)
+
+    stage, inputs = {}, {name: feeds(name) for name in NETWORKS}
+    for name in NETWORKS:
+        sess, x = sessions[name], inputs[name]
+        stage[name] = timeit(lambda s=sess, x=x: s.run(None, x), runs, warmup)
+        print(f"[offline] {name}: {stage[name]['median_ms']:.1f} ms", flush=True)
+    result: dict[str, Any] = {"stages": stage}
+    sampler_dir = repository / "sampler" / "1" if repository else None
+    if sampler_dir is None or not (sampler_dir / "sampling.json").is_file():
+        print("[offline] no repository sampler folder: full pipeline skipped", flush=True)
+        return result
+
+    schedule = Schedule.load(sampler_dir)
+    defaults = SamplingOptions(**json.loads((sampler_dir / "sampling.json").read_text()))
+    enc, unet, dec = (sessions[n] for n in NETWORKS)
+    x_name, t_name, c_name = (i.name for i in unet.get_inputs())
+    t_type = ORT_DTYPES[unet.get_inputs()[1].type]
+
+    def denoise(x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=t_type).reshape(len(x_t), 1)
+        return unet.run(None, {x_name: x_t, t_name: t, c_name: z_lr})[0]
+
+    def pipeline(k: int) -> Callable[[], np.ndarray]:
+        opts = defaults.replace(steps=k)
+
+        def run() -> np.ndarray:
+            (z_lr,) = enc.run(None, {"LR": lr})
+            z = sample(denoise, z_lr, schedule, opts, generators([seed], [len(lr)]))
+            return dec.run(None, {"z": z, "LR": lr})[0]
+
+        return run
+
+    full = {}
+    for k in steps:
+        full[k] = timeit(pipeline(k), runs, warmup)
+        print(f"[offline] full steps={k}: {full[k]['median_ms']:.1f} ms", flush=True)
+    result["full"] = full
+    result["loop"] = bls_overhead(stage, full)  # python loop overhead (no BLS offline)
+    return result
+
+
+# ----------------------------------------------------------------- report
+
+
+def stage_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    """Rows (stage, path, median, p90) for every measured stage and step count."""
+    rows = []
+    for path, res in results.items():
+        for name, t in res.get("stages", {}).items():
+            label = "unet (1 step)" if name == "unet" else name
+            rows.append([label, path, t["median_ms"], t["p90_ms"]])
+        for k, t in res.get("full", {}).items():
+            rows.append([f"cxr_sr {k} steps", path, t["median_ms"], t["p90_ms"]])
+    return rows
+
+
+def overhead_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for path, res in results.items():
+        over = res.get("bls") or res.get("loop")
+        if not over:
+            continue
+        for k, v in over["per_steps"].items():
+            rows.append([path, f"{k}", v])
+        if "marginal_step_ms" in over:
+            rows.append([path, "slope", over["marginal_overhead_ms"]])
+    return rows
+
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers: {text!r}")
+    return steps
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("build/model_repository_cpu"),
+        help="built repository: served for the server path, its sampler folder gives the "
+        "schedule for the offline loop (default: %(default)s)",
+    )
+    p.add_argument(
+        "--onnx-dir",
+        type=Path,
+        default=Path("build/onnx"),
+        help="exported ONNX files for the offline path (default: %(default)s)",
+    )
+    p.add_argument("--url", default=None, help="gRPC host:port of a running server to time")
+    p.add_argument(
+        "--steps",
+        type=parse_steps,
+        default=[1, 2, 4, 8],
+        help="step counts for the full cxr_sr timing (default: 1,2,4,8)",
+    )
+    p.add_argument("--runs", type=int, default=20, help="timed calls per measurement (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed for inputs and sampling noise")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="onnxruntime intra-op threads offline (0 = onnxruntime's default, as served)",
+    )
+    p.add_argument(
+        "--only",
+        choices=("server", "offline"),
+        default=None,
+        help="measure one path only (default: both)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/bench_stages.json"),
+        help="JSON results (default: %(default)s)",
+    )
+    args = p.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        p.error("--runs must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    lr = lr_images(1, seed=args.seed)
+    results: dict[str, dict[str, Any]] = {}
+    triton = None
+    try:
+        if args.only != "offline":
+            timing = (args.steps, args.runs, args.warmup, args.seed)
+            if args.url:
+                triton = server_version(args.url)
+                results["server"] = server_timings(args.url, lr, *timing)
+            else:
+                from builders.serve import TritonServer
+
+                log = args.out.with_name(args.out.stem + "_triton.log")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with TritonServer(args.repository, log_file=log) as server:
+                    triton = server_version(server.grpc_url)
+                    results["server"] = server_timings(server.grpc_url, lr, *timing)
+        if args.only != "server":
+            repo = args.repository if args.repository.is_dir() else None
+            results["offline"] = offline_timings(
+                args.onnx_dir, repo, lr, args.steps, args.runs, args.warmup, args.seed, args.threads
+            )
+    except (FileNotFoundError, RuntimeError, TimeoutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    device, versions = device_info(), software_versions(triton)
+    print()
+    print(f"stage timings, batch 1, {args.warmup} warm-up + {args.runs} timed calls each")
+    print(describe(device, versions))
+    print(table(("stage", "path", "median ms", "p90 ms"), stage_rows(results)))
+    rows = overhead_rows(results)
+    if rows:
+        print()
+        print("per-step overhead beyond the unet call: (full(k) - enc - dec)/k - unet;")
+        print("'slope' = least-squares marginal step cost - unet (server: BLS; offline: loop)")
+        print(table(("path", "steps k", "overhead ms/step"), rows))
+    write_json(
+        args.out,
+        {
+            "benchmark": "stages",
+            "repository": str(args.repository),
+            "onnx_dir": str(args.onnx_dir),
+            "url": args.url,
+            "batch": 1,
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "device": device,
+            "versions": versions,
+            "results": results,
+        },
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
