@@ -30,6 +30,16 @@ def pytriton_root() -> Path:
     return Path(pytriton.__file__).resolve().parent / "tritonserver"
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM the server if the process that started it dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -129,6 +139,7 @@ class TritonServer:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         self.wait_ready(timeout_s)
         return self
