@@ -154,8 +154,14 @@ def offline_timings(
     warmup: int,
     seed: int = 0,
     threads: int = 0,
+    spinning: bool = True,
 ) -> dict[str, Any]:
-    """The same stages with onnxruntime sessions on ``onnx_dir/<network>.onnx``."""
+    """The same stages with onnxruntime sessions on ``onnx_dir/<network>.onnx``.
+
+    ``spinning=False`` stops idle intra-op threads from busy-waiting (onnxruntime's
+    ``session.intra_op.allow_spinning``): with three sessions on a shared 2-core machine the
+    spinning pools of the idle sessions take CPU from the busy one.
+    """
     import onnxruntime as ort
 
     from cxrdiff import SamplingOptions, Schedule, sample
@@ -163,6 +169,7 @@ def offline_timings(
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     sessions = {}
     for name in NETWORKS:
         path = onnx_dir / f"{name}.onnx"
@@ -287,6 +294,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="onnxruntime intra-op threads offline (0 = onnxruntime's default, as served)",
     )
     p.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="offline sessions with session.intra_op.allow_spinning=0 (served models spin)",
+    )
+    p.add_argument(
         "--only",
         choices=("server", "offline"),
         default=None,
@@ -326,7 +338,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only != "server":
             repo = args.repository if args.repository.is_dir() else None
             results["offline"] = offline_timings(
-                args.onnx_dir, repo, lr, args.steps, args.runs, args.warmup, args.seed, args.threads
+                args.onnx_dir,
+                repo,
+                lr,
+                args.steps,
+                args.runs,
+                args.warmup,
+                args.seed,
+                args.threads,
+                spinning=not args.no_spin,
             )
     except (FileNotFoundError, RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -351,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "onnx_dir": str(args.onnx_dir),
             "url": args.url,
             "batch": 1,
+            "offline_spinning": not args.no_spin,
             "runs": args.runs,
             "warmup": args.warmup,
             "device": device,
