@@ -197,7 +197,12 @@ def parse_csv(path: str | Path) -> list[dict[str, float]]:
 
 @dataclass
 class PerfResult:
-    """One concurrency level: throughput in images/s, latencies in ms."""
+    """One concurrency level: throughput in images/s, latencies in ms.
+
+    ``stable`` is False when the time-window search did not settle within ``max_trials``
+    windows and the level was measured again over a fixed request count instead.
+    ``failed_requests``: the server's failure count for the model over the run.
+    """
 
     concurrency: int
     throughput: float | None
