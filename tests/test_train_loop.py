@@ -18,7 +18,7 @@ from train.loop import (
     vae_batch_loss,
 )
 from train.losses import target_coefficients
-from train.models import build_unet, build_vae
+from train.models import UNetConfig, VAEConfig, build_unet, build_vae
 
 DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
 
@@ -89,3 +89,57 @@ def test_diffusion_loss_decreases_on_fixed_batch():
 
     losses = _fit(denoiser, loss_fn)
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_pixel_term_is_relative_to_bicubic_and_trains_only_the_denoiser():
+    from train.loop import pixel_error_ratio
+
+    cfg = load_config(DEBUG)
+    hr, lr = _fixed_batch(cfg)
+    torch.manual_seed(0)
+    rvae = ResidualVAE(build_vae(cfg.vae.model), 1.0, 4.0).eval().requires_grad_(False)
+    last = rvae.vae.decoder.conv_out
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)  # decoder output 0: SR is exactly bicubic
+    z = torch.randn(2, 2, 64, 64, requires_grad=True)
+    ratio = pixel_error_ratio(rvae, z, hr, lr)
+    assert abs(float(ratio.detach()) - 1.0) < 1e-6
+    torch.nn.init.constant_(last.bias, 0.05)  # a constant offset can only add error
+    ratio = pixel_error_ratio(rvae, z, hr, lr)
+    assert float(ratio.detach()) > 1.0
+    ratio.backward()
+    assert z.grad is not None and all(p.grad is None for p in rvae.parameters())
+
+
+def test_pixel_weight_adds_a_falling_decoded_error():
+    cfg = load_config(DEBUG, ["unet.patch_size=0", "unet.latent_cutmix=0", "unet.pixel_weight=1",
+                              "unet.pixel_max_t=100"])
+    hr, lr = _fixed_batch(cfg)
+    torch.manual_seed(0)
+    rvae = ResidualVAE(build_vae(cfg.vae.model), 1.0, 4.0).eval().requires_grad_(False)
+    denoiser = Denoiser(build_unet(cfg.unet.model, 2, 64))
+    c_x0, c_eps = target_coefficients(cfg.schedule)
+    tables = (torch.from_numpy(cfg.schedule.alphas_cumprod()), c_x0, c_eps)
+    ratios = []
+
+    def loss_fn():
+        gen = torch.Generator().manual_seed(0)
+        loss, parts = diffusion_batch_loss(denoiser, rvae, hr, lr, gen, cfg, tables)
+        ratios.append(parts["pixel_ratio"])
+        return loss, parts
+
+    losses = _fit(denoiser, loss_fn)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert ratios[-1] < ratios[0], ratios
+
+
+def test_plain_vae_variant_round_trips(tmp_path):
+    vcfg = VAEConfig(channels=[8, 8], latent_channels=2, norm_groups=4, residual=False)
+    folder = checkpoint.random_init(tmp_path / "ck", vcfg, UNetConfig(channels=[16, 16],
+                                                                      norm_groups=4))
+    ck = checkpoint.load(folder)
+    assert ck.meta["residual"] is False and not ck.vae.is_residual
+    z = torch.randn(1, 2, 128, 128)
+    raw = ck.vae.vae.decode(z).sample
+    expect = ((raw + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(ck.vae.decode(z, torch.rand(1, 1, 64, 64)), expect)

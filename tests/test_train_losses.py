@@ -43,3 +43,20 @@ def test_target_coefficients_follow_schedule(prediction):
     x0, eps = np.random.default_rng(0).standard_normal((2, 50))
     np.testing.assert_allclose(c_x0.numpy() * x0 + c_eps.numpy() * eps,
                                s.target(x0, eps, abar), atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_x0_estimate_inverts_every_parameterization(prediction):
+    from train.loop import x0_estimate
+
+    s = Schedule(prediction=prediction, num_train_timesteps=300)
+    c_x0, c_eps = target_coefficients(s)
+    abar = torch.from_numpy(s.alphas_cumprod())
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 7, 150, 299])
+    x0, eps = torch.randn(2, 4, 3, 8, 8, generator=gen, dtype=torch.float64)
+    view = lambda table: table[t].view(4, 1, 1, 1)  # noqa: E731
+    x_t = view(abar).sqrt() * x0 + (1 - view(abar)).sqrt() * eps
+    pred = view(c_x0) * x0 + view(c_eps) * eps  # a perfect denoiser
+    got = x0_estimate(pred, x_t, view(abar), view(c_x0), view(c_eps))
+    torch.testing.assert_close(got, x0, atol=1e-9, rtol=1e-9)

@@ -5,7 +5,8 @@
       unet/         UNet2DModel.save_pretrained
       scheduler/    scheduler_config.json (cxrdiff.Schedule; diffusers DDPMScheduler keys)
       cxr_sr.json   our resolved config: {"format": 1, "latent_scaling": float,
-                    "residual_scale": float, "sampling": {...defaults...}, "train": {...}}
+                    "residual_scale": float, "residual": bool,
+                    "sampling": {...defaults...}, "train": {...}}
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def save(folder: str | Path, vae: ResidualVAE, denoiser: Denoiser, schedule: Sch
         "format": FORMAT,
         "latent_scaling": vae.scaling,
         "residual_scale": vae.residual_scale,
+        "residual": vae.is_residual,
         "sampling": dict(sampling.__dict__),
         "train": train_config or {},
     }
@@ -66,7 +68,7 @@ def load(folder: str | Path) -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: checkpoint format {meta.get('format')} != {FORMAT}")
     vae = ResidualVAE(AutoencoderKL.from_pretrained(folder / "vae"), meta["latent_scaling"],
-                      meta["residual_scale"]).eval()
+                      meta["residual_scale"], meta.get("residual", True)).eval()
     denoiser = Denoiser(UNet2DModel.from_pretrained(folder / "unet")).eval()
     return Checkpoint(vae, denoiser, Schedule.load(folder / "scheduler"),
                       SamplingOptions(**meta["sampling"]), meta)
@@ -82,6 +84,6 @@ def random_init(folder: str | Path, vae_cfg=None, unet_cfg=None, schedule: Sched
     torch.manual_seed(seed)
     vae_cfg = vae_cfg or VAEConfig()
     unet_cfg = unet_cfg or UNetConfig()
-    vae = ResidualVAE(build_vae(vae_cfg), 1.0, vae_cfg.residual_scale)
+    vae = ResidualVAE(build_vae(vae_cfg), 1.0, vae_cfg.residual_scale, vae_cfg.residual)
     denoiser = Denoiser(build_unet(unet_cfg, vae_cfg.latent_channels, 256 // vae_cfg.factor))
     return save(folder, vae, denoiser, schedule or Schedule(), SamplingOptions())

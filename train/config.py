@@ -120,6 +120,14 @@ class UNetStage(StageConfig):
     radial frequencies separately (focal-frequency style, Jiang et al. 2021); with both weights
     1 it equals ``mse`` (Parseval). ``latent_cutmix`` is the probability of pasting a random
     box of another sample's (x0, z_lr) pair into each sample (Yun et al. 2019, on latents).
+
+    ``pixel_weight`` adds a pixel-space term: the x0 estimate implied by the output is decoded
+    by the frozen VAE decoder (gradients flow through it to the denoiser) and its squared
+    error against HR, divided by bicubic's squared error on the same batch, is added with
+    this weight. A latent MSE does not weigh latent directions by what they do to the image;
+    this term does, so a ratio below 1 means the denoiser's estimate beats bicubic.
+    ``pixel_max_t`` limits the term to timesteps t < pixel_max_t (0 = all): the low-noise
+    steps that decide the final image.
     """
 
     model: UNetConfig = field(default_factory=UNetConfig)
@@ -128,6 +136,8 @@ class UNetStage(StageConfig):
     fft_high_weight: float = 1.0
     fft_cutoff: float = 0.25
     latent_cutmix: float = 0.0
+    pixel_weight: float = 0.0
+    pixel_max_t: int = 0
 
 
 @dataclass
@@ -140,7 +150,8 @@ class TrainConfig:
         out: run folder (``state/`` for resumable state, ``checkpoint/`` for the final one).
         pretrained_vae: local folder of a trained AutoencoderKL (``save_pretrained`` layout or a
             checkpoint folder with ``vae/``); stage 1 is then skipped. A 3-channel (SD) VAE is
-            folded into an exact 1-channel one (gray replicated to RGB, output averaged).
+            folded into an exact 1-channel one (gray replicated to RGB, output averaged). An
+            image VAE (SD) decodes images, not residuals: set ``vae.model.residual: false``.
         pretrained_scaling: latent scaling of the pretrained VAE (0 = measure it).
         scaling_batches: batches of HR images used to measure the latent std after stage 1.
         sample_count: validation images in the TensorBoard sample grids.
@@ -165,6 +176,8 @@ class TrainConfig:
         self.unet.validate("unet")
         if self.unet.loss not in DIFFUSION_LOSSES:
             raise ValueError(f"unet.loss must be one of {DIFFUSION_LOSSES}, got {self.unet.loss!r}")
+        if self.unet.pixel_weight < 0 or self.unet.pixel_max_t < 0:
+            raise ValueError("unet.pixel_weight and unet.pixel_max_t must be >= 0")
         if not 0.0 <= self.unet.latent_cutmix <= 1.0:
             raise ValueError(f"unet.latent_cutmix must be in [0, 1], got {self.unet.latent_cutmix}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

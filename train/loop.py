@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from cxrdiff import Schedule
@@ -228,7 +229,7 @@ class VAEObjective(torch.nn.Module):
     def forward(self, hr, lr, noise):
         dist = self.rvae.vae.encode(hr * 2.0 - 1.0).latent_dist
         z = dist.mean if noise is None else dist.mean + dist.std * noise
-        recon = bicubic(lr) + self.rvae.vae.decode(z).sample / self.rvae.residual_scale
+        recon = self.rvae.image(self.rvae.vae.decode(z).sample, lr)
         return recon, dist.mean, dist.logvar
 
 
@@ -290,7 +291,37 @@ def diffusion_batch_loss(denoiser: torch.nn.Module, rvae: ResidualVAE, hr: torch
     pred = denoiser(x_t, t.float().to(x0.device), z_lr)
     u = cfg.unet
     loss = diffusion_loss(pred, target, u.loss, u.fft_low_weight, u.fft_high_weight, u.fft_cutoff)
-    return loss, {"mse": float(torch.mean((pred.detach().float() - target) ** 2))}
+    parts = {"mse": float(torch.mean((pred.detach().float() - target) ** 2))}
+    if u.pixel_weight > 0:
+        keep = t < u.pixel_max_t if u.pixel_max_t > 0 else torch.ones_like(t, dtype=torch.bool)
+        if bool(keep.any()):
+            k = keep.to(x0.device)
+            x0_hat = x0_estimate(pred[k], x_t[k], view(abar)[k], view(c_x0)[k], view(c_eps)[k])
+            ratio = pixel_error_ratio(rvae, x0_hat, hr[k], lr[k])
+            loss = loss + u.pixel_weight * ratio
+            parts["pixel_ratio"] = float(ratio.detach())
+    return loss, parts
+
+
+def x0_estimate(pred: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, c_x0: torch.Tensor,
+                c_eps: torch.Tensor) -> torch.Tensor:
+    """The x0 implied by a denoiser output, for any parameterization.
+
+    pred = c_x0 x0 + c_eps eps and x_t = a x0 + b eps (a = sqrt(abar), b = sqrt(1 - abar)) are
+    two linear equations in (x0, eps); eliminating eps gives x0 = (b pred - c_eps x_t) / det,
+    det = b c_x0 - c_eps a (eps: -a, x0: b, v: -1; never 0 for t in [0, T)).
+    """
+    a, b = abar.sqrt(), (1.0 - abar).sqrt()
+    return (b * pred - c_eps * x_t) / (b * c_x0 - c_eps * a)
+
+
+def pixel_error_ratio(rvae: ResidualVAE, z: torch.Tensor, hr: torch.Tensor,
+                      lr: torch.Tensor) -> torch.Tensor:
+    """MSE(decode(z, lr), HR) / MSE(bicubic(lr), HR) on a batch (gradient flows into z)."""
+    base = bicubic(lr)
+    sr = rvae.decode(z, lr, clip=False)
+    base_err = F.mse_loss(base.float(), hr.float()).clamp_min(1e-10)
+    return F.mse_loss(sr.float(), hr.float()) / base_err
 
 
 @torch.no_grad()
@@ -506,7 +537,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None 
         if cfg.vae.zero_init_decoder:
             torch.nn.init.zeros_(vae.decoder.conv_out.weight)
             torch.nn.init.zeros_(vae.decoder.conv_out.bias)
-    rvae = ResidualVAE(vae, 1.0, cfg.vae.model.residual_scale).to(device)
+    rvae = ResidualVAE(vae, 1.0, cfg.vae.model.residual_scale, cfg.vae.model.residual).to(device)
     f = 2 ** (len(vae.config.block_out_channels) - 1)
     latent_shape = (vae.config.latent_channels, 256 // f, 256 // f)
     unet = build_unet(cfg.unet.model, latent_shape[0], latent_shape[1])

@@ -32,6 +32,7 @@ class VAEConfig:
     layers_per_block: int = 1
     norm_groups: int = 8
     residual_scale: float = 4.0  # decoder output * (1 / residual_scale) = residual in [0, 1] units
+    residual: bool = True  # False: a plain VAE whose decoder predicts the image (ablation)
 
     @property
     def factor(self) -> int:
@@ -88,14 +89,23 @@ class ResidualVAE(torch.nn.Module):
     """AutoencoderKL whose decoder adds its output to the bicubic image.
 
     ``scaling`` (latent std, measured after VAE training) makes latents ~unit variance for
-    the diffusion; it is saved in the checkpoint config.
+    the diffusion; it is saved in the checkpoint config. ``residual=False`` gives the plain
+    latent-diffusion VAE (decoder output in [-1, 1] is the image), kept for the ablation.
     """
 
-    def __init__(self, vae: AutoencoderKL, scaling: float = 1.0, residual_scale: float = 4.0):
+    def __init__(self, vae: AutoencoderKL, scaling: float = 1.0, residual_scale: float = 4.0,
+                 residual: bool = True):
         super().__init__()
         self.vae = vae
         self.scaling = float(scaling)
         self.residual_scale = float(residual_scale)
+        self.is_residual = bool(residual)
+
+    def image(self, decoded: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """Raw decoder output [N, 1, H, W] -> image in [0, 1] units (not clipped)."""
+        if self.is_residual:
+            return bicubic(lr) + decoded / self.residual_scale
+        return (decoded + 1.0) * 0.5
 
     def encode_image(self, image: torch.Tensor, sample: bool = False) -> torch.Tensor:
         """image [N, 1, 256, 256] in [0, 1] -> scaled latent (mean, or a posterior sample)."""
@@ -107,12 +117,10 @@ class ResidualVAE(torch.nn.Module):
         """The ``vae_encoder`` graph: LR [N, 1, 64, 64] -> latent mean of bicubic(LR)."""
         return self.encode_image(bicubic(lr))
 
-    def residual(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.scaling).sample / self.residual_scale
-
-    def decode(self, z: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, lr: torch.Tensor, clip: bool = True) -> torch.Tensor:
         """The ``vae_decoder`` graph: (latent, LR) -> SR [N, 1, 256, 256] in [0, 1]."""
-        return (bicubic(lr) + self.residual(z)).clamp(0.0, 1.0)
+        sr = self.image(self.vae.decode(z / self.scaling).sample, lr)
+        return sr.clamp(0.0, 1.0) if clip else sr
 
 
 class Denoiser(torch.nn.Module):
@@ -122,5 +130,6 @@ class Denoiser(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor, z_lr: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor,
+                z_lr: torch.Tensor) -> torch.Tensor:
         return self.unet(torch.cat([x_t, z_lr], dim=1), timestep).sample

@@ -64,7 +64,7 @@ class TritonPythonModel:
             n = len(feeds[self.inputs[0]])
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(r[start : start + n]))
-                for name, r in zip(self.outputs, results)
+                for name, r in zip(self.outputs, results, strict=True)
             ]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start += n
