@@ -1,0 +1,176 @@
+"""Fidelity ablation: variants trained on the same data with the same budget, scored alike.
+
+    python -m train.ablate --config train/configs/demo.yaml --out runs/ablation
+    python -m train.ablate --only pixel,eps --unet-steps 100     # a subset, a smaller budget
+
+Every variant starts from ``--config`` with ``--vae-steps`` / ``--unet-steps`` and its own
+overrides. Variants that change only the denoiser share one VAE (the ``vae`` run, trained
+once and then loaded as ``pretrained_vae``), so their rows differ in the denoiser alone.
+Variants that change the VAE train their own and report its round-trip ceiling (the bound
+for any denoiser on top of it). Sampling variants re-use a trained denoiser and change only
+the sampling plan. Each row is scored by ``train.evaluate`` on the config's held-out test
+split with one seed; a finished run is re-used (delete its folder to redo it). Results go to
+``<out>/ablation.json`` and a Markdown table to stdout and ``<out>/ablation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxrdiff import SamplingOptions
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    what: str
+    overrides: tuple[str, ...] = ()
+    shared_vae: bool = True  # denoiser-only change: load the shared VAE
+    train_unet: bool = True  # False: VAE variant, report its ceiling only
+    sampling_of: str | None = None  # re-use this variant's denoiser; change only sampling
+    sampling: dict = field(default_factory=dict)
+
+
+VARIANTS = (
+    Variant("plain_vae", "plain VAE (decoder predicts the image), f=4",
+            ("vae.model.residual=false", "vae.zero_init_decoder=false"), shared_vae=False,
+            train_unet=False),
+    Variant("residual_f8", "residual VAE, f=8 (latent 4x32x32)",
+            ("vae.model.channels=[24,48,48,48]",), shared_vae=False, train_unet=False),
+    Variant("mse", "residual VAE f=4; x0 prediction, latent MSE only", ("unet.pixel_weight=0",)),
+    Variant("pixel", "+ pixel term through the decoder (pixel_weight 1)",
+            ("unet.pixel_weight=1.0",)),
+    Variant("pixel_eps", "+ pixel term, eps prediction",
+            ("unet.pixel_weight=1.0", "schedule.prediction=eps")),
+    Variant("pixel_v", "+ pixel term, v prediction",
+            ("unet.pixel_weight=1.0", "schedule.prediction=v")),
+    Variant("pixel_noise", "pixel, sampling from pure noise (strength 1)", sampling_of="pixel",
+            sampling={"start": "noise", "strength": 1.0}),
+    Variant("pixel_lr02", "pixel, from the LR latent noised to strength 0.2",
+            sampling_of="pixel", sampling={"start": "lr", "strength": 0.2}),
+)
+NAMES = tuple(v.name for v in VARIANTS)
+
+
+def _train(config: str, out: Path, overrides: list[str], progress: bool) -> Path:
+    from train.config import load_config
+    from train.loop import run_training
+
+    final = out / "checkpoint"
+    if (final / "cxr_sr.json").is_file():
+        print(f"[ablate] re-using {final}")
+        return final
+    cfg = load_config(config, [*overrides, f"out={out}"])
+    got = run_training(cfg, resume=(out / "state" / "state.pt").is_file(), progress=progress)
+    if got is None:
+        raise RuntimeError(f"training in {out} stopped early")
+    return got
+
+
+def run(config: str, out: Path, only: list[str], vae_steps: int, unet_steps: int,
+        steps: list[int], seed: int, progress: bool) -> dict:
+    from train import checkpoint as ckpt
+    from train.config import load_config
+    from train.data import build_dataset
+    from train.evaluate import evaluate
+
+    budget = [f"vae.steps={vae_steps}", f"unet.steps={unet_steps}"]
+    base = load_config(config)
+    test_set = build_dataset(base.data, split="test")
+    chosen = [v for v in VARIANTS if v.name in only]
+    needs = {v.sampling_of for v in chosen if v.sampling_of}
+    chosen = [v for v in VARIANTS if v.name in needs and v not in chosen] + chosen
+
+    shared = None
+    if any(v.shared_vae and not v.sampling_of for v in chosen):
+        shared = _train(config, out / "vae", [*budget, "unet.steps=0"], progress)
+    rows, trained = [], {}
+    for v in chosen:
+        if v.sampling_of:
+            folder = trained[v.sampling_of]
+        else:
+            extra = list(budget) + list(v.overrides)
+            if not v.train_unet:
+                extra.append("unet.steps=0")
+            if v.shared_vae:
+                scaling = ckpt.load(shared).vae.scaling
+                extra += [f"pretrained_vae={shared / 'vae'}", f"pretrained_scaling={scaling!r}"]
+            folder = trained[v.name] = _train(config, out / v.name, extra, progress)
+        if v.name not in only:
+            continue
+        ck = ckpt.load(folder)
+        options: SamplingOptions = ck.sampling.replace(**v.sampling)
+        result = evaluate(ck, test_set, steps if v.train_unet else [1], seed=seed,
+                          options=options, use_lpips=False)
+        m = result["methods"]
+        row = {"variant": v.name, "what": v.what, "bicubic_psnr": m["bicubic"]["psnr"],
+               "bicubic_ssim": m["bicubic"]["ssim"], "ceiling_psnr": m["vae_ceiling"]["psnr"],
+               "ceiling_ssim": m["vae_ceiling"]["ssim"], "sampling": dict(options.__dict__),
+               "sr": {}}
+        if v.train_unet:
+            row["sr"] = {str(k): {"psnr": m[f"sr_{k}steps"]["psnr"],
+                                  "ssim": m[f"sr_{k}steps"]["ssim"]} for k in steps}
+        rows.append(row)
+        print(f"[ablate] {v.name}: ceiling {row['ceiling_psnr']:.2f} dB; " + ", ".join(
+            f"{k} steps {s['psnr']:.2f} dB / {s['ssim']:.4f}" for k, s in row["sr"].items()))
+    return {"config": config, "vae_steps": vae_steps, "unet_steps": unet_steps, "seed": seed,
+            "dataset": test_set.describe() if hasattr(test_set, "describe") else "",
+            "n_images": len(test_set), "rows": rows}
+
+
+def markdown(result: dict, steps: list[int]) -> str:
+    head = ["variant", "what", "VAE ceiling PSNR / SSIM"]
+    head += [f"SR {k} step{'s' if k > 1 else ''} PSNR / SSIM" for k in steps]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        cells = [r["variant"], r["what"], f"{r['ceiling_psnr']:.2f} / {r['ceiling_ssim']:.4f}"]
+        for k in steps:
+            s = r["sr"].get(str(k))
+            cells.append(f"{s['psnr']:.2f} / {s['ssim']:.4f}" if s else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["rows"]:
+        r = result["rows"][0]
+        lines.append(f"| bicubic | | {r['bicubic_psnr']:.2f} / {r['bicubic_ssim']:.4f} |"
+                     + " |" * len(steps))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.ablate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="train/configs/demo.yaml", help="base YAML config")
+    p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="run folder")
+    p.add_argument("--only", default=",".join(NAMES),
+                   help=f"comma-separated variants (default: all of {', '.join(NAMES)})")
+    p.add_argument("--vae-steps", type=int, default=300, help="VAE steps of every variant")
+    p.add_argument("--unet-steps", type=int, default=300, help="denoiser steps of every variant")
+    p.add_argument("--steps", default="1,2,4", help="comma-separated sampling step counts")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(NAMES))
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
+    result = run(args.config, args.out, only, args.vae_steps, args.unet_steps, steps,
+                 args.seed, not args.no_progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result, steps)
+    (args.out / "ablation.md").write_text(table + "\n")
+    print(f"{result['dataset']}; n = {result['n_images']}; VAE {args.vae_steps} + UNet "
+          f"{args.unet_steps} steps per variant")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
