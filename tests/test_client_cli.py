@@ -1,9 +1,10 @@
-"""The cxr-sr CLI and SRClient without Triton: argparse, unreachable server, and a run
-against a tiny in-process stand-in speaking the KServe v2 HTTP protocol (binary tensors).
+"""The cxr-sr CLI and SRClient: argparse, unreachable server, and runs against the real
+tritonserver of ``conftest.server`` (tiny random weights).
 
-The stand-in answers SR = bicubic(LR) and records each request's batch size and
-parameters, which is enough to check batching, parameter passing, outputs, the report and
-error translation. The real server is exercised by the integration tests.
+What a real server cannot show is what the client put on the wire, so one test uses a tiny
+in-process recorder speaking the KServe v2 HTTP protocol (binary tensors): it checks how
+``SRClient`` splits batches, which request parameters it sends, and how a 400 is translated.
+Everything else runs against tritonserver.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def test_srclient_validation_and_connection_error() -> None:
         SRClient("http://127.0.0.1:8000")
 
 
-# --- against the stand-in server --------------------------------------------------------
+# --- what goes on the wire (recorder) ----------------------------------------------------
 
 
 def test_srclient_splits_batches_and_sends_only_given_parameters(fake_server) -> None:
@@ -192,8 +193,13 @@ def test_srclient_splits_batches_and_sends_only_given_parameters(fake_server) ->
         assert not isinstance(e.value, SRConnectionError)
 
 
-def test_cli_end_to_end(fake_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    url, requests = fake_server
+# --- against the real server ------------------------------------------------------------
+
+
+def test_cli_end_to_end(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from client import metrics
+    from client.prepare import prepare
+
     rng = np.random.default_rng(1)
     inputs = tmp_path / "in"
     (inputs / "sub").mkdir(parents=True)
@@ -204,8 +210,9 @@ def test_cli_end_to_end(fake_server, tmp_path: Path, capsys: pytest.CaptureFixtu
     (inputs / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     report = tmp_path / "report.json"
-    code = main([str(inputs), "--out", str(out), "--url", url, "--steps", "3", "--seed", "1",
-                 "--batch", "2", "--json", str(report), "--side-by-side", "--quiet"])  # fmt: skip
+    code = main([str(inputs), "--out", str(out), "--url", server.http_url, "--steps", "2",
+                 "--seed", "1", "--batch", "2", "--json", str(report), "--side-by-side",
+                 "--quiet"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 1  # broken.png failed, the rest went through
     assert "broken.png" in captured.err
@@ -217,8 +224,6 @@ def test_cli_end_to_end(fake_server, tmp_path: Path, capsys: pytest.CaptureFixtu
     sr = read_image(out / "big_sr.png")
     assert sr.shape == (256, 256)
     assert (out / "big_compare.png").is_file()
-    assert [r["batch"] for r in requests] == [2, 1]
-    assert all(r["parameters"] == {"steps": 3, "seed": 1} for r in requests)
     assert "PSNR SR" in captured.out and "mean (3)" in captured.out
 
     data = json.loads(report.read_text())
@@ -226,49 +231,53 @@ def test_cli_end_to_end(fake_server, tmp_path: Path, capsys: pytest.CaptureFixtu
     rows = {r["name"]: r for r in data["images"]}
     assert set(rows) == {"big", "small", "sub/big"}
     assert rows["small"]["psnr_sr"] is None  # a 64x64 input has no reference
-    # The stand-in returns bicubic, so SR and bicubic scores coincide.
-    assert rows["big"]["psnr_sr"] == pytest.approx(rows["big"]["psnr_bicubic"], abs=1e-3)
+    # the reported figures are those of the written 16-bit PNG against the protocol's HR
+    lr, hr = prepare(read_image(inputs / "big.png"))
+    assert rows["big"]["psnr_sr"] == pytest.approx(metrics.psnr(sr, hr), abs=0.01)
+    assert rows["big"]["psnr_bicubic"] == pytest.approx(
+        metrics.psnr(bicubic_baseline(lr), hr), abs=0.01)  # fmt: skip
     assert data["mean"]["psnr_sr"] == pytest.approx(
         np.mean([rows["big"]["psnr_sr"], rows["sub/big"]["psnr_sr"]])
     )
 
 
-def test_cli_lr_as_is_rejects_other_sizes(fake_server, tmp_path: Path) -> None:
-    url, _ = fake_server
+def test_cli_lr_as_is_rejects_other_sizes(server, tmp_path: Path) -> None:
     write_png(tmp_path / "a.png", np.zeros((64, 64)))
     write_png(tmp_path / "b.png", np.zeros((80, 80)))
     code = main([str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "o"),
-                 "--url", url, "--lr-as-is", "--quiet"])  # fmt: skip
+                 "--url", server.http_url, "--lr-as-is", "--quiet"])  # fmt: skip
     assert code == 1
     assert (tmp_path / "o" / "a_sr.png").is_file()
     assert not (tmp_path / "o" / "b_sr.png").exists()
 
 
-def test_cli_writes_derived_dicom_series(fake_server, tmp_path: Path) -> None:
+def test_cli_writes_derived_dicom_series(server, tmp_path: Path) -> None:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    url, _ = fake_server
     source = get_testdata_file("RG1_UNCI.dcm")
     if source is None:
         pytest.skip("pydicom-data not installed")
-    write_png(tmp_path / "lr.png", np.full((64, 64), 0.5))
-    code = main([source, str(tmp_path / "lr.png"), "--out", str(tmp_path / "o"), "--url", url,
-                 "--dicom", "--quiet"])  # fmt: skip
+    lr = np.full((64, 64), 0.5)
+    write_png(tmp_path / "lr.png", lr)
+    code = main([source, str(tmp_path / "lr.png"), "--out", str(tmp_path / "o"),
+                 "--url", server.grpc_url, "--protocol", "grpc", "--dicom", "--batch", "1",
+                 "--quiet"])  # fmt: skip
     assert code == 0
     a = pydicom.dcmread(tmp_path / "o" / "RG1_UNCI_sr.dcm")
     b = pydicom.dcmread(tmp_path / "o" / "lr_sr.dcm")
     assert a.PatientID == pydicom.dcmread(source, stop_before_pixels=True).PatientID
     assert a.SeriesInstanceUID == b.SeriesInstanceUID  # one derived series per run
     assert (a.InstanceNumber, b.InstanceNumber) == (1, 2)
-    np.testing.assert_allclose(read_image(tmp_path / "o" / "lr_sr.dcm"), 0.5, atol=1e-4)
+    with SRClient(server.http_url) as c:
+        want = c.super_resolve(read_image(tmp_path / "lr.png")[None, None])[0, 0]
+    np.testing.assert_allclose(read_image(tmp_path / "o" / "lr_sr.dcm"), want, atol=2e-5)
 
 
-def test_cli_missing_input_is_reported_not_fatal(fake_server, tmp_path: Path) -> None:
-    url, _ = fake_server
+def test_cli_missing_input_is_reported_not_fatal(server, tmp_path: Path) -> None:
     write_png(tmp_path / "a.png", np.zeros((64, 64)))
     code = main([str(tmp_path / "nope"), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"),
-                 "--url", url, "--quiet"])  # fmt: skip
+                 "--url", server.http_url, "--quiet"])  # fmt: skip
     assert code == 1
     assert (tmp_path / "o" / "a_sr.png").is_file()
 
