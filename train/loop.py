@@ -9,7 +9,9 @@ loss = L1 + w (1 - SSIM) [+ frequency term] + small KL (``train.losses.vae_loss`
 
 Stage 2: x0 = scaling * E(HR), z_lr = scaling * E(bicubic(LR)) (means), t ~ U{0..T-1},
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4); the denoiser
-f(x_t, t, z_lr) regresses ``Schedule.target`` (eps, v or x0).
+f(x_t, t, z_lr) regresses ``Schedule.target`` (eps, v or x0). With ``unet.pixel_weight`` > 0
+the x0 implied by the output is also decoded by the frozen decoder and its squared error
+against HR, relative to bicubic's, is added (``pixel_error_ratio``).
 
 Resumable state lives in ``<out>/state/state.pt`` (weights, optimizer, LR schedule, EMA,
 GradScaler, every RNG, the data position, stage and step): resuming continues bit for bit on
