@@ -76,3 +76,14 @@ def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     again = config_from_dict(to_dict(cfg))
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_committed_demo_weights_come_from_demo_yaml():
+    """weights/demo was trained by `train.loop --config train/configs/demo.yaml --out runs/demo`."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    meta = json.loads((root / "weights" / "demo" / "cxr_sr.json").read_text())
+    cfg = load_config(root / "train" / "configs" / "demo.yaml", ["out=runs/demo"])
+    assert meta["train"] == to_dict(cfg)
+    assert meta["sampling"] == to_dict(cfg)["sampling"]
