@@ -14,14 +14,15 @@ DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
 
 def test_ablation_rows_share_the_vae_and_reuse_runs(tmp_path, capsys):
     out = tmp_path / "abl"
-    args = ["--config", str(DEBUG), "--out", str(out), "--only", "plain_vae,pixel_v,pixel_noise",
+    args = ["--config", str(DEBUG), "--out", str(out), "--only", "plain_vae,pixel_v,pixel_lr05",
             "--vae-steps", "2", "--unet-steps", "2", "--steps", "1,2", "--no-progress"]
     assert ablate.main(args) == 0
     result = json.loads((out / "ablation.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["plain_vae", "pixel_v", "pixel_noise"]  # "pixel" trained, not scored
+    assert list(rows) == ["plain_vae", "pixel_v", "pixel_lr05"]  # "pixel" trained, not scored
     assert rows["plain_vae"]["sr"] == {} and set(rows["pixel_v"]["sr"]) == {"1", "2"}
-    assert rows["pixel_noise"]["sampling"]["start"] == "noise"
+    assert rows["pixel_lr05"]["sampling"]["start"] == "lr"
+    assert rows["pixel_lr05"]["sampling"]["strength"] == 0.5
     assert not checkpoint.load(out / "plain_vae" / "checkpoint").vae.is_residual
     # denoiser variants load the shared VAE: identical VAE weights, own denoisers
     shared = checkpoint.load(out / "vae" / "checkpoint").vae.vae.state_dict()

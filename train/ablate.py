@@ -48,8 +48,8 @@ VARIANTS = (
             ("unet.pixel_weight=1.0", "schedule.prediction=eps")),
     Variant("pixel_v", "+ pixel term, v prediction",
             ("unet.pixel_weight=1.0", "schedule.prediction=v")),
-    Variant("pixel_noise", "pixel, sampling from pure noise (strength 1)", sampling_of="pixel",
-            sampling={"start": "noise", "strength": 1.0}),
+    Variant("pixel_lr05", "pixel, SDEdit from the LR latent noised to strength 0.5",
+            sampling_of="pixel", sampling={"start": "lr", "strength": 0.5}),
     Variant("pixel_lr02", "pixel, from the LR latent noised to strength 0.2",
             sampling_of="pixel", sampling={"start": "lr", "strength": 0.2}),
 )

@@ -251,6 +251,14 @@ def table(result: dict) -> str:
     return format_table(rows, cols)
 
 
+def _dataset_title(dataset) -> str:
+    """A short line naming the evaluation set and its scale."""
+    if not isinstance(dataset, dict):
+        return str(dataset)[:110]
+    name = " ".join(str(dataset[k]) for k in ("source", "file", "split") if dataset.get(k))
+    return f"{name}: {dataset['scale']}" if dataset.get("scale") else name
+
+
 def plot(result: dict, path: str | Path) -> Path | None:
     """PSNR and SSIM against denoiser steps, bicubic and the VAE ceiling as lines (PNG)."""
     try:
@@ -275,7 +283,7 @@ def plot(result: dict, path: str | Path) -> Path | None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{result['dataset']} (n={result['n_images']})"[:110], fontsize=8)
+    fig.suptitle(f"{_dataset_title(result['dataset'])}, n = {result['n_images']}", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -343,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                       options=options, use_lpips=not args.no_lpips, limit=args.limit,
                       progress=True)
     result["checkpoint"] = str(args.checkpoint)
-    print(f"{result['dataset']}; n = {result['n_images']}; LPIPS: {result['lpips']}")
+    print(f"{_dataset_title(result['dataset'])}; n = {result['n_images']}; "
+          f"LPIPS: {result['lpips']}")
     print(table(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
