@@ -131,3 +131,29 @@ def test_plain_vae_variant_round_trips(tmp_path):
     raw = ck.vae.vae.decode(z).sample
     expect = ((raw + 1) / 2).clamp(0, 1)
     torch.testing.assert_close(ck.vae.decode(z, torch.rand(1, 1, 64, 64)), expect)
+
+
+def test_rgb_vae_from_a_local_folder_folds_into_an_exact_gray_one(tmp_path):
+    """An SD-style 3-channel AutoencoderKL saved locally loads as a 1-channel VAE whose
+    encoder sees gray replicated to RGB and whose decoder output is the RGB mean."""
+    from diffusers import AutoencoderKL
+
+    from train.loop import load_pretrained_vae
+
+    torch.manual_seed(0)
+    rgb = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                        norm_num_groups=4).eval()
+    rgb.save_pretrained(tmp_path / "sd_vae")
+    gray = load_pretrained_vae(str(tmp_path / "sd_vae")).eval()
+    assert (gray.config.in_channels, gray.config.out_channels) == (1, 1)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want_z = rgb.encode(x.repeat(1, 3, 1, 1)).latent_dist.mean
+        got_z = gray.encode(x).latent_dist.mean
+        torch.testing.assert_close(got_z, want_z, atol=1e-5, rtol=1e-5)
+        want = rgb.decode(want_z).sample.mean(1, keepdim=True)
+        torch.testing.assert_close(gray.decode(got_z).sample, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pretrained_vae(str(tmp_path / "nothing"))
