@@ -427,8 +427,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[1, 2, 4],
         help="comma-separated concurrency levels (default: 1,2,4)",
     )
-    p.add_argument("--steps", type=int, default=1,
-                   help="sampling steps per request (default: 1, the demo checkpoint's default)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="sampling steps per request (default: 1, the demo checkpoint's default)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed sent with every request")
     p.add_argument(
         "--sampler", default=None, help="sampler request parameter (default: the server's)"

@@ -104,8 +104,10 @@ def main(argv=None) -> int:
     images = demo_images()
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"starting tritonserver on {args.repository} ...", flush=True)
-    with (TritonServer(args.repository, log_file=args.out / "triton.log") as server,
-          SRClient(server.http_url) as client):
+    with (
+        TritonServer(args.repository, log_file=args.out / "triton.log") as server,
+        SRClient(server.http_url) as client,
+    ):
         rows = run(client, images, args.steps, args.seed)
     whole = rows[0]
     summary = [whole, summarize(rows, "RG1 held-out")]

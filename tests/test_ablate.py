@@ -14,8 +14,21 @@ DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
 
 def test_ablation_rows_share_the_vae_and_reuse_runs(tmp_path, capsys):
     out = tmp_path / "abl"
-    args = ["--config", str(DEBUG), "--out", str(out), "--only", "plain_vae,pixel_v,pixel_lr05",
-            "--vae-steps", "2", "--unet-steps", "2", "--steps", "1,2", "--no-progress"]
+    args = [
+        "--config",
+        str(DEBUG),
+        "--out",
+        str(out),
+        "--only",
+        "plain_vae,pixel_v,pixel_lr05",
+        "--vae-steps",
+        "2",
+        "--unet-steps",
+        "2",
+        "--steps",
+        "1,2",
+        "--no-progress",
+    ]
     assert ablate.main(args) == 0
     result = json.loads((out / "ablation.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}

@@ -20,8 +20,12 @@ from train.models import UNetConfig, VAEConfig
 def tiny_ckpt(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     return checkpoint.random_init(
-        folder, VAEConfig(channels=[8, 8, 16], latent_channels=2, norm_groups=4),
-        UNetConfig(channels=[16, 32], norm_groups=4), Schedule(num_train_timesteps=50), seed=0)
+        folder,
+        VAEConfig(channels=[8, 8, 16], latent_channels=2, norm_groups=4),
+        UNetConfig(channels=[16, 32], norm_groups=4),
+        Schedule(num_train_timesteps=50),
+        seed=0,
+    )
 
 
 def _data():
@@ -55,8 +59,23 @@ def test_evaluate_rejects_bad_backend(tiny_ckpt):
 
 def test_cli_writes_json(tiny_ckpt, tmp_path):
     out = tmp_path / "eval.json"
-    rc = main(["--checkpoint", str(tiny_ckpt), "--data", "phantom", "--set", "phantom_size=256",
-               "--set", "n_eval_images=1", "--steps", "1", "--out", str(out), "--no-lpips"])
+    rc = main(
+        [
+            "--checkpoint",
+            str(tiny_ckpt),
+            "--data",
+            "phantom",
+            "--set",
+            "phantom_size=256",
+            "--set",
+            "n_eval_images=1",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+            "--no-lpips",
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["n_images"] == 1 and "sr_1steps" in res["methods"]

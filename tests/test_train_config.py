@@ -21,8 +21,10 @@ def test_defaults_and_types():
 
 def test_yaml_over_defaults(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("vae:\n  steps: 7\n  model: {channels: [8, 16]}\n"
-                    "schedule: {prediction: v}\nunet: {lr: 1e-4}\n")
+    path.write_text(
+        "vae:\n  steps: 7\n  model: {channels: [8, 16]}\n"
+        "schedule: {prediction: v}\nunet: {lr: 1e-4}\n"
+    )
     cfg = load_config(path)
     default = TrainConfig()
     assert cfg.vae.steps == 7
@@ -35,12 +37,15 @@ def test_yaml_over_defaults(tmp_path):
     assert isinstance(cfg.unet.lr, float)
 
 
-@pytest.mark.parametrize("text, key", [
-    ("vae: {stepz: 3}\n", "vae.stepz"),
-    ("bogus: 1\n", "bogus"),
-    ("unet: {model: {chanels: [8]}}\n", "unet.model.chanels"),
-    ("data: {sorce: phantom}\n", "data.sorce"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("vae: {stepz: 3}\n", "vae.stepz"),
+        ("bogus: 1\n", "bogus"),
+        ("unet: {model: {chanels: [8]}}\n", "unet.model.chanels"),
+        ("data: {sorce: phantom}\n", "data.sorce"),
+    ],
+)
 def test_unknown_key_names_it(tmp_path, text, key):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -49,9 +54,17 @@ def test_unknown_key_names_it(tmp_path, text, key):
 
 
 def test_overrides():
-    cfg = load_config(None, ["vae.steps=100", "unet.model.channels=[16,32]", "seed=3",
-                             "sampling.strength=0.25", "vae.sample_posterior=false",
-                             "pretrained_vae=null"])
+    cfg = load_config(
+        None,
+        [
+            "vae.steps=100",
+            "unet.model.channels=[16,32]",
+            "seed=3",
+            "sampling.strength=0.25",
+            "vae.sample_posterior=false",
+            "pretrained_vae=null",
+        ],
+    )
     assert cfg.vae.steps == 100
     assert cfg.unet.model.channels == [16, 32]
     assert cfg.seed == 3
@@ -63,9 +76,18 @@ def test_overrides():
         load_config(None, ["vae.steps"])
 
 
-@pytest.mark.parametrize("bad", ["vae.amp=fp8", "unet.optimizer=sgd", "unet.loss=l3",
-                                 "schedule.prediction=score", "sampling.steps=0",
-                                 "vae.steps=abc", "vae.patch_size=30"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "vae.amp=fp8",
+        "unet.optimizer=sgd",
+        "unet.loss=l3",
+        "schedule.prediction=score",
+        "sampling.steps=0",
+        "vae.steps=abc",
+        "vae.patch_size=30",
+    ],
+)
 def test_bad_values(bad):
     with pytest.raises(ValueError):
         load_config(None, [bad])

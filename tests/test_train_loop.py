@@ -25,8 +25,16 @@ DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
 
 
 def test_debug_run_writes_loadable_checkpoint(tmp_path):
-    cfg = load_config(DEBUG, [f"out={tmp_path / 'run'}", "vae.steps=2", "unet.steps=2",
-                              "vae.sample_every=1", "unet.sample_every=2"])
+    cfg = load_config(
+        DEBUG,
+        [
+            f"out={tmp_path / 'run'}",
+            "vae.steps=2",
+            "unet.steps=2",
+            "vae.sample_every=1",
+            "unet.sample_every=2",
+        ],
+    )
     final = run_training(cfg, progress=False)
     assert final == tmp_path / "run" / "checkpoint"
     ck = checkpoint.load(final)
@@ -77,8 +85,15 @@ def test_vae_loss_decreases_on_fixed_batch():
 
 @pytest.mark.parametrize("pixel_weight", [0.0, 1.0])
 def test_diffusion_loss_decreases_on_fixed_batch(pixel_weight):
-    cfg = load_config(DEBUG, ["unet.patch_size=0", "unet.latent_cutmix=0",
-                              f"unet.pixel_weight={pixel_weight}", "unet.pixel_max_t=60"])
+    cfg = load_config(
+        DEBUG,
+        [
+            "unet.patch_size=0",
+            "unet.latent_cutmix=0",
+            f"unet.pixel_weight={pixel_weight}",
+            "unet.pixel_max_t=60",
+        ],
+    )
     hr, lr = _fixed_batch(cfg)
     torch.manual_seed(0)
     rvae = ResidualVAE(build_vae(cfg.vae.model), 1.0, 4.0).eval().requires_grad_(False)
@@ -123,8 +138,9 @@ def test_pixel_term_is_relative_to_bicubic_and_trains_only_the_denoiser():
 
 def test_plain_vae_variant_round_trips(tmp_path):
     vcfg = VAEConfig(channels=[8, 8], latent_channels=2, norm_groups=4, residual=False)
-    folder = checkpoint.random_init(tmp_path / "ck", vcfg, UNetConfig(channels=[16, 16],
-                                                                      norm_groups=4))
+    folder = checkpoint.random_init(
+        tmp_path / "ck", vcfg, UNetConfig(channels=[16, 16], norm_groups=4)
+    )
     ck = checkpoint.load(folder)
     assert ck.meta["residual"] is False and not ck.vae.is_residual
     z = torch.randn(1, 2, 128, 128)
@@ -141,10 +157,15 @@ def test_rgb_vae_from_a_local_folder_folds_into_an_exact_gray_one(tmp_path):
     from train.loop import load_pretrained_vae
 
     torch.manual_seed(0)
-    rgb = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                        norm_num_groups=4).eval()
+    rgb = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+    ).eval()
     rgb.save_pretrained(tmp_path / "sd_vae")
     gray = load_pretrained_vae(str(tmp_path / "sd_vae")).eval()
     assert (gray.config.in_channels, gray.config.out_channels) == (1, 1)

@@ -41,8 +41,9 @@ def test_target_coefficients_follow_schedule(prediction):
     c_x0, c_eps = target_coefficients(s)
     abar = s.alphas_cumprod()
     x0, eps = np.random.default_rng(0).standard_normal((2, 50))
-    np.testing.assert_allclose(c_x0.numpy() * x0 + c_eps.numpy() * eps,
-                               s.target(x0, eps, abar), atol=1e-12)
+    np.testing.assert_allclose(
+        c_x0.numpy() * x0 + c_eps.numpy() * eps, s.target(x0, eps, abar), atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])

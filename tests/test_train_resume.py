@@ -16,8 +16,17 @@ DEBUG = ROOT / "train" / "configs" / "debug.yaml"
 
 
 def _train(out: Path, *extra: str) -> str:
-    cmd = [sys.executable, "-m", "train.loop", "--config", str(DEBUG), "--out", str(out),
-           "--no-progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.loop",
+        "--config",
+        str(DEBUG),
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout

@@ -36,22 +36,44 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("plain_vae", "plain VAE (decoder predicts the image), f=4",
-            ("vae.model.residual=false", "vae.zero_init_decoder=false"), shared_vae=False,
-            train_unet=False),
-    Variant("residual_f8", "residual VAE, f=8 (latent 4x32x32)",
-            ("vae.model.channels=[24,48,48,48]",), shared_vae=False, train_unet=False),
+    Variant(
+        "plain_vae",
+        "plain VAE (decoder predicts the image), f=4",
+        ("vae.model.residual=false", "vae.zero_init_decoder=false"),
+        shared_vae=False,
+        train_unet=False,
+    ),
+    Variant(
+        "residual_f8",
+        "residual VAE, f=8 (latent 4x32x32)",
+        ("vae.model.channels=[24,48,48,48]",),
+        shared_vae=False,
+        train_unet=False,
+    ),
     Variant("mse", "residual VAE f=4; x0 prediction, latent MSE only", ("unet.pixel_weight=0",)),
-    Variant("pixel", "+ pixel term through the decoder (pixel_weight 1)",
-            ("unet.pixel_weight=1.0",)),
-    Variant("pixel_eps", "+ pixel term, eps prediction",
-            ("unet.pixel_weight=1.0", "schedule.prediction=eps")),
-    Variant("pixel_v", "+ pixel term, v prediction",
-            ("unet.pixel_weight=1.0", "schedule.prediction=v")),
-    Variant("pixel_lr05", "pixel, SDEdit from the LR latent noised to strength 0.5",
-            sampling_of="pixel", sampling={"start": "lr", "strength": 0.5}),
-    Variant("pixel_lr02", "pixel, from the LR latent noised to strength 0.2",
-            sampling_of="pixel", sampling={"start": "lr", "strength": 0.2}),
+    Variant(
+        "pixel", "+ pixel term through the decoder (pixel_weight 1)", ("unet.pixel_weight=1.0",)
+    ),
+    Variant(
+        "pixel_eps",
+        "+ pixel term, eps prediction",
+        ("unet.pixel_weight=1.0", "schedule.prediction=eps"),
+    ),
+    Variant(
+        "pixel_v", "+ pixel term, v prediction", ("unet.pixel_weight=1.0", "schedule.prediction=v")
+    ),
+    Variant(
+        "pixel_lr05",
+        "pixel, SDEdit from the LR latent noised to strength 0.5",
+        sampling_of="pixel",
+        sampling={"start": "lr", "strength": 0.5},
+    ),
+    Variant(
+        "pixel_lr02",
+        "pixel, from the LR latent noised to strength 0.2",
+        sampling_of="pixel",
+        sampling={"start": "lr", "strength": 0.2},
+    ),
 )
 NAMES = tuple(v.name for v in VARIANTS)
 
@@ -71,8 +93,16 @@ def _train(config: str, out: Path, overrides: list[str], progress: bool) -> Path
     return got
 
 
-def run(config: str, out: Path, only: list[str], vae_steps: int, unet_steps: int,
-        steps: list[int], seed: int, progress: bool) -> dict:
+def run(
+    config: str,
+    out: Path,
+    only: list[str],
+    vae_steps: int,
+    unet_steps: int,
+    steps: list[int],
+    seed: int,
+    progress: bool,
+) -> dict:
     from train import checkpoint as ckpt
     from train.config import load_config
     from train.data import build_dataset
@@ -104,22 +134,46 @@ def run(config: str, out: Path, only: list[str], vae_steps: int, unet_steps: int
             continue
         ck = ckpt.load(folder)
         options: SamplingOptions = ck.sampling.replace(**v.sampling)
-        result = evaluate(ck, test_set, steps if v.train_unet else [1], seed=seed,
-                          options=options, use_lpips=False)
+        result = evaluate(
+            ck,
+            test_set,
+            steps if v.train_unet else [1],
+            seed=seed,
+            options=options,
+            use_lpips=False,
+        )
         m = result["methods"]
-        row = {"variant": v.name, "what": v.what, "bicubic_psnr": m["bicubic"]["psnr"],
-               "bicubic_ssim": m["bicubic"]["ssim"], "ceiling_psnr": m["vae_ceiling"]["psnr"],
-               "ceiling_ssim": m["vae_ceiling"]["ssim"], "sampling": dict(options.__dict__),
-               "sr": {}}
+        row = {
+            "variant": v.name,
+            "what": v.what,
+            "bicubic_psnr": m["bicubic"]["psnr"],
+            "bicubic_ssim": m["bicubic"]["ssim"],
+            "ceiling_psnr": m["vae_ceiling"]["psnr"],
+            "ceiling_ssim": m["vae_ceiling"]["ssim"],
+            "sampling": dict(options.__dict__),
+            "sr": {},
+        }
         if v.train_unet:
-            row["sr"] = {str(k): {"psnr": m[f"sr_{k}steps"]["psnr"],
-                                  "ssim": m[f"sr_{k}steps"]["ssim"]} for k in steps}
+            row["sr"] = {
+                str(k): {"psnr": m[f"sr_{k}steps"]["psnr"], "ssim": m[f"sr_{k}steps"]["ssim"]}
+                for k in steps
+            }
         rows.append(row)
-        print(f"[ablate] {v.name}: ceiling {row['ceiling_psnr']:.2f} dB; " + ", ".join(
-            f"{k} steps {s['psnr']:.2f} dB / {s['ssim']:.4f}" for k, s in row["sr"].items()))
-    return {"config": config, "vae_steps": vae_steps, "unet_steps": unet_steps, "seed": seed,
-            "dataset": test_set.describe() if hasattr(test_set, "describe") else "",
-            "n_images": len(test_set), "rows": rows}
+        print(
+            f"[ablate] {v.name}: ceiling {row['ceiling_psnr']:.2f} dB; "
+            + ", ".join(
+                f"{k} steps {s['psnr']:.2f} dB / {s['ssim']:.4f}" for k, s in row["sr"].items()
+            )
+        )
+    return {
+        "config": config,
+        "vae_steps": vae_steps,
+        "unet_steps": unet_steps,
+        "seed": seed,
+        "dataset": test_set.describe() if hasattr(test_set, "describe") else "",
+        "n_images": len(test_set),
+        "rows": rows,
+    }
 
 
 def markdown(result: dict, steps: list[int]) -> str:
@@ -134,18 +188,25 @@ def markdown(result: dict, steps: list[int]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if result["rows"]:
         r = result["rows"][0]
-        lines.append(f"| bicubic | | {r['bicubic_psnr']:.2f} / {r['bicubic_ssim']:.4f} |"
-                     + " |" * len(steps))
+        lines.append(
+            f"| bicubic | | {r['bicubic_psnr']:.2f} / {r['bicubic_ssim']:.4f} |" + " |" * len(steps)
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.ablate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.ablate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", default="train/configs/demo.yaml", help="base YAML config")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"), help="run folder")
-    p.add_argument("--only", default=",".join(NAMES),
-                   help=f"comma-separated variants (default: all of {', '.join(NAMES)})")
+    p.add_argument(
+        "--only",
+        default=",".join(NAMES),
+        help=f"comma-separated variants (default: all of {', '.join(NAMES)})",
+    )
     p.add_argument("--vae-steps", type=int, default=300, help="VAE steps of every variant")
     p.add_argument("--unet-steps", type=int, default=300, help="denoiser steps of every variant")
     p.add_argument("--steps", default="1,2,4", help="comma-separated sampling step counts")
@@ -160,14 +221,24 @@ def main(argv: list[str] | None = None) -> int:
         steps = [int(s) for s in args.steps.split(",")]
     except ValueError:
         p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
-    result = run(args.config, args.out, only, args.vae_steps, args.unet_steps, steps,
-                 args.seed, not args.no_progress)
+    result = run(
+        args.config,
+        args.out,
+        only,
+        args.vae_steps,
+        args.unet_steps,
+        steps,
+        args.seed,
+        not args.no_progress,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown(result, steps)
     (args.out / "ablation.md").write_text(table + "\n")
-    print(f"{result['dataset']}; n = {result['n_images']}; VAE {args.vae_steps} + UNet "
-          f"{args.unet_steps} steps per variant")
+    print(
+        f"{result['dataset']}; n = {result['n_images']}; VAE {args.vae_steps} + UNet "
+        f"{args.unet_steps} steps per variant"
+    )
     print(table)
     return 0
 

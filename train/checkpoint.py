@@ -1,12 +1,12 @@
 """The checkpoint folder: the hand-off from training to the builders.
 
-    <folder>/
-      vae/          AutoencoderKL.save_pretrained (config.json + safetensors)
-      unet/         UNet2DModel.save_pretrained
-      scheduler/    scheduler_config.json (cxrdiff.Schedule; diffusers DDPMScheduler keys)
-      cxr_sr.json   our resolved config: {"format": 1, "latent_scaling": float,
-                    "residual_scale": float, "residual": bool,
-                    "sampling": {...defaults...}, "train": {...}}
+<folder>/
+  vae/          AutoencoderKL.save_pretrained (config.json + safetensors)
+  unet/         UNet2DModel.save_pretrained
+  scheduler/    scheduler_config.json (cxrdiff.Schedule; diffusers DDPMScheduler keys)
+  cxr_sr.json   our resolved config: {"format": 1, "latent_scaling": float,
+                "residual_scale": float, "residual": bool,
+                "sampling": {...defaults...}, "train": {...}}
 """
 
 from __future__ import annotations
@@ -40,8 +40,14 @@ class Checkpoint:
         return (cfg.latent_channels, 256 // f, 256 // f)
 
 
-def save(folder: str | Path, vae: ResidualVAE, denoiser: Denoiser, schedule: Schedule,
-         sampling: SamplingOptions, train_config: dict | None = None) -> Path:
+def save(
+    folder: str | Path,
+    vae: ResidualVAE,
+    denoiser: Denoiser,
+    schedule: Schedule,
+    sampling: SamplingOptions,
+    train_config: dict | None = None,
+) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vae.vae.save_pretrained(folder / "vae")
@@ -67,15 +73,25 @@ def load(folder: str | Path) -> Checkpoint:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: checkpoint format {meta.get('format')} != {FORMAT}")
-    vae = ResidualVAE(AutoencoderKL.from_pretrained(folder / "vae"), meta["latent_scaling"],
-                      meta["residual_scale"], meta.get("residual", True)).eval()
+    vae = ResidualVAE(
+        AutoencoderKL.from_pretrained(folder / "vae"),
+        meta["latent_scaling"],
+        meta["residual_scale"],
+        meta.get("residual", True),
+    ).eval()
     denoiser = Denoiser(UNet2DModel.from_pretrained(folder / "unet")).eval()
-    return Checkpoint(vae, denoiser, Schedule.load(folder / "scheduler"),
-                      SamplingOptions(**meta["sampling"]), meta)
+    return Checkpoint(
+        vae,
+        denoiser,
+        Schedule.load(folder / "scheduler"),
+        SamplingOptions(**meta["sampling"]),
+        meta,
+    )
 
 
-def random_init(folder: str | Path, vae_cfg=None, unet_cfg=None, schedule: Schedule | None = None,
-                seed: int = 0) -> Path:
+def random_init(
+    folder: str | Path, vae_cfg=None, unet_cfg=None, schedule: Schedule | None = None, seed: int = 0
+) -> Path:
     """A random-weight checkpoint of the given geometry (tests, smoke builds)."""
     import torch
 

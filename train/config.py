@@ -78,13 +78,15 @@ class StageConfig:
         if self.amp not in AMP_MODES:
             raise ValueError(f"{name}.amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"{name}.optimizer must be one of {OPTIMIZERS}, "
-                             f"got {self.optimizer!r}")
+            raise ValueError(
+                f"{name}.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"{name}.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.patch_size < 0 or self.patch_size % 16:
-            raise ValueError(f"{name}.patch_size must be 0 or a multiple of 16, "
-                             f"got {self.patch_size}")
+            raise ValueError(
+                f"{name}.patch_size must be 0 or a multiple of 16, got {self.patch_size}"
+            )
         if self.lr <= 0:
             raise ValueError(f"{name}.lr must be > 0, got {self.lr}")
 

@@ -32,24 +32,33 @@ from train.models import Denoiser, ResidualVAE
 METRICS = ("psnr", "ssim", "ms_ssim", "hfen")
 
 
-def torch_denoiser(denoiser: torch.nn.Module, device: torch.device | str = "cpu"
-                   ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+def torch_denoiser(
+    denoiser: torch.nn.Module, device: torch.device | str = "cpu"
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
     """Wrap a :class:`train.models.Denoiser` as the numpy callable ``cxrdiff.sample`` takes:
     (x_t [N, C, h, w], t [N], z_lr [N, C, h, w]) float32 -> model output float32."""
 
     @torch.no_grad()
     def call(x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
-        out = denoiser(torch.from_numpy(np.ascontiguousarray(x_t)).to(device),
-                       torch.from_numpy(np.ascontiguousarray(t)).to(device),
-                       torch.from_numpy(np.ascontiguousarray(z_lr)).to(device))
+        out = denoiser(
+            torch.from_numpy(np.ascontiguousarray(x_t)).to(device),
+            torch.from_numpy(np.ascontiguousarray(t)).to(device),
+            torch.from_numpy(np.ascontiguousarray(z_lr)).to(device),
+        )
         return out.float().cpu().numpy()
 
     return call
 
 
 @torch.no_grad()
-def super_resolve(rvae: ResidualVAE, denoiser: Denoiser, schedule: Schedule,
-                  options: SamplingOptions, lr: torch.Tensor, seed: int = 0) -> torch.Tensor:
+def super_resolve(
+    rvae: ResidualVAE,
+    denoiser: Denoiser,
+    schedule: Schedule,
+    options: SamplingOptions,
+    lr: torch.Tensor,
+    seed: int = 0,
+) -> torch.Tensor:
     """The offline torch pipeline: LR [N, 1, 64, 64] -> SR [N, 1, 256, 256] in [0, 1]."""
     device = lr.device
     z_lr = rvae.encode_lr(lr).float().cpu().numpy()
@@ -77,11 +86,15 @@ class OnnxPipeline:
             opts.intra_op_num_threads = threads
         self.sessions = {}
         for name in self.NAMES:
-            for cand in (folder / f"{name}.onnx", folder / name / "1" / "model.onnx",
-                         folder / name / "model.onnx"):
+            for cand in (
+                folder / f"{name}.onnx",
+                folder / name / "1" / "model.onnx",
+                folder / name / "model.onnx",
+            ):
                 if cand.is_file():
                     self.sessions[name] = ort.InferenceSession(
-                        str(cand), opts, providers=["CPUExecutionProvider"])
+                        str(cand), opts, providers=["CPUExecutionProvider"]
+                    )
                     break
             else:
                 raise FileNotFoundError(f"{folder}: no ONNX graph for {name!r}")
@@ -95,8 +108,9 @@ class OnnxPipeline:
         return self._run("vae_encoder", lr.astype(np.float32))
 
     def denoise(self, x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
-        return self._run("unet", x_t.astype(np.float32), t.astype(np.float32),
-                         z_lr.astype(np.float32))
+        return self._run(
+            "unet", x_t.astype(np.float32), t.astype(np.float32), z_lr.astype(np.float32)
+        )
 
     def decode(self, z: np.ndarray, lr: np.ndarray) -> np.ndarray:
         return self._run("vae_decoder", z.astype(np.float32), lr.astype(np.float32))
@@ -134,11 +148,21 @@ def lpips_scorer(device: torch.device | str = "cpu") -> tuple[Callable | None, s
     return score, "alex"
 
 
-def evaluate(checkpoint, dataset, steps_list: Sequence[int], *, backend: str = "torch",
-             onnx_dir: str | Path | None = None, batch_size: int = 4,
-             device: str | torch.device = "cpu", seed: int = 0,
-             options: SamplingOptions | None = None, use_lpips: bool = True,
-             limit: int | None = None, progress: bool = False) -> dict:
+def evaluate(
+    checkpoint,
+    dataset,
+    steps_list: Sequence[int],
+    *,
+    backend: str = "torch",
+    onnx_dir: str | Path | None = None,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    options: SamplingOptions | None = None,
+    use_lpips: bool = True,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Score bicubic, the VAE ceiling and SR at each step count on ``dataset``.
 
     Args:
@@ -210,8 +234,7 @@ def evaluate(checkpoint, dataset, steps_list: Sequence[int], *, backend: str = "
                 sr = sr.float().cpu().numpy()
             else:
                 z_lr = onnx.encode_lr(lr)
-                z = sample(onnx.denoise, z_lr, ck.schedule, opts,
-                           generators([seed], [lr.shape[0]]))
+                z = sample(onnx.denoise, z_lr, ck.schedule, opts, generators([seed], [lr.shape[0]]))
                 sr = onnx.decode(z, lr)
             add(f"sr_{k}steps", np.asarray(sr, dtype=np.float32), hr, time.perf_counter() - t0)
 
@@ -243,8 +266,13 @@ def table(result: dict) -> str:
     from client.report import format_table
 
     rows = [{"method": name, **row} for name, row in result["methods"].items()]
-    cols = [("method", "method"), ("psnr", "PSNR dB", ".2f"), ("ssim", "SSIM", ".4f"),
-            ("ms_ssim", "MS-SSIM", ".4f"), ("hfen", "HFEN", ".4f")]
+    cols = [
+        ("method", "method"),
+        ("psnr", "PSNR dB", ".2f"),
+        ("ssim", "SSIM", ".4f"),
+        ("ms_ssim", "MS-SSIM", ".4f"),
+        ("hfen", "HFEN", ".4f"),
+    ]
     if any("lpips" in r for r in rows):
         cols.append(("lpips", "LPIPS", ".4f"))
     cols.append(("seconds_per_image", "s/image", ".3f"))
@@ -295,24 +323,53 @@ def plot(result: dict, path: str | Path) -> Path | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (train.checkpoint)")
-    p.add_argument("--data", default="sample",
-                   help="data source (train.data SOURCES) for the evaluation set")
+    p.add_argument(
+        "--data", default="sample", help="data source (train.data SOURCES) for the evaluation set"
+    )
     p.add_argument("--root", default=None, help="data folder for nih/dicom/folder/cache sources")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"],
-                   help="which split to score (default: the held-out test split)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra DataConfig field, e.g. --set n_eval_images=100 (repeatable)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                   help="run the denoiser in torch or in onnxruntime")
-    p.add_argument("--onnx-dir", default=None,
-                   help="folder with vae_encoder/unet/vae_decoder ONNX graphs (--backend onnx)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="which split to score (default: the held-out test split)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra DataConfig field, e.g. --set n_eval_images=100 (repeatable)",
+    )
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnx"],
+        help="run the denoiser in torch or in onnxruntime",
+    )
+    p.add_argument(
+        "--onnx-dir",
+        default=None,
+        help="folder with vae_encoder/unet/vae_decoder ONNX graphs (--backend onnx)",
+    )
     p.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts")
-    p.add_argument("--sampler", default=None, choices=["ddim", "ddpm"],
-                   help="sampler (default: the checkpoint's)")
-    p.add_argument("--start", default=None, choices=["noise", "lr"],
-                   help="start from pure noise or the noised LR latent (default: checkpoint's)")
-    p.add_argument("--strength", type=float, default=None,
-                   help="SDEdit strength in (0, 1] (default: the checkpoint's)")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        choices=["ddim", "ddpm"],
+        help="sampler (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--start",
+        default=None,
+        choices=["noise", "lr"],
+        help="start from pure noise or the noised LR latent (default: checkpoint's)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="SDEdit strength in (0, 1] (default: the checkpoint's)",
+    )
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch")
@@ -343,16 +400,35 @@ def main(argv: list[str] | None = None) -> int:
     from train.checkpoint import load
 
     ck = load(args.checkpoint)
-    changes = {k: v for k, v in (("sampler", args.sampler), ("start", args.start),
-                                 ("strength", args.strength), ("eta", args.eta)) if v is not None}
+    changes = {
+        k: v
+        for k, v in (
+            ("sampler", args.sampler),
+            ("start", args.start),
+            ("strength", args.strength),
+            ("eta", args.eta),
+        )
+        if v is not None
+    }
     options = ck.sampling.replace(**changes)
-    result = evaluate(ck, dataset, steps, backend=args.backend, onnx_dir=args.onnx_dir,
-                      batch_size=args.batch_size, device=args.device, seed=args.seed,
-                      options=options, use_lpips=not args.no_lpips, limit=args.limit,
-                      progress=True)
+    result = evaluate(
+        ck,
+        dataset,
+        steps,
+        backend=args.backend,
+        onnx_dir=args.onnx_dir,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        options=options,
+        use_lpips=not args.no_lpips,
+        limit=args.limit,
+        progress=True,
+    )
     result["checkpoint"] = str(args.checkpoint)
-    print(f"{_dataset_title(result['dataset'])}; n = {result['n_images']}; "
-          f"LPIPS: {result['lpips']}")
+    print(
+        f"{_dataset_title(result['dataset'])}; n = {result['n_images']}; LPIPS: {result['lpips']}"
+    )
     print(table(result))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,17 @@ from train.models import Denoiser, ResidualVAE, bicubic, build_unet, build_vae
 
 STAGES = ("vae", "unet", "done")
 # keys that may change between a run and its resume without breaking exactness
-RESUME_MUTABLE = ("device", "out", "num_workers", "sampling", "steps", "ckpt_every", "log_every",
-                  "sample_every", "sample_count")
+RESUME_MUTABLE = (
+    "device",
+    "out",
+    "num_workers",
+    "sampling",
+    "steps",
+    "ckpt_every",
+    "log_every",
+    "sample_every",
+    "sample_count",
+)
 
 
 # -- data order ----------------------------------------------------------------------------
@@ -60,8 +69,17 @@ class EpochBatches:
     ``rank`` takes every ``world``-th index of each, and the first ``skip`` batches are skipped
     (resuming mid-epoch)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, salt: int, epoch: int, skip: int = 0,
-                 rank: int = 0, world: int = 1):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        salt: int,
+        epoch: int,
+        skip: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ):
         self.n, self.batch_size, self.seed, self.salt, self.epoch = n, batch_size, seed, salt, epoch
         self.skip, self.rank, self.world = skip, rank, world
 
@@ -75,8 +93,16 @@ class EpochBatches:
             yield perm[b * size : (b + 1) * size][self.rank :: self.world].tolist()
 
 
-def make_loader(dataset: Dataset, batch_size: int, seed: int, salt: int, start: int = 0,
-                rank: int = 0, world: int = 1, num_workers: int = 0) -> Iterator:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    salt: int,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
+) -> Iterator:
     """Infinite iterator of (hr, lr) micro-batches starting at micro-batch ``start``.
 
     The order is a pure function of (seed, salt, position), so a resumed run sees the batches
@@ -85,18 +111,22 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, salt: int, start: 
     """
     per_epoch = len(dataset) // (batch_size * world)
     if per_epoch < 1:
-        raise ValueError(f"the training set has {len(dataset)} pairs, fewer than one global "
-                         f"batch of {batch_size * world}")
+        raise ValueError(
+            f"the training set has {len(dataset)} pairs, fewer than one global "
+            f"batch of {batch_size * world}"
+        )
     epoch, skip = divmod(start, per_epoch)
     while True:
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
         batches = EpochBatches(len(dataset), batch_size, seed, salt, epoch, skip, rank, world)
         # own generator: building the iterator must not draw from the global torch RNG
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, salt, epoch])
-                                                .generate_state(1)[0]))
-        yield from DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                              generator=gen)
+        gen = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([seed, salt, epoch]).generate_state(1)[0])
+        )
+        yield from DataLoader(
+            dataset, batch_sampler=batches, num_workers=num_workers, generator=gen
+        )
         epoch, skip = epoch + 1, 0
 
 
@@ -145,8 +175,12 @@ def make_lr_schedule(optimizer, stage: StageConfig) -> torch.optim.lr_scheduler.
 
 
 def rng_state(gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate(), "train": gen.get_state()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "train": gen.get_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -203,8 +237,9 @@ def load_pretrained_vae(path: str):
     return gray_from_rgb(AutoencoderKL.from_pretrained(folder))
 
 
-def random_patch(hr: torch.Tensor, lr: torch.Tensor, size: int, gen: torch.Generator,
-                 scale: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def random_patch(
+    hr: torch.Tensor, lr: torch.Tensor, size: int, gen: torch.Generator, scale: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One random aligned window for the whole batch: hr [N, 1, size, size] and the matching
     lr [N, 1, size/scale, size/scale] (offsets are multiples of 4 * scale); size 0 = no crop."""
     h, w = hr.shape[-2:]
@@ -214,8 +249,10 @@ def random_patch(hr: torch.Tensor, lr: torch.Tensor, size: int, gen: torch.Gener
     y = int(torch.randint(0, (h - size) // step + 1, (1,), generator=gen)) * step
     x = int(torch.randint(0, (w - size) // step + 1, (1,), generator=gen)) * step
     ls = size // scale
-    return (hr[..., y : y + size, x : x + size],
-            lr[..., y // scale : y // scale + ls, x // scale : x // scale + ls])
+    return (
+        hr[..., y : y + size, x : x + size],
+        lr[..., y // scale : y // scale + ls, x // scale : x // scale + ls],
+    )
 
 
 class VAEObjective(torch.nn.Module):
@@ -235,8 +272,14 @@ class VAEObjective(torch.nn.Module):
         return recon, dist.mean, dist.logvar
 
 
-def vae_batch_loss(model: torch.nn.Module, hr: torch.Tensor, lr: torch.Tensor,
-                   gen: torch.Generator, cfg: TrainConfig, latent_shape: tuple[int, int, int]):
+def vae_batch_loss(
+    model: torch.nn.Module,
+    hr: torch.Tensor,
+    lr: torch.Tensor,
+    gen: torch.Generator,
+    cfg: TrainConfig,
+    latent_shape: tuple[int, int, int],
+):
     s = cfg.vae
     hr, lr = random_patch(hr, lr, s.patch_size, gen, cfg.data.scale)
     f = 256 // latent_shape[1]
@@ -245,10 +288,19 @@ def vae_batch_loss(model: torch.nn.Module, hr: torch.Tensor, lr: torch.Tensor,
         shape = (hr.shape[0], latent_shape[0], hr.shape[-2] // f, hr.shape[-1] // f)
         noise = torch.randn(shape, generator=gen).to(hr.device)
     recon, mean, logvar = model(hr, lr, noise)
-    return vae_loss(recon, hr, mean, logvar, l1_weight=s.l1_weight, ssim_weight=s.ssim_weight,
-                    fft_weight=s.fft_weight, kl_weight=s.kl_weight,
-                    fft_low_weight=s.fft_low_weight, fft_high_weight=s.fft_high_weight,
-                    fft_cutoff=s.fft_cutoff)
+    return vae_loss(
+        recon,
+        hr,
+        mean,
+        logvar,
+        l1_weight=s.l1_weight,
+        ssim_weight=s.ssim_weight,
+        fft_weight=s.fft_weight,
+        kl_weight=s.kl_weight,
+        fft_low_weight=s.fft_low_weight,
+        fft_high_weight=s.fft_high_weight,
+        fft_cutoff=s.fft_cutoff,
+    )
 
 
 def latent_cutmix(x0: torch.Tensor, z_lr: torch.Tensor, prob: float, gen: torch.Generator):
@@ -273,9 +325,15 @@ def latent_cutmix(x0: torch.Tensor, z_lr: torch.Tensor, prob: float, gen: torch.
     return x0, z_lr
 
 
-def diffusion_batch_loss(denoiser: torch.nn.Module, rvae: ResidualVAE, hr: torch.Tensor,
-                         lr: torch.Tensor, gen: torch.Generator, cfg: TrainConfig,
-                         tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+def diffusion_batch_loss(
+    denoiser: torch.nn.Module,
+    rvae: ResidualVAE,
+    hr: torch.Tensor,
+    lr: torch.Tensor,
+    gen: torch.Generator,
+    cfg: TrainConfig,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+):
     """One denoiser regression on a batch; ``tables`` = (abar, c_x0, c_eps), float64 [T]."""
     abar, c_x0, c_eps = tables
     hr, lr = random_patch(hr, lr, cfg.unet.patch_size, gen, cfg.data.scale)
@@ -305,8 +363,13 @@ def diffusion_batch_loss(denoiser: torch.nn.Module, rvae: ResidualVAE, hr: torch
     return loss, parts
 
 
-def x0_estimate(pred: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, c_x0: torch.Tensor,
-                c_eps: torch.Tensor) -> torch.Tensor:
+def x0_estimate(
+    pred: torch.Tensor,
+    x_t: torch.Tensor,
+    abar: torch.Tensor,
+    c_x0: torch.Tensor,
+    c_eps: torch.Tensor,
+) -> torch.Tensor:
     """The x0 implied by a denoiser output, for any parameterization.
 
     pred = c_x0 x0 + c_eps eps and x_t = a x0 + b eps (a = sqrt(abar), b = sqrt(1 - abar)) are
@@ -317,8 +380,9 @@ def x0_estimate(pred: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, c_x0:
     return (b * pred - c_eps * x_t) / (b * c_x0 - c_eps * a)
 
 
-def pixel_error_ratio(rvae: ResidualVAE, z: torch.Tensor, hr: torch.Tensor,
-                      lr: torch.Tensor) -> torch.Tensor:
+def pixel_error_ratio(
+    rvae: ResidualVAE, z: torch.Tensor, hr: torch.Tensor, lr: torch.Tensor
+) -> torch.Tensor:
     """MSE(decode(z, lr), HR) / MSE(bicubic(lr), HR) on a batch (gradient flows into z)."""
     base = bicubic(lr)
     sr = rvae.decode(z, lr, clip=False)
@@ -327,8 +391,14 @@ def pixel_error_ratio(rvae: ResidualVAE, z: torch.Tensor, hr: torch.Tensor,
 
 
 @torch.no_grad()
-def measure_scaling(rvae: ResidualVAE, dataset: Dataset, batches: int, batch_size: int,
-                    seed: int, device: torch.device) -> float:
+def measure_scaling(
+    rvae: ResidualVAE,
+    dataset: Dataset,
+    batches: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> float:
     """1 / std of the unscaled latent means E(HR) over ``batches`` fixed batches."""
     old = rvae.scaling
     rvae.scaling = 1.0
@@ -380,9 +450,16 @@ class Run:
     steps_taken: int = 0  # optimizer steps in this process (for stop_after)
 
 
-def train_stage(run: Run, name: str, model: torch.nn.Module, dataset: Dataset,
-                batch_loss: Callable, state: dict, extra_state: Callable[[], dict],
-                on_sample: Callable[[int], None] | None) -> bool:
+def train_stage(
+    run: Run,
+    name: str,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_loss: Callable,
+    state: dict,
+    extra_state: Callable[[], dict],
+    on_sample: Callable[[int], None] | None,
+) -> bool:
     """Train ``model`` for the stage's remaining steps; returns False if stopped early.
 
     ``state`` is the resumable state dict (mutated in place and saved at checkpoints).
@@ -405,26 +482,41 @@ def train_stage(run: Run, name: str, model: torch.nn.Module, dataset: Dataset,
         set_rng_state(state["rng"], run.gen)
         step, position = state["step"], state["position"]
     model_p, optimizer_p = acc.prepare(model, optimizer)
-    loader = make_loader(dataset, stage.batch_size, cfg.seed, salt=STAGES.index(name),
-                         start=position,
-                         rank=acc.process_index, world=acc.num_processes,
-                         num_workers=cfg.num_workers)
+    loader = make_loader(
+        dataset,
+        stage.batch_size,
+        cfg.seed,
+        salt=STAGES.index(name),
+        start=position,
+        rank=acc.process_index,
+        world=acc.num_processes,
+        num_workers=cfg.num_workers,
+    )
 
     def save_state() -> None:
         if not acc.is_main_process:
             return
-        state.update(stage=name, step=step, position=position, model=model.state_dict(),
-                     optimizer=optimizer.state_dict(), lr_schedule=sched.state_dict(),
-                     scaler=scaler.state_dict(), ema=ema.state_dict() if ema else None,
-                     rng=rng_state(run.gen), **extra_state())
+        state.update(
+            stage=name,
+            step=step,
+            position=position,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            lr_schedule=sched.state_dict(),
+            scaler=scaler.state_dict(),
+            ema=ema.state_dict() if ema else None,
+            rng=rng_state(run.gen),
+            **extra_state(),
+        )
         atomic_save(state, run.out / "state" / "state.pt")
 
     bar = None
     if run.progress and acc.is_main_process:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=stage.steps, initial=step, desc=f"{name}", dynamic_ncols=True,
-                   mininterval=2.0)
+        bar = tqdm(
+            total=stage.steps, initial=step, desc=f"{name}", dynamic_ncols=True, mininterval=2.0
+        )
     model_p.train()
     t0, step0 = time.perf_counter(), step
     while step < stage.steps:
@@ -466,9 +558,11 @@ def train_stage(run: Run, name: str, model: torch.nn.Module, dataset: Dataset,
             bar.set_postfix(loss=f"{loss_sum:.4g}")
         if stage.log_every and step % stage.log_every == 0 and acc.is_main_process:
             rate = (time.perf_counter() - t0) / max(1, step - step0)
-            run.log(f"{name} step {step}/{stage.steps} loss {loss_sum:.5g} "
-                    + " ".join(f"{k} {v:.4g}" for k, v in parts_sum.items())
-                    + f" lr {sched.get_last_lr()[0]:.3g} ({rate:.2f} s/step)")
+            run.log(
+                f"{name} step {step}/{stage.steps} loss {loss_sum:.5g} "
+                + " ".join(f"{k} {v:.4g}" for k, v in parts_sum.items())
+                + f" lr {sched.get_last_lr()[0]:.3g} ({rate:.2f} s/step)"
+            )
             if run.writer is not None:
                 run.writer.add_scalar(f"{name}/loss", loss_sum, step)
                 for k, v in parts_sum.items():
@@ -489,13 +583,15 @@ def train_stage(run: Run, name: str, model: torch.nn.Module, dataset: Dataset,
 
 def _grid(*images: torch.Tensor) -> torch.Tensor:
     """Side by side [1, H, k*W] from k images [N, 1, H, W] (first row of each)."""
-    rows = [torch.cat([im[i, 0].clamp(0, 1) for im in images], dim=1)
-            for i in range(images[0].shape[0])]
+    rows = [
+        torch.cat([im[i, 0].clamp(0, 1) for im in images], dim=1) for i in range(images[0].shape[0])
+    ]
     return torch.cat(rows, dim=0)[None].cpu()
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None,
-                 progress: bool = True) -> Path | None:
+def run_training(
+    cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True
+) -> Path | None:
     """Train both stages; returns the final checkpoint folder, or None if stopped early."""
     from accelerate import Accelerator
 
@@ -551,9 +647,11 @@ def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None 
     val = [val_set[i] for i in range(n_val)]
     val_hr = torch.stack([v[0] for v in val]).to(device) if n_val else None
     val_lr = torch.stack([v[1] for v in val]).to(device) if n_val else None
-    log(f"device {device}; train {len(train_set)} / val {len(val_set)} pairs; "
+    log(
+        f"device {device}; train {len(train_set)} / val {len(val_set)} pairs; "
         f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M, "
-        f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, latent {latent_shape}")
+        f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M, latent {latent_shape}"
+    )
 
     stage = state.get("stage", "vae")
     if cfg.pretrained_vae and stage == "vae":
@@ -574,17 +672,30 @@ def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None 
             writer.add_scalar("vae/val_psnr", float(psnr(recon.clamp(0, 1), val_hr).mean()), step)
 
         done = train_stage(
-            run, "vae", objective, train_set,
+            run,
+            "vae",
+            objective,
+            train_set,
             lambda m, hr, lr: vae_batch_loss(m, hr, lr, gen, cfg, latent_shape),
-            state, lambda: {}, sample_vae)
+            state,
+            lambda: {},
+            sample_vae,
+        )
         if not done:
             return None
         rvae.eval().requires_grad_(False)
-        rvae.scaling = measure_scaling(rvae, train_set, cfg.scaling_batches, cfg.vae.batch_size,
-                                       cfg.seed, device)
+        rvae.scaling = measure_scaling(
+            rvae, train_set, cfg.scaling_batches, cfg.vae.batch_size, cfg.seed, device
+        )
         log(f"VAE done; latent scaling {rvae.scaling:.5g}")
-        state.update(stage="unet", step=0, position=0, vae=rvae.vae.state_dict(),
-                     scaling=rvae.scaling, rng=rng_state(gen))
+        state.update(
+            stage="unet",
+            step=0,
+            position=0,
+            vae=rvae.vae.state_dict(),
+            scaling=rvae.scaling,
+            rng=rng_state(gen),
+        )
         for key in ("model", "ema", "lr_schedule", "scaler"):
             state.pop(key, None)
         if acc.is_main_process:
@@ -599,7 +710,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None 
         if "scaling" not in state:  # pretrained VAE, first start
             rvae.eval().requires_grad_(False)
             rvae.scaling = cfg.pretrained_scaling or measure_scaling(
-                rvae, train_set, cfg.scaling_batches, cfg.vae.batch_size, cfg.seed, device)
+                rvae, train_set, cfg.scaling_batches, cfg.vae.batch_size, cfg.seed, device
+            )
             log(f"pretrained VAE; latent scaling {rvae.scaling:.5g}")
             state.update(vae=rvae.vae.state_dict(), scaling=rvae.scaling)
     rvae.eval().requires_grad_(False)
@@ -623,9 +735,15 @@ def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None 
             writer.add_scalar("unet/val_psnr", float(psnr(sr, val_hr).mean()), step)
 
         done = train_stage(
-            run, "unet", denoiser, train_set,
+            run,
+            "unet",
+            denoiser,
+            train_set,
             lambda m, hr, lr: diffusion_batch_loss(m, rvae, hr, lr, gen, cfg, tables),
-            state, lambda: {"vae": rvae.vae.state_dict(), "scaling": rvae.scaling}, sample_unet)
+            state,
+            lambda: {"vae": rvae.vae.state_dict(), "scaling": rvae.scaling},
+            sample_unet,
+        )
         if not done:
             return None
         state.update(stage="done", step=0, unet=denoiser.state_dict())
@@ -647,21 +765,35 @@ def run_training(cfg: TrainConfig, resume: bool = False, stop_after: int | None 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.loop", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.loop",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML config over the defaults (train/configs/*.yaml)")
     p.add_argument("--out", help="run folder (overrides the config's `out`)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set vae.steps=100 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set vae.steps=100 (repeatable)",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (overrides the config)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from <out>/state/state.pt when it exists")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="save state and exit after this many optimizer steps in this process "
-                        "(counted over both stages; simulates preemption)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from <out>/state/state.pt when it exists"
+    )
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="save state and exit after this many optimizer steps in this process "
+        "(counted over both stages; simulates preemption)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML and exit")
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
     return p.parse_args(argv)
 
 
@@ -679,8 +811,9 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     t0 = time.perf_counter()
-    final = run_training(cfg, resume=args.resume, stop_after=args.stop_after,
-                         progress=not args.no_progress)
+    final = run_training(
+        cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress
+    )
     took = time.perf_counter() - t0
     print(f"{'finished' if final else 'stopped'} in {took:.1f} s", flush=True)
     return 0

@@ -21,8 +21,9 @@ def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> 
     return torch.outer(g, g)[None, None].to(dtype)
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, size: int = 11,
-         sigma: float = 1.5) -> torch.Tensor:
+def ssim(
+    x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     """Mean SSIM per image, shape [N] (Wang et al. 2004, eq. 13; Gaussian 11x11, sigma 1.5).
 
     Local statistics use the Gaussian window over the valid region (no padding), with the
@@ -30,8 +31,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, size: int = 
     ``structural_similarity(gaussian_weights=True)`` up to its border handling.
     """
     if x.shape != y.shape or x.ndim != 4:
-        raise ValueError(f"ssim needs two [N, C, H, W] tensors of one shape, "
-                         f"got {x.shape}, {y.shape}")
+        raise ValueError(
+            f"ssim needs two [N, C, H, W] tensors of one shape, got {x.shape}, {y.shape}"
+        )
     c = x.shape[1]
     w = gaussian_window(size, sigma, torch.float32).to(x.device).expand(c, 1, size, size)
     x, y = x.float(), y.float()
@@ -70,9 +72,14 @@ def radial_mask(h: int, w: int, cutoff: float, device=None) -> torch.Tensor:
     return (fy**2 + fx**2).sqrt() < cutoff
 
 
-def frequency_loss(pred: torch.Tensor, target: torch.Tensor, low_weight: float = 1.0,
-                   high_weight: float = 1.0, cutoff: float = 0.25,
-                   power: int = 2) -> torch.Tensor:
+def frequency_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    low_weight: float = 1.0,
+    high_weight: float = 1.0,
+    cutoff: float = 0.25,
+    power: int = 2,
+) -> torch.Tensor:
     """Frequency-weighted error: mean_k w(k) |F(pred - target)(k)|^power, scalar.
 
     F is the orthonormal 2-D DFT over the last two axes; w(k) = ``low_weight`` below the radial
@@ -88,24 +95,44 @@ def frequency_loss(pred: torch.Tensor, target: torch.Tensor, low_weight: float =
     diff = torch.fft.fft2((pred.float() - target.float()), norm="ortho")
     mag = diff.abs() if power == 1 else diff.real**2 + diff.imag**2
     mask = radial_mask(pred.shape[-2], pred.shape[-1], cutoff, device=pred.device)
-    w = torch.where(mask, torch.tensor(float(low_weight), device=pred.device),
-                    torch.tensor(float(high_weight), device=pred.device))
+    w = torch.where(
+        mask,
+        torch.tensor(float(low_weight), device=pred.device),
+        torch.tensor(float(high_weight), device=pred.device),
+    )
     return (mag * w).mean()
 
 
-def vae_loss(recon: torch.Tensor, hr: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor, *,
-             l1_weight: float, ssim_weight: float, fft_weight: float, kl_weight: float,
-             fft_low_weight: float = 0.0, fft_high_weight: float = 1.0,
-             fft_cutoff: float = 0.25) -> tuple[torch.Tensor, dict[str, float]]:
+def vae_loss(
+    recon: torch.Tensor,
+    hr: torch.Tensor,
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    l1_weight: float,
+    ssim_weight: float,
+    fft_weight: float,
+    kl_weight: float,
+    fft_low_weight: float = 0.0,
+    fft_high_weight: float = 1.0,
+    fft_cutoff: float = 0.25,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Stage-1 objective on recon vs HR ([N, 1, 256, 256]); returns (loss, parts for logging)."""
     parts: dict[str, torch.Tensor] = {}
     parts["l1"] = l1(recon, hr)
     parts["ssim"] = 1.0 - ssim(recon, hr).mean() if ssim_weight else recon.new_zeros(())
-    parts["fft"] = (frequency_loss(recon, hr, fft_low_weight, fft_high_weight, fft_cutoff, power=1)
-                    if fft_weight else recon.new_zeros(()))
+    parts["fft"] = (
+        frequency_loss(recon, hr, fft_low_weight, fft_high_weight, fft_cutoff, power=1)
+        if fft_weight
+        else recon.new_zeros(())
+    )
     parts["kl"] = kl_standard_normal(mean, logvar)
-    loss = (l1_weight * parts["l1"] + ssim_weight * parts["ssim"] + fft_weight * parts["fft"]
-            + kl_weight * parts["kl"])
+    loss = (
+        l1_weight * parts["l1"]
+        + ssim_weight * parts["ssim"]
+        + fft_weight * parts["fft"]
+        + kl_weight * parts["kl"]
+    )
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
@@ -122,9 +149,14 @@ def target_coefficients(schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]
     return torch.from_numpy(np.array(c_x0)), torch.from_numpy(np.array(c_eps))
 
 
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse",
-                   low_weight: float = 1.0, high_weight: float = 1.0,
-                   cutoff: float = 0.25) -> torch.Tensor:
+def diffusion_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    kind: str = "mse",
+    low_weight: float = 1.0,
+    high_weight: float = 1.0,
+    cutoff: float = 0.25,
+) -> torch.Tensor:
     """``mse`` or frequency-weighted ``fft`` error of the denoiser output (scalar)."""
     if kind == "mse":
         return F.mse_loss(pred.float(), target.float())

@@ -93,8 +93,13 @@ class ResidualVAE(torch.nn.Module):
     latent-diffusion VAE (decoder output in [-1, 1] is the image), kept for the ablation.
     """
 
-    def __init__(self, vae: AutoencoderKL, scaling: float = 1.0, residual_scale: float = 4.0,
-                 residual: bool = True):
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        scaling: float = 1.0,
+        residual_scale: float = 4.0,
+        residual: bool = True,
+    ):
         super().__init__()
         self.vae = vae
         self.scaling = float(scaling)
@@ -130,6 +135,7 @@ class Denoiser(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor,
-                z_lr: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, timestep: torch.Tensor, z_lr: torch.Tensor
+    ) -> torch.Tensor:
         return self.unet(torch.cat([x_t, z_lr], dim=1), timestep).sample

@@ -179,9 +179,12 @@ class SampleRadiograph(PairDataset):
         """The scale of the figures on this split, in words."""
         lr = self.hr_size // self.scale
         if self.split == "train":
-            return (f"random crops of {self.crop_scales} x {self.hr_size} px -> HR "
-                    f"{self.hr_size}, LR {lr}")
+            return (
+                f"random crops of {self.crop_scales} x {self.hr_size} px -> HR "
+                f"{self.hr_size}, LR {lr}"
+            )
         sides = sorted({b.side for b in self.boxes})
         crops = ", ".join(f"{s} px ({s / self.hr_size:.2f}x downscale)" for s in sides)
-        return (f"{len(self.boxes)} held-out squares of {crops} -> HR {self.hr_size}, "
-                f"LR {lr} (4x area)")
+        return (
+            f"{len(self.boxes)} held-out squares of {crops} -> HR {self.hr_size}, LR {lr} (4x area)"
+        )
