@@ -25,6 +25,13 @@ from pathlib import Path
 import numpy as np
 
 SCHEDULES = ("linear", "scaled_linear", "cosine")
+
+
+def _sqrt(x):
+    """np.sqrt for numpy values; the array's own ``.sqrt()`` otherwise (no torch import)."""
+    return x.sqrt() if hasattr(x, "sqrt") else np.sqrt(x)
+
+
 PREDICTIONS = ("eps", "v", "x0")
 
 # our names <-> diffusers' names
@@ -98,9 +105,11 @@ class Schedule:
     def split(self, x_t: np.ndarray, abar: np.ndarray, model_output: np.ndarray):
         """Return (x0_hat, eps_hat) from the network output, whatever it predicts.
 
-        ``abar`` broadcasts against ``x_t`` (e.g. shape [N, 1, 1, 1]).
+        ``abar`` broadcasts against ``x_t`` (e.g. shape [N, 1, 1, 1]). Numpy arrays, or any
+        array type with a ``.sqrt()`` method (torch tensors: training uses this with autograd);
+        numpy inputs go through ``np.sqrt`` exactly as before.
         """
-        a, s = np.sqrt(abar), np.sqrt(1.0 - abar)
+        a, s = _sqrt(abar), _sqrt(1.0 - abar)
         if self.prediction == "eps":
             eps = model_output
             x0 = (x_t - s * eps) / a

@@ -353,31 +353,13 @@ def diffusion_batch_loss(
     loss = diffusion_loss(pred, target, u.loss, u.fft_low_weight, u.fft_high_weight, u.fft_cutoff)
     parts = {"mse": float(torch.mean((pred.detach().float() - target) ** 2))}
     if u.pixel_weight > 0:
-        keep = t < u.pixel_max_t if u.pixel_max_t > 0 else torch.ones_like(t, dtype=torch.bool)
-        if bool(keep.any()):
-            k = keep.to(x0.device)
-            x0_hat = x0_estimate(pred[k], x_t[k], view(abar)[k], view(c_x0)[k], view(c_eps)[k])
+        k = t.to(x0.device) < (u.pixel_max_t or cfg.schedule.num_train_timesteps)
+        if bool(k.any()):
+            x0_hat, _ = cfg.schedule.split(x_t[k], view(abar)[k], pred[k])
             ratio = pixel_error_ratio(rvae, x0_hat, hr[k], lr[k])
             loss = loss + u.pixel_weight * ratio
             parts["pixel_ratio"] = float(ratio.detach())
     return loss, parts
-
-
-def x0_estimate(
-    pred: torch.Tensor,
-    x_t: torch.Tensor,
-    abar: torch.Tensor,
-    c_x0: torch.Tensor,
-    c_eps: torch.Tensor,
-) -> torch.Tensor:
-    """The x0 implied by a denoiser output, for any parameterization.
-
-    pred = c_x0 x0 + c_eps eps and x_t = a x0 + b eps (a = sqrt(abar), b = sqrt(1 - abar)) are
-    two linear equations in (x0, eps); eliminating eps gives x0 = (b pred - c_eps x_t) / det,
-    det = b c_x0 - c_eps a (eps: -a, x0: b, v: -1; never 0 for t in [0, T)).
-    """
-    a, b = abar.sqrt(), (1.0 - abar).sqrt()
-    return (b * pred - c_eps * x_t) / (b * c_x0 - c_eps * a)
 
 
 def pixel_error_ratio(
@@ -385,7 +367,7 @@ def pixel_error_ratio(
 ) -> torch.Tensor:
     """MSE(decode(z, lr), HR) / MSE(bicubic(lr), HR) on a batch (gradient flows into z)."""
     base = bicubic(lr)
-    sr = rvae.decode(z, lr, clip=False)
+    sr = rvae.decode(z, lr, clip=False, base=base)
     base_err = F.mse_loss(base.float(), hr.float()).clamp_min(1e-10)
     return F.mse_loss(sr.float(), hr.float()) / base_err
 

@@ -106,10 +106,13 @@ class ResidualVAE(torch.nn.Module):
         self.residual_scale = float(residual_scale)
         self.is_residual = bool(residual)
 
-    def image(self, decoded: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-        """Raw decoder output [N, 1, H, W] -> image in [0, 1] units (not clipped)."""
+    def image(
+        self, decoded: torch.Tensor, lr: torch.Tensor, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Raw decoder output [N, 1, H, W] -> image in [0, 1] units (not clipped);
+        ``base`` = bicubic(lr) when the caller already has it."""
         if self.is_residual:
-            return bicubic(lr) + decoded / self.residual_scale
+            return (bicubic(lr) if base is None else base) + decoded / self.residual_scale
         return (decoded + 1.0) * 0.5
 
     def encode_image(self, image: torch.Tensor, sample: bool = False) -> torch.Tensor:
@@ -122,9 +125,11 @@ class ResidualVAE(torch.nn.Module):
         """The ``vae_encoder`` graph: LR [N, 1, 64, 64] -> latent mean of bicubic(LR)."""
         return self.encode_image(bicubic(lr))
 
-    def decode(self, z: torch.Tensor, lr: torch.Tensor, clip: bool = True) -> torch.Tensor:
+    def decode(
+        self, z: torch.Tensor, lr: torch.Tensor, clip: bool = True, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The ``vae_decoder`` graph: (latent, LR) -> SR [N, 1, 256, 256] in [0, 1]."""
-        sr = self.image(self.vae.decode(z / self.scaling).sample, lr)
+        sr = self.image(self.vae.decode(z / self.scaling).sample, lr, base)
         return sr.clamp(0.0, 1.0) if clip else sr
 
 
