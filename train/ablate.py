@@ -29,8 +29,7 @@ class Variant:
     name: str
     what: str
     overrides: tuple[str, ...] = ()
-    shared_vae: bool = True  # denoiser-only change: load the shared VAE
-    train_unet: bool = True  # False: VAE variant, report its ceiling only
+    vae_only: bool = False  # a VAE change: own VAE, ceiling only; else a denoiser on the shared VAE
     sampling_of: str | None = None  # re-use this variant's denoiser; change only sampling
     sampling: dict = field(default_factory=dict)
 
@@ -40,15 +39,13 @@ VARIANTS = (
         "plain_vae",
         "plain VAE (decoder predicts the image), f=4",
         ("vae.model.residual=false", "vae.zero_init_decoder=false"),
-        shared_vae=False,
-        train_unet=False,
+        vae_only=True,
     ),
     Variant(
         "residual_f8",
         "residual VAE, f=8 (latent 4x32x32)",
         ("vae.model.channels=[24,48,48,48]",),
-        shared_vae=False,
-        train_unet=False,
+        vae_only=True,
     ),
     Variant("mse", "residual VAE f=4; x0 prediction, latent MSE only", ("unet.pixel_weight=0",)),
     Variant(
@@ -115,20 +112,18 @@ def run(
     needs = {v.sampling_of for v in chosen if v.sampling_of}
     chosen = [v for v in VARIANTS if v.name in needs and v not in chosen] + chosen
 
-    shared = None
-    if any(v.shared_vae and not v.sampling_of for v in chosen):
+    shared_vae: list[str] = []  # overrides that load the shared VAE
+    if any(not v.vae_only and not v.sampling_of for v in chosen):
         shared = _train(config, out / "vae", [*budget, "unet.steps=0"], progress)
+        scaling = ckpt.load(shared).vae.scaling
+        shared_vae = [f"pretrained_vae={shared / 'vae'}", f"pretrained_scaling={scaling!r}"]
     rows, trained = [], {}
     for v in chosen:
         if v.sampling_of:
             folder = trained[v.sampling_of]
         else:
             extra = list(budget) + list(v.overrides)
-            if not v.train_unet:
-                extra.append("unet.steps=0")
-            if v.shared_vae:
-                scaling = ckpt.load(shared).vae.scaling
-                extra += [f"pretrained_vae={shared / 'vae'}", f"pretrained_scaling={scaling!r}"]
+            extra += ["unet.steps=0"] if v.vae_only else shared_vae
             folder = trained[v.name] = _train(config, out / v.name, extra, progress)
         if v.name not in only:
             continue
@@ -137,7 +132,7 @@ def run(
         result = evaluate(
             ck,
             test_set,
-            steps if v.train_unet else [1],
+            [1] if v.vae_only else steps,  # VAE-only: the ceiling row is what counts
             seed=seed,
             options=options,
             use_lpips=False,
@@ -153,7 +148,7 @@ def run(
             "sampling": dict(options.__dict__),
             "sr": {},
         }
-        if v.train_unet:
+        if not v.vae_only:
             row["sr"] = {
                 str(k): {"psnr": m[f"sr_{k}steps"]["psnr"], "ssim": m[f"sr_{k}steps"]["ssim"]}
                 for k in steps
