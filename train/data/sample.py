@@ -186,5 +186,6 @@ class SampleRadiograph(PairDataset):
         sides = sorted({b.side for b in self.boxes})
         crops = ", ".join(f"{s} px ({s / self.hr_size:.2f}x downscale)" for s in sides)
         return (
-            f"{len(self.boxes)} held-out squares of {crops} -> HR {self.hr_size}, LR {lr} (4x area)"
+            f"{len(self.boxes)} held-out squares of {crops} -> HR {self.hr_size}, LR {lr} "
+            f"({self.scale}x area)"
         )
