@@ -19,26 +19,26 @@ install: $(BIN)/.installed ## virtual environment with every extra
 weights: install ## the demo checkpoint (trains it with train/configs/demo.yaml if absent)
 	@if [ ! -f $(CKPT)/cxr_sr.json ]; then \
 	  echo "no $(CKPT): training the demo model (~15 min on 2 CPU cores)"; \
-	  $(BIN)/python -m train.loop --config train/configs/demo.yaml --out runs/demo && \
+	  $(BIN)/python -m cxr_sr.train.loop --config train/configs/demo.yaml --out runs/demo && \
 	  mkdir -p $(dir $(CKPT)) && cp -r runs/demo/checkpoint $(CKPT); fi
 
 build: weights ## cpu-target Triton repository in $(REPO)
-	$(BIN)/python -m builders.build --checkpoint $(CKPT) --target cpu --out $(REPO)
+	$(BIN)/python -m cxr_sr.builders.build --checkpoint $(CKPT) --target cpu --out $(REPO)
 
 build-gpu: weights ## gpu-target repository (TensorRT UNet where TensorRT is importable)
-	$(BIN)/python -m builders.build --checkpoint $(CKPT) --target gpu --out build/model_repository_gpu
+	$(BIN)/python -m cxr_sr.builders.build --checkpoint $(CKPT) --target gpu --out build/model_repository_gpu
 
 serve: build ## tritonserver on 127.0.0.1 (HTTP_PORT, GRPC_PORT, METRICS_PORT)
-	$(BIN)/python -m builders.serve --repository $(REPO)
+	$(BIN)/python -m cxr_sr.builders.serve --repository $(REPO)
 
 demo: build ## serve, super-resolve the bundled radiograph, print and save the figures
-	$(BIN)/python -m builders.demo --repository $(REPO) --checkpoint $(CKPT)
+	$(BIN)/python -m cxr_sr.builders.demo --repository $(REPO) --checkpoint $(CKPT)
 
 test: install ## the test suite (integration tests start a real tritonserver)
 	$(BIN)/python -m pytest -q
 
 eval: weights ## offline evaluation on the held-out set -> outputs/eval.json
-	$(BIN)/python -m train.evaluate --checkpoint $(CKPT) --out outputs/eval.json \
+	$(BIN)/python -m cxr_sr.train.evaluate --checkpoint $(CKPT) --out outputs/eval.json \
 	  --plot outputs/quality_vs_steps.png
 
 bench: build ## perf_analyzer sweep and stage timings -> outputs/bench_*.json

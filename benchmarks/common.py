@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrdiff.imaging import HR_SIZE
+from cxr_sr.imaging import HR_SIZE
 
 
 def cpu_model() -> str:
@@ -117,13 +117,12 @@ def lr_images(count: int, seed: int = 0) -> np.ndarray:
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    from client.prepare import make_lr, to_reference_hr
+    from cxr_sr.client.prepare import make_lr, to_reference_hr
 
     rng = np.random.default_rng(seed)
     try:
+        from cxr_sr.client.io import read_image
         from pydicom.data import get_testdata_file
-
-        from client.io import read_image
 
         path = get_testdata_file("RG1_UNCI.dcm")
         image = read_image(path) if path else None
@@ -132,7 +131,7 @@ def lr_images(count: int, seed: int = 0) -> np.ndarray:
     out = []
     for _ in range(count):
         if image is None:
-            from train.data.phantom import chest_phantom
+            from cxr_sr.train.data.phantom import chest_phantom
 
             crop = chest_phantom(HR_SIZE * 2, seed=int(rng.integers(1 << 31)))
         else:

@@ -501,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = sweep(url, args.concurrency, settings, verbose=args.verbose, **kwargs)
             triton = server_version(url)
         else:
-            from builders.serve import TritonServer
+            from cxr_sr.builders.serve import TritonServer
 
             log = args.out.with_name(args.out.stem + "_triton.log")
             log.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ Two paths, same inputs (real LR crops of the bundled radiograph), batch 1:
   ``(full(k) - encoder - decoder) / k - unet``, and a least-squares line through
   full(k) gives the marginal cost of one more step.
 - ``offline``: onnxruntime sessions on the exported ONNX files (``build/onnx/*.onnx``), the
-  full pipeline being encoder -> ``cxrdiff.sample`` over the unet session -> decoder with the
+  full pipeline being encoder -> ``cxr_sr.sample`` over the unet session -> decoder with the
   repository's schedule and sampling defaults (the loop the sampler model runs).
 
 Every timing is ``--warmup`` untimed calls then the median and 90th percentile of ``--runs``
@@ -164,8 +164,8 @@ def offline_timings(
     """
     import onnxruntime as ort
 
-    from cxrdiff import SamplingOptions, Schedule, sample
-    from cxrdiff.sampling import generators
+    from cxr_sr import SamplingOptions, Schedule, sample
+    from cxr_sr.sampling import generators
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -174,7 +174,9 @@ def offline_timings(
     for name in NETWORKS:
         path = onnx_dir / f"{name}.onnx"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run `python -m builders.build` first")
+            raise FileNotFoundError(
+                f"{path} is missing: run `python -m cxr_sr.builders.build` first"
+            )
         cpu = ["CPUExecutionProvider"]
         sessions[name] = ort.InferenceSession(str(path), options, providers=cpu)
 
@@ -328,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 triton = server_version(args.url)
                 results["server"] = server_timings(args.url, lr, *timing)
             else:
-                from builders.serve import TritonServer
+                from cxr_sr.builders.serve import TritonServer
 
                 log = args.out.with_name(args.out.stem + "_triton.log")
                 log.parent.mkdir(parents=True, exist_ok=True)

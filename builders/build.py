@@ -1,6 +1,7 @@
 """Assemble a Triton model repository from a checkpoint folder.
 
-    python -m builders.build --checkpoint weights/demo --target cpu --out build/model_repository
+    python -m cxr_sr.builders.build --checkpoint weights/demo --target cpu \
+        --out build/model_repository
 
 Stages, each cached by a key of its inputs (re-running with nothing changed does nothing):
   1. ONNX export of vae_encoder, unet, vae_decoder (+ onnxruntime-vs-torch max abs diff)
@@ -19,17 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-from builders import specs as S
-from builders import trt
-from builders.triton_config import (
+from cxr_sr.builders import specs as S
+from cxr_sr.builders import trt
+from cxr_sr.builders.triton_config import (
     TARGETS,
     ensemble_config,
     network_config,
     sampler_config,
     write_config,
 )
+from cxr_sr.model_repository import SOURCES
 
-SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
 CACHE_VERSION = 1
 
 
@@ -45,7 +46,7 @@ def export_all(
     checkpoint: Path, onnx_dir: Path, max_batch: int, *, dynamo: bool = False, force: bool = False
 ) -> tuple[dict[str, S.NetworkSpec], dict[str, Path]]:
     """Stage 1: ONNX files for every network, reused when the checkpoint is unchanged."""
-    from train.checkpoint import load
+    from cxr_sr.train.checkpoint import load
 
     key = _digest(checkpoint, {"max_batch": max_batch, "dynamo": dynamo})
     stamp = onnx_dir / "export.json"
@@ -59,7 +60,7 @@ def export_all(
     rows = []
     for name in S.NETWORKS:
         t0 = time.perf_counter()
-        from builders.export import check_onnx, export_onnx
+        from cxr_sr.builders.export import check_onnx, export_onnx
 
         export_onnx(ckpt, specs[name], paths[name], dynamo=dynamo)
         diff = check_onnx(ckpt, specs[name], paths[name])
@@ -94,7 +95,7 @@ def assemble(
     engine: str = "auto",
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out``."""
-    from cxrdiff import Schedule
+    from cxr_sr import Schedule
 
     meta = json.loads((checkpoint / "cxr_sr.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     if not (args.checkpoint / "cxr_sr.json").is_file():
         print(
             f"error: {args.checkpoint} is not a checkpoint folder (no cxr_sr.json); "
-            "train one with `python -m train.loop` or run `make weights`",
+            "train one with `python -m cxr_sr.train.loop` or run `make weights`",
             file=sys.stderr,
         )
         return 2

@@ -1,6 +1,6 @@
 """The demo: serve the built repository, super-resolve the bundled chest radiograph.
 
-    python -m builders.demo --repository build/model_repository_cpu --checkpoint weights/demo
+    python -m cxr_sr.builders.demo --repository build/model_repository_cpu --checkpoint weights/demo
 
 Images (the reference protocol: HR at 256x256, LR = 4x area downsample):
   * ``RG1 whole``: the whole radiograph (pydicom-data's RG1_UNCI.dcm) centre-cropped and
@@ -21,17 +21,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from builders.serve import TritonServer
-from client import SRClient, format_table, prepare, psnr, read_image, save_side_by_side, ssim
-from client.report import bicubic_baseline
+from cxr_sr.builders.serve import TritonServer
+from cxr_sr.client import SRClient, format_table, prepare, psnr, read_image, save_side_by_side, ssim
+from cxr_sr.client.report import bicubic_baseline
 
 
 def demo_images() -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, lr [64,64], hr [256,256]) for the whole radiograph and the held-out strip."""
+    from cxr_sr.train.data import DataConfig, build_dataset
     from pydicom.data import get_testdata_file
-
-    from train.data import DataConfig, build_dataset
 
     lr, hr = prepare(read_image(get_testdata_file("RG1_UNCI.dcm")))
     images = [("RG1 whole", lr, hr)]

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from builders.specs import NetworkSpec
-from train.checkpoint import Checkpoint
+from cxr_sr.builders.specs import NetworkSpec
+from cxr_sr.train.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 OPSET = 17

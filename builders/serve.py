@@ -1,6 +1,6 @@
 """Start the ``tritonserver`` shipped in the nvidia-pytriton wheel on a built repository.
 
-    python -m builders.serve --repository build/model_repository_cpu
+    python -m cxr_sr.builders.serve --repository build/model_repository_cpu
 
 Binds 127.0.0.1 by default, waits until the server and ``cxr_sr`` are ready, and stops the
 server cleanly on Ctrl-C / SIGTERM. :class:`TritonServer` is the same thing as a context
@@ -80,7 +80,7 @@ class TritonServer:
         if not (self.repository / "cxr_sr" / "config.pbtxt").is_file():
             raise FileNotFoundError(
                 f"{self.repository} is not a built repository (no cxr_sr/config.pbtxt); "
-                "run `python -m builders.build` first"
+                "run `python -m cxr_sr.builders.build` first"
             )
         self.host = host
         self.http_port = http_port or free_port(host)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxrdiff.imaging import HR_SIZE, LR_SIZE
+from cxr_sr.imaging import HR_SIZE, LR_SIZE
 
 NETWORKS = ("vae_encoder", "unet", "vae_decoder")
 ENSEMBLE = "cxr_sr"

@@ -5,7 +5,7 @@ TensorRT's libraries are not on PyPI; this runs inside NVIDIA's NGC containers
 TensorRT version that built it, so the version is recorded next to the plan and written
 into the Triton config, and :func:`check_plan_version` refuses a mismatch.
 
-    python -m builders.trt check build/model_repository_gpu   # before starting the server
+    python -m cxr_sr.builders.trt check build/model_repository_gpu   # before starting the server
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from builders.specs import NetworkSpec
+from cxr_sr.builders.specs import NetworkSpec
 
 META_SUFFIX = ".json"
 
@@ -130,7 +130,8 @@ def check_repository(repository: str | Path, runtime_version: str | None) -> lis
         if declared and not any(p.is_relative_to(config.parent) for p in plans):
             raise FileNotFoundError(
                 f"{config.parent.name} is a tensorrt_plan model without a model.plan: build it "
-                "with `python -m builders.build --target gpu --engine build` (docker/README.md)"
+                "with `python -m cxr_sr.builders.build --target gpu --engine build` "
+                "(docker/README.md)"
             )
     for plan in plans:
         check_plan_version(plan, runtime_version)

@@ -9,11 +9,11 @@ tritonclient; no torch).
 - ``client.report``: side-by-side strips and text tables; ``client.cli``: ``cxr-sr``.
 """
 
-from client.io import iter_inputs, read_image, write_dicom_sc, write_png
-from client.metrics import hfen, ms_ssim, psnr, ssim
-from client.prepare import make_lr, prepare, to_reference_hr
-from client.report import bicubic_baseline, format_table, save_side_by_side, side_by_side
-from client.triton import SRClient, SRConnectionError, SRServerError
+from cxr_sr.client.io import iter_inputs, read_image, write_dicom_sc, write_png
+from cxr_sr.client.metrics import hfen, ms_ssim, psnr, ssim
+from cxr_sr.client.prepare import make_lr, prepare, to_reference_hr
+from cxr_sr.client.report import bicubic_baseline, format_table, save_side_by_side, side_by_side
+from cxr_sr.client.triton import SRClient, SRConnectionError, SRServerError
 
 __all__ = [
     "SRClient",

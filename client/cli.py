@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from client.io import is_dicom, iter_inputs, read_image, write_dicom_sc, write_png
-from client.metrics import hfen, ms_ssim, psnr, ssim
-from client.prepare import prepare
-from client.report import bicubic_baseline, format_table, save_side_by_side
-from client.triton import (
+from cxr_sr.client.io import is_dicom, iter_inputs, read_image, write_dicom_sc, write_png
+from cxr_sr.client.metrics import hfen, ms_ssim, psnr, ssim
+from cxr_sr.client.prepare import prepare
+from cxr_sr.client.report import bicubic_baseline, format_table, save_side_by_side
+from cxr_sr.client.triton import (
     DEFAULT_MAX_BATCH,
     PROTOCOLS,
     SRClient,
@@ -34,8 +33,9 @@ from client.triton import (
     SRServerError,
     sampling_parameters,
 )
-from cxrdiff.imaging import HR_SIZE
-from cxrdiff.sampling import SAMPLERS, STARTS
+
+from cxr_sr.imaging import HR_SIZE
+from cxr_sr.sampling import SAMPLERS, STARTS
 
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_SERVER = 0, 1, 2
 

@@ -6,7 +6,7 @@ The evaluation protocol (the one the NIH ChestX-ray14 numbers use) is:
 2. resize that square to ``HR_SIZE`` x ``HR_SIZE`` (256) with Pillow's LANCZOS filter on
    a float32 (mode "F") image. Pillow widens the kernel by the reduction factor, so this
    is an antialiased reduction; the result is clipped to [0, 1] (Lanczos overshoots);
-3. LR = ``cxrdiff.imaging.area_downsample(HR, 4)``: 4x4 block means, 64 x 64, the same
+3. LR = ``cxr_sr.imaging.area_downsample(HR, 4)``: 4x4 block means, 64 x 64, the same
    degradation as training.
 
 The HR image is the reference that PSNR/SSIM are measured against.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxrdiff.imaging import HR_SIZE, LR_SIZE, SCALE, area_downsample
+from cxr_sr.imaging import HR_SIZE, LR_SIZE, SCALE, area_downsample
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from cxrdiff.imaging import HR_SIZE, LR_SIZE, SCALE, bicubic_upsample
+from cxr_sr.imaging import HR_SIZE, LR_SIZE, SCALE, bicubic_upsample
 
 GAP = 4  # pixels between panels
 

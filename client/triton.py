@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrdiff.imaging import HR_SIZE, LR_SIZE
-from cxrdiff.sampling import SamplingOptions
+from cxr_sr.imaging import HR_SIZE, LR_SIZE
+from cxr_sr.sampling import SamplingOptions
 
 PROTOCOLS = ("http", "grpc")
 INPUT_NAME = "LR"

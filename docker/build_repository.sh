@@ -8,10 +8,10 @@ set -euo pipefail
 ckpt="${CHECKPOINT:-/weights}"
 out="${OUT:-/build/model_repository_gpu}"
 if [ "${FORCE:-0}" != "1" ] && [ -f "${out}/cxr_sr/config.pbtxt" ] \
-   && python3 -m builders.trt check "${out}"; then
+   && python3 -m cxr_sr.builders.trt check "${out}"; then
   echo "repository ${out} is built and its plan matches this TensorRT: nothing to do"
   exit 0
 fi
-python3 -m builders.build --checkpoint "${ckpt}" --target gpu --engine build \
+python3 -m cxr_sr.builders.build --checkpoint "${ckpt}" --target gpu --engine build \
   --onnx-dir /build/onnx --out "${out}" "$@"
-python3 -m builders.trt check "${out}"
+python3 -m cxr_sr.builders.trt check "${out}"

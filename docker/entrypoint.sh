@@ -9,7 +9,7 @@ if [ ! -f "${repo}/cxr_sr/config.pbtxt" ]; then
   echo "       (docker compose -f docker/docker-compose.yml run --rm build-engine)" >&2
   exit 1
 fi
-python3 -m builders.trt check "${repo}"
+python3 -m cxr_sr.builders.trt check "${repo}"
 exec tritonserver \
   --model-repository="${repo}" \
   --model-control-mode=none \

@@ -12,8 +12,8 @@ import pytest
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """A tiny random-weight checkpoint folder (VAE channels 8-16-16, UNet 16-32)."""
-    from train.checkpoint import random_init
-    from train.models import UNetConfig, VAEConfig
+    from cxr_sr.train.checkpoint import random_init
+    from cxr_sr.train.models import UNetConfig, VAEConfig
 
     folder = tmp_path_factory.mktemp("ckpt") / "tiny"
     return random_init(
@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="session")
 def built_repository(checkpoint, tmp_path_factory):
     """(repository, onnx folder) built from :func:`checkpoint` for the cpu target."""
-    from builders import build
+    from cxr_sr.builders import build
 
     root = tmp_path_factory.mktemp("build")
     repo, onnx = root / "repo", root / "onnx"
@@ -39,7 +39,7 @@ def built_repository(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(built_repository):
     """The embedded tritonserver on the tiny repository (log next to the repository)."""
-    from builders.serve import TritonServer
+    from cxr_sr.builders.serve import TritonServer
 
     repo, _ = built_repository
     with TritonServer(repo, log_file=repo.parent / "triton.log") as s:

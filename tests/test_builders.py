@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import onnx
 import pytest
-
-from builders import build
-from builders.specs import NETWORKS, NetworkSpec, TensorSpec, network_specs
-from builders.triton_config import read_config
-from train.checkpoint import random_init
-from train.models import UNetConfig, VAEConfig
+from cxr_sr.builders import build
+from cxr_sr.builders.specs import NETWORKS, NetworkSpec, TensorSpec, network_specs
+from cxr_sr.builders.triton_config import read_config
+from cxr_sr.train.checkpoint import random_init
+from cxr_sr.train.models import UNetConfig, VAEConfig
 
 
 @pytest.fixture(scope="module")

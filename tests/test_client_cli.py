@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from client.cli import build_parser, main
-from client.io import read_image, write_png
-from client.report import bicubic_baseline, format_table, side_by_side
-from client.triton import SRClient, SRConnectionError, SRServerError
+from cxr_sr.client.cli import build_parser, main
+from cxr_sr.client.io import read_image, write_png
+from cxr_sr.client.report import bicubic_baseline, format_table, side_by_side
+from cxr_sr.client.triton import SRClient, SRConnectionError, SRServerError
 
 
 def _free_port() -> int:
@@ -111,7 +110,10 @@ def test_every_flag_has_help() -> None:
 
 def test_help_runs_as_a_module() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "client.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "cxr_sr.client.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "--out" in out.stdout and "--lr-as-is" in out.stdout and "--protocol" in out.stdout
 
@@ -197,8 +199,8 @@ def test_srclient_splits_batches_and_sends_only_given_parameters(fake_server) ->
 
 
 def test_cli_end_to_end(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from client import metrics
-    from client.prepare import prepare
+    from cxr_sr.client import metrics
+    from cxr_sr.client.prepare import prepare
 
     rng = np.random.default_rng(1)
     inputs = tmp_path / "in"

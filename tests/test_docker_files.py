@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from builders import trt
+from cxr_sr.builders import trt
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 EMBEDDED_TRITON = "2.51"  # tritonserver in nvidia-pytriton 0.7.0 (DESIGN.md)
@@ -97,7 +96,7 @@ def test_scripts_are_executable_and_check_before_serving():
     for name in ("entrypoint.sh", "build_repository.sh"):
         assert (DOCKER / name).stat().st_mode & 0o111, f"{name} is not executable"
     entry = (DOCKER / "entrypoint.sh").read_text()
-    assert entry.index("builders.trt check") < entry.index("exec tritonserver")
+    assert entry.index("cxr_sr.builders.trt check") < entry.index("exec tritonserver")
 
 
 # ------------------------------------------------------------------ builders.trt check
@@ -116,7 +115,7 @@ def _plan(repo: Path, model: str = "unet", version: str | None = "10.5.0") -> Pa
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "builders.trt", "check", *args],
+        [sys.executable, "-m", "cxr_sr.builders.trt", "check", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -6,14 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from cxr_sr.client import metrics
+from cxr_sr.train import checkpoint
+from cxr_sr.train.data import DataConfig, build_dataset
+from cxr_sr.train.evaluate import evaluate, main, table
+from cxr_sr.train.models import UNetConfig, VAEConfig
 
-from client import metrics
-from cxrdiff import Schedule
-from cxrdiff.imaging import bicubic_upsample
-from train import checkpoint
-from train.data import DataConfig, build_dataset
-from train.evaluate import evaluate, main, table
-from train.models import UNetConfig, VAEConfig
+from cxr_sr import Schedule
+from cxr_sr.imaging import bicubic_upsample
 
 
 @pytest.fixture(scope="module")

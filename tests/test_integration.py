@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from cxr_sr.client import SRClient, SRServerError, write_png
+from cxr_sr.train.checkpoint import load
 
-from client import SRClient, SRServerError, write_png
-from cxrdiff import SamplingOptions, sample
-from cxrdiff.sampling import generators
-from train.checkpoint import load
+from cxr_sr import SamplingOptions, sample
+from cxr_sr.sampling import generators
 
 pytestmark = pytest.mark.integration
 
@@ -131,8 +131,8 @@ def test_client_validates_before_sending(server):
 
 def test_cli_end_to_end_with_reference(server, tmp_path):
     """cxr-sr on a 256 PNG (reference protocol: HR known, metrics) and a 64x64 LR as is."""
-    from client.cli import main
-    from train.data.phantom import chest_phantom
+    from cxr_sr.client.cli import main
+    from cxr_sr.train.data.phantom import chest_phantom
 
     write_png(tmp_path / "in" / "phantom.png", chest_phantom(512, seed=1))
     write_png(tmp_path / "in" / "small.png", chest_phantom(64, seed=2))

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from client.metrics import hfen, log_kernel, ms_ssim, psnr, ssim
+from cxr_sr.client.metrics import hfen, log_kernel, ms_ssim, psnr, ssim
 
 skm = pytest.importorskip("skimage.metrics")
 ndimage = pytest.importorskip("scipy.ndimage")
@@ -106,7 +105,7 @@ def test_hfen_grows_with_blur() -> None:
 
 
 def test_log_filter_matches_direct_convolution() -> None:
-    from client.metrics import _log_filter
+    from cxr_sr.client.metrics import _log_filter
 
     rng = np.random.default_rng(3)
     a = rng.random((30, 41))

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from cxr_sr.train.models import Denoiser, UNetConfig, build_unet
 
-from cxrdiff import SamplingOptions, Schedule, sample, timesteps
-from cxrdiff.sampling import generators
-from train.models import Denoiser, UNetConfig, build_unet
+from cxr_sr import SamplingOptions, Schedule, sample, timesteps
+from cxr_sr.sampling import generators
 
 C, S = 4, 16
 
@@ -91,7 +91,7 @@ def test_ddpm_loop_matches_diffusers(denoiser, prediction):
     )
 
     # Replay diffusers' noise draws (torch.randn on its generator) through our steps.
-    from cxrdiff.sampling import ddpm_step
+    from cxr_sr.sampling import ddpm_step
 
     g = torch.Generator().manual_seed(11)
     abar = sched.alphas_cumprod()

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cxrdiff import Schedule
+from cxr_sr import Schedule
 
 
 def test_linear_golden_values():

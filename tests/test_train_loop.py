@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from train import checkpoint
-from train.config import load_config, to_dict
-from train.data import build_dataset
-from train.loop import (
+from cxr_sr.train import checkpoint
+from cxr_sr.train.config import load_config, to_dict
+from cxr_sr.train.data import build_dataset
+from cxr_sr.train.loop import (
     Denoiser,
     ResidualVAE,
     VAEObjective,
@@ -18,8 +17,8 @@ from train.loop import (
     run_training,
     vae_batch_loss,
 )
-from train.losses import target_coefficients
-from train.models import UNetConfig, VAEConfig, build_unet, build_vae
+from cxr_sr.train.losses import target_coefficients
+from cxr_sr.train.models import UNetConfig, VAEConfig, build_unet, build_vae
 
 DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
 
@@ -117,7 +116,7 @@ def test_diffusion_loss_decreases_on_fixed_batch(pixel_weight):
 
 
 def test_pixel_term_is_relative_to_bicubic_and_trains_only_the_denoiser():
-    from train.loop import pixel_error_ratio
+    from cxr_sr.train.loop import pixel_error_ratio
 
     cfg = load_config(DEBUG)
     hr, lr = _fixed_batch(cfg)
@@ -152,9 +151,8 @@ def test_plain_vae_variant_round_trips(tmp_path):
 def test_rgb_vae_from_a_local_folder_folds_into_an_exact_gray_one(tmp_path):
     """An SD-style 3-channel AutoencoderKL saved locally loads as a 1-channel VAE whose
     encoder sees gray replicated to RGB and whose decoder output is the RGB mean."""
+    from cxr_sr.train.loop import load_pretrained_vae
     from diffusers import AutoencoderKL
-
-    from train.loop import load_pretrained_vae
 
     torch.manual_seed(0)
     rgb = AutoencoderKL(

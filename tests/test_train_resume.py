@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from train import checkpoint
+from cxr_sr.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "train" / "configs" / "debug.yaml"
@@ -19,7 +18,7 @@ def _train(out: Path, *extra: str) -> str:
     cmd = [
         sys.executable,
         "-m",
-        "train.loop",
+        "cxr_sr.train.loop",
         "--config",
         str(DEBUG),
         "--out",

@@ -1,7 +1,7 @@
 """Fidelity ablation: variants trained on the same data with the same budget, scored alike.
 
-    python -m train.ablate --config train/configs/demo.yaml --out runs/ablation
-    python -m train.ablate --only pixel,eps --unet-steps 100     # a subset, a smaller budget
+    python -m cxr_sr.train.ablate --config train/configs/demo.yaml --out runs/ablation
+    python -m cxr_sr.train.ablate --only pixel,eps --unet-steps 100     # a subset, a smaller budget
 
 Every variant starts from ``--config`` with ``--vae-steps`` / ``--unet-steps`` and its own
 overrides. Variants that change only the denoiser share one VAE (the ``vae`` run, trained
@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxrdiff import SamplingOptions
+from cxr_sr import SamplingOptions
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ NAMES = tuple(v.name for v in VARIANTS)
 
 
 def _train(config: str, out: Path, overrides: list[str], progress: bool) -> Path:
-    from train.config import load_config
-    from train.loop import run_training
+    from cxr_sr.train.config import load_config
+    from cxr_sr.train.loop import run_training
 
     final = out / "checkpoint"
     if (final / "cxr_sr.json").is_file():
@@ -100,10 +100,10 @@ def run(
     seed: int,
     progress: bool,
 ) -> dict:
-    from train import checkpoint as ckpt
-    from train.config import load_config
-    from train.data import build_dataset
-    from train.evaluate import evaluate
+    from cxr_sr.train import checkpoint as ckpt
+    from cxr_sr.train.config import load_config
+    from cxr_sr.train.data import build_dataset
+    from cxr_sr.train.evaluate import evaluate
 
     budget = [f"vae.steps={vae_steps}", f"unet.steps={unet_steps}"]
     base = load_config(config)
@@ -191,7 +191,7 @@ def markdown(result: dict, steps: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m train.ablate",
+        prog="python -m cxr_sr.train.ablate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

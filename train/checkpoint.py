@@ -3,7 +3,7 @@
 <folder>/
   vae/          AutoencoderKL.save_pretrained (config.json + safetensors)
   unet/         UNet2DModel.save_pretrained
-  scheduler/    scheduler_config.json (cxrdiff.Schedule; diffusers DDPMScheduler keys)
+  scheduler/    scheduler_config.json (cxr_sr.Schedule; diffusers DDPMScheduler keys)
   cxr_sr.json   our resolved config: {"format": 1, "latent_scaling": float,
                 "residual_scale": float, "residual": bool,
                 "sampling": {...defaults...}, "train": {...}}
@@ -15,10 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr_sr.train.models import Denoiser, ResidualVAE
 from diffusers import AutoencoderKL, UNet2DModel
 
-from cxrdiff import SamplingOptions, Schedule
-from train.models import Denoiser, ResidualVAE
+from cxr_sr import SamplingOptions, Schedule
 
 FORMAT = 1
 META = "cxr_sr.json"
@@ -94,8 +94,7 @@ def random_init(
 ) -> Path:
     """A random-weight checkpoint of the given geometry (tests, smoke builds)."""
     import torch
-
-    from train.models import UNetConfig, VAEConfig, build_unet, build_vae
+    from cxr_sr.train.models import UNetConfig, VAEConfig, build_unet, build_vae
 
     torch.manual_seed(seed)
     vae_cfg = vae_cfg or VAEConfig()

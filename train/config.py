@@ -8,8 +8,8 @@ Layout of the YAML (every key optional; an unknown key is a ``ValueError`` namin
     data:      train.data.DataConfig
     vae:       stage 1 (VAEStage): model (train.models.VAEConfig) + optimisation + loss weights
     unet:      stage 2 (UNetStage): model (train.models.UNetConfig) + optimisation + loss
-    schedule:  cxrdiff.Schedule fields (kind, num_train_timesteps, prediction, ...)
-    sampling:  cxrdiff.SamplingOptions fields (the serving defaults saved in the checkpoint)
+    schedule:  cxr_sr.Schedule fields (kind, num_train_timesteps, prediction, ...)
+    sampling:  cxr_sr.SamplingOptions fields (the serving defaults saved in the checkpoint)
 
 The resolved config (``asdict``) is saved with every checkpoint.
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cxr_sr.train.data import DataConfig
+from cxr_sr.train.models import UNetConfig, VAEConfig
 
-from cxrdiff import SamplingOptions, Schedule
-from train.data import DataConfig
-from train.models import UNetConfig, VAEConfig
+from cxr_sr import SamplingOptions, Schedule
 
 AMP_MODES = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")

@@ -1,10 +1,10 @@
 """Offline evaluation of a checkpoint on a held-out set: bicubic, the VAE ceiling, and SR at
 several step counts.
 
-    python -m train.evaluate --checkpoint runs/demo/checkpoint --data sample --split test \\
+    python -m cxr_sr.train.evaluate --checkpoint runs/demo/checkpoint --data sample --split test \\
         --backend torch --steps 1,2,4,8 --out outputs/eval.json --plot outputs/quality_vs_steps.png
 
-The pipeline is the served one: z_lr = vae.encode_lr(LR) -> ``cxrdiff.sample`` (the denoiser
+The pipeline is the served one: z_lr = vae.encode_lr(LR) -> ``cxr_sr.sample`` (the denoiser
 as a numpy callable: torch, or onnxruntime sessions with ``--backend onnx``) -> vae.decode.
 Metrics come from ``client.metrics`` (PSNR, SSIM, MS-SSIM, HFEN), on [0, 1] images at the
 dataset's HR size; LPIPS (Zhang et al. 2018) only when the ``lpips`` package and its backbone
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cxr_sr.client import metrics
+from cxr_sr.train.models import Denoiser, ResidualVAE
 
-from client import metrics
-from cxrdiff import SamplingOptions, Schedule, sample
-from cxrdiff.imaging import bicubic_upsample
-from cxrdiff.sampling import generators
-from train.models import Denoiser, ResidualVAE
+from cxr_sr import SamplingOptions, Schedule, sample
+from cxr_sr.imaging import bicubic_upsample
+from cxr_sr.sampling import generators
 
 METRICS = ("psnr", "ssim", "ms_ssim", "hfen")
 
@@ -35,7 +35,7 @@ METRICS = ("psnr", "ssim", "ms_ssim", "hfen")
 def torch_denoiser(
     denoiser: torch.nn.Module, device: torch.device | str = "cpu"
 ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """Wrap a :class:`train.models.Denoiser` as the numpy callable ``cxrdiff.sample`` takes:
+    """Wrap a :class:`train.models.Denoiser` as the numpy callable ``cxr_sr.sample`` takes:
     (x_t [N, C, h, w], t [N], z_lr [N, C, h, w]) float32 -> model output float32."""
 
     @torch.no_grad()
@@ -176,7 +176,7 @@ def evaluate(
          "n_images", "backend", "sampling", "dataset", "lpips"}; names are ``bicubic``,
         ``vae_ceiling`` and ``sr_<k>steps``.
     """
-    from train import checkpoint as ckpt_mod
+    from cxr_sr.train import checkpoint as ckpt_mod
 
     if backend not in ("torch", "onnx"):
         raise ValueError(f"backend must be torch or onnx, got {backend!r}")
@@ -263,7 +263,7 @@ def evaluate(
 
 def table(result: dict) -> str:
     """The results as text (``client.report.format_table``)."""
-    from client.report import format_table
+    from cxr_sr.client.report import format_table
 
     rows = [{"method": name, **row} for name, row in result["methods"].items()]
     cols = [
@@ -321,7 +321,9 @@ def plot(result: dict, path: str | Path) -> Path | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m cxr_sr.train.evaluate", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder (train.checkpoint)")
     p.add_argument(
         "--data", default="sample", help="data source (train.data SOURCES) for the evaluation set"
@@ -382,8 +384,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.config import _set_path, parse_override
-    from train.data import DataConfig, build_dataset
+    from cxr_sr.train.config import _set_path, parse_override
+    from cxr_sr.train.data import DataConfig, build_dataset
 
     args = parse_args(argv)
     try:
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         key, value = parse_override(item)
         _set_path(fields, key, value)
     dataset = build_dataset(DataConfig.from_dict(fields), split=args.split)
-    from train.checkpoint import load
+    from cxr_sr.train.checkpoint import load
 
     ck = load(args.checkpoint)
     changes = {

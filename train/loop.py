@@ -1,6 +1,6 @@
 """Training driver: stage 1 the residual VAE, stage 2 the latent denoiser (VAE frozen).
 
-    python -m train.loop --config train/configs/demo.yaml --out runs/demo [--resume]
+    python -m cxr_sr.train.loop --config train/configs/demo.yaml --out runs/demo [--resume]
                          [--set vae.steps=100 --set unet.lr=1e-4] [--device cpu]
 
 Stage 1 (unless ``pretrained_vae``): z ~ q(z | HR), recon = bicubic(LR) + D(z) / residual_scale,
@@ -16,8 +16,8 @@ against HR, relative to bicubic's, is added (``pixel_error_ratio``).
 Resumable state lives in ``<out>/state/state.pt`` (weights, optimizer, LR schedule, EMA,
 GradScaler, every RNG, the data position, stage and step): resuming continues bit for bit on
 CPU. The final checkpoint (EMA weights, ``train.checkpoint`` layout) goes to ``<out>/checkpoint``.
-Multi-GPU: ``accelerate launch -m train.loop ...``; each process takes its slice of every global
-batch from :class:`BatchStream`, and accelerate wraps the model and optimizer (DDP).
+Multi-GPU: ``accelerate launch -m cxr_sr.train.loop ...``; each process takes its slice of every
+global batch from :class:`BatchStream`, and accelerate wraps the model and optimizer (DDP).
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from cxr_sr.train import checkpoint as ckpt
+from cxr_sr.train.config import StageConfig, TrainConfig, load_config, to_dict
+from cxr_sr.train.data import build_dataset
+from cxr_sr.train.ema import EMA
+from cxr_sr.train.losses import diffusion_loss, psnr, target_coefficients, vae_loss
+from cxr_sr.train.models import Denoiser, ResidualVAE, bicubic, build_unet, build_vae
 from torch.utils.data import DataLoader, Dataset
 
-from cxrdiff import Schedule
-from train import checkpoint as ckpt
-from train.config import StageConfig, TrainConfig, load_config, to_dict
-from train.data import build_dataset
-from train.ema import EMA
-from train.losses import diffusion_loss, psnr, target_coefficients, vae_loss
-from train.models import Denoiser, ResidualVAE, bicubic, build_unet, build_vae
+from cxr_sr import Schedule
 
 STAGES = ("vae", "unet", "done")
 # keys that may change between a run and its resume without breaking exactness
@@ -709,7 +709,7 @@ def run_training(
         def sample_unet(step: int) -> None:
             if writer is None or val_hr is None:
                 return
-            from train.evaluate import super_resolve
+            from cxr_sr.train.evaluate import super_resolve
 
             denoiser.eval()
             sr = super_resolve(rvae, denoiser, schedule, cfg.sampling, val_lr, seed=0)
@@ -748,7 +748,7 @@ def run_training(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m train.loop",
+        prog="python -m cxr_sr.train.loop",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

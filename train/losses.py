@@ -1,6 +1,6 @@
 """Training losses (torch). Images are [N, 1, H, W] in [0, 1]; latents [N, C, h, w].
 
-The diffusion target is not defined here: it comes from ``cxrdiff.Schedule.target`` through
+The diffusion target is not defined here: it comes from ``cxr_sr.Schedule.target`` through
 :func:`target_coefficients`, so training and sampling share one parameterization.
 """
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxrdiff import Schedule
+from cxr_sr import Schedule
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float32) -> torch.Tensor:

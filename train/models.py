@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DModel
 
-from cxrdiff.imaging import SCALE
+from cxr_sr.imaging import SCALE
 
 
 @dataclass
@@ -81,7 +81,7 @@ def build_unet(cfg: UNetConfig, latent_channels: int, latent_size: int) -> UNet2
 
 
 def bicubic(lr: torch.Tensor) -> torch.Tensor:
-    """[N, 1, 64, 64] -> [N, 1, 256, 256], the same resampling as ``cxrdiff.imaging``."""
+    """[N, 1, 64, 64] -> [N, 1, 256, 256], the same resampling as ``cxr_sr.imaging``."""
     return F.interpolate(lr, scale_factor=SCALE, mode="bicubic", align_corners=False)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from cxrdiff.serving import check_finite_range
+from cxr_sr.serving import check_finite_range
 
 
 class TritonPythonModel:

@@ -21,7 +21,7 @@ nih        NIH ChestX-ray14 on its published layout under ``root``; train/val di
            (``train.data.nih``).
 dicom      DICOM files under ``root`` (recursive), split patient-wise by a stable hash.
 folder     PNG/JPEG/TIFF/BMP (8/16-bit) under ``root`` (recursive), split file-wise.
-cache      shards written by ``python -m train.data.prepare`` under
+cache      shards written by ``python -m cxr_sr.train.data.prepare`` under
            ``cache_dir`` (or ``root``) ``/<split>/`` (``train.data.prepare.CachedPairs``).
 =========  =================================================================================
 
@@ -39,8 +39,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from train.data.pairs import RESIZE_MODES, SPLITS, PairDataset, make_pair
-from train.data.phantom import chest_phantom
+from cxr_sr.train.data.pairs import RESIZE_MODES, SPLITS, PairDataset, make_pair
+from cxr_sr.train.data.phantom import chest_phantom
 
 SOURCES = ("sample", "phantom", "nih", "dicom", "folder", "cache")
 
@@ -98,7 +98,7 @@ class DataConfig:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.source == "sample":
-            from train.data.sample import parse_holdout
+            from cxr_sr.train.data.sample import parse_holdout
 
             parse_holdout(self.holdout)
         return self
@@ -133,7 +133,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> PairDataset:
     }
     n = cfg.n_images if split == "train" else cfg.n_eval_images
     if cfg.source == "sample":
-        from train.data.sample import SampleRadiograph
+        from cxr_sr.train.data.sample import SampleRadiograph
 
         return SampleRadiograph(
             crop_scales=cfg.crop_scales,
@@ -143,18 +143,18 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> PairDataset:
             **common,
         )
     if cfg.source == "phantom":
-        from train.data.phantoms import PhantomPairs
+        from cxr_sr.train.data.phantoms import PhantomPairs
 
         return PhantomPairs(n=n or 1000, size=cfg.phantom_size, **common)
     if cfg.source == "cache":
-        from train.data.prepare import CachedPairs
+        from cxr_sr.train.data.prepare import CachedPairs
 
         base = Path(cfg.cache_dir or cfg.root)
         folder = base / split if (base / split).is_dir() else base
         if not (folder / "index.json").is_file() and not (folder / "plan.json").is_file():
             raise ValueError(
                 f"no prepared {split!r} split: expected {base}/{split}/index.json, written by "
-                f"`python -m train.data.prepare --split {split} --out {base} ...`"
+                f"`python -m cxr_sr.train.data.prepare --split {split} --out {base} ...`"
             )
         ds = CachedPairs(
             folder,
@@ -171,7 +171,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> PairDataset:
                 f"expected {base}/{split}/index.json"
             )
         return ds
-    from train.data.nih import files_dataset, nih_dataset
+    from cxr_sr.train.data.nih import files_dataset, nih_dataset
 
     files = {
         "resize_mode": cfg.resize_mode,

@@ -33,8 +33,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-
-from train.data.pairs import PairDataset, Region, random_box, reference_hr, resize
+from cxr_sr.train.data.pairs import PairDataset, Region, random_box, reference_hr, resize
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +200,7 @@ class ImageFiles(PairDataset):
         return self.root / self.names[index]
 
     def load_hr(self, index: int, rng: np.random.Generator) -> np.ndarray:
-        from client.io import read_image
+        from cxr_sr.client.io import read_image
 
         image = read_image(self.path(index))
         if self.split == "train" and self.train_crops:
@@ -275,7 +274,7 @@ def files_dataset(
     ``train``. ``dicom=False`` keeps the other images (PNG/JPEG/TIFF/BMP), split the same
     way file by file. Then ``n`` files are sampled as for NIH.
     """
-    from client.io import is_dicom, iter_inputs
+    from cxr_sr.client.io import is_dicom, iter_inputs
 
     root = Path(root)
     if not root.is_dir():

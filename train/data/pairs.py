@@ -5,7 +5,7 @@ Every dataset here returns ``(hr, lr)``:
     hr  float32 torch tensor [1, hr_size, hr_size]                 in [0, 1]
     lr  float32 torch tensor [1, hr_size / scale, hr_size / scale]  in [0, 1]
 
-with ``lr = area_downsample(hr, scale)`` (``cxrdiff.imaging``, the mean over scale x scale
+with ``lr = area_downsample(hr, scale)`` (``cxr_sr.imaging``, the mean over scale x scale
 blocks, i.e. ``F.avg_pool2d``), the degradation the served model is trained to invert.
 
 Determinism: an item's randomness (crop scale, crop position, flip) comes from
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cxrdiff.imaging import area_downsample
+from cxr_sr.imaging import area_downsample
 
 log = logging.getLogger(__name__)
 

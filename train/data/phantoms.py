@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-
-from train.data.pairs import SPLITS, PairDataset, reference_hr
-from train.data.phantom import chest_phantom
+from cxr_sr.train.data.pairs import SPLITS, PairDataset, reference_hr
+from cxr_sr.train.data.phantom import chest_phantom
 
 
 class PhantomPairs(PairDataset):

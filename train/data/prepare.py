@@ -1,6 +1,6 @@
 """Preprocessing cache: decode and resize once, train from memory-mapped uint16 shards.
 
-    python -m train.data.prepare --source nih --root PATH --out data/cache/nih \\
+    python -m cxr_sr.train.data.prepare --source nih --root PATH --out data/cache/nih \\
         --n 10000 --split train --workers 2
 
 writes ``<out>/<split>/``::
@@ -33,9 +33,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+from cxr_sr.train.data.pairs import SPLITS, PairDataset
 from tqdm import tqdm
-
-from train.data.pairs import SPLITS, PairDataset
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ class CachedPairs(PairDataset):
             why = (
                 "the preparation did not finish: rerun the same prepare command"
                 if (folder / PLAN).is_file()
-                else "make one with `python -m train.data.prepare`"
+                else "make one with `python -m cxr_sr.train.data.prepare`"
             )
             raise ValueError(f"{folder}: no {INDEX}; {why}")
         index = json.loads((folder / INDEX).read_text())
@@ -259,10 +258,10 @@ class CachedPairs(PairDataset):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train.data import DataConfig, build_dataset
+    from cxr_sr.train.data import DataConfig, build_dataset
 
     p = argparse.ArgumentParser(
-        prog="python -m train.data.prepare",
+        prog="python -m cxr_sr.train.data.prepare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -28,8 +28,7 @@ gives an independent held-out chest image.
 from __future__ import annotations
 
 import numpy as np
-
-from train.data.pairs import Box, PairDataset, Region, grid_boxes, random_box, resize
+from cxr_sr.train.data.pairs import Box, PairDataset, Region, grid_boxes, random_box, resize
 
 SAMPLE_FILE = "RG1_UNCI.dcm"
 SIDES = ("left", "right", "top", "bottom")
@@ -67,9 +66,8 @@ def split_regions(height: int, width: int, holdout: str) -> tuple[Region, Region
 
 def load_sample(name: str = SAMPLE_FILE) -> np.ndarray:
     """Decode a radiograph shipped in ``pydicom-data``: float32 ``[H, W]`` in [0, 1]."""
+    from cxr_sr.client.io import read_image
     from pydicom.data import get_testdata_file
-
-    from client.io import read_image
 
     path = get_testdata_file(name)
     if path is None:

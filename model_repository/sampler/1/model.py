@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from cxrdiff import SamplingOptions, Schedule, sample
-from cxrdiff.sampling import generators
-from cxrdiff.serving import options_key, parse_parameters
+from cxr_sr import SamplingOptions, Schedule, sample
+from cxr_sr.sampling import generators
+from cxr_sr.serving import options_key, parse_parameters
 
 
 class UNetError(RuntimeError):

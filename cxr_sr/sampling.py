@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxrdiff.schedule import Schedule
+from cxr_sr.schedule import Schedule
 
 SAMPLERS = ("ddim", "ddpm")
 STARTS = ("noise", "lr")

@@ -5,8 +5,8 @@ by training (`train/`), the builders, the tests and the Triton `sampler` model. 
 here imports torch, so the light client and the Python backend can use it.
 """
 
-from cxrdiff.sampling import SAMPLERS, SamplingOptions, sample, timesteps
-from cxrdiff.schedule import PREDICTIONS, SCHEDULES, Schedule
+from cxr_sr.sampling import SAMPLERS, SamplingOptions, sample, timesteps
+from cxr_sr.schedule import PREDICTIONS, SCHEDULES, Schedule
 
 __all__ = [
     "PREDICTIONS",

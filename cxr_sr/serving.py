@@ -13,7 +13,7 @@ from dataclasses import fields
 
 import numpy as np
 
-from cxrdiff.sampling import SamplingOptions
+from cxr_sr.sampling import SamplingOptions
 
 MAX_STEPS = 1000
 DEFAULT_SEED = 0
