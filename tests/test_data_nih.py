@@ -96,9 +96,8 @@ def test_train_items_repeat_per_epoch_and_flip_deterministically(nih_root):
 
 def test_missing_files_give_clear_errors(tmp_path):
     write_fake_nih(tmp_path, n_patients=3, n_test_patients=1, size=64, layout="flat")
-    (tmp_path / "Data_Entry_2017.csv").unlink()
-    with pytest.raises(ValueError, match="Data_Entry_2017.csv"):
-        build_dataset(cfg_for(tmp_path), "train")
+    (tmp_path / "Data_Entry_2017.csv").unlink()  # no CSV: patients come from file names
+    assert {patient(n) for n in build_dataset(cfg_for(tmp_path), "test").names} == {3}
     with pytest.raises(ValueError, match="needs root"):
         build_dataset(DataConfig(source="nih"), "train")
     with pytest.raises(ValueError, match="no such folder"):
@@ -129,3 +128,43 @@ def test_partial_download_uses_present_images(tmp_path):
     ds = build_dataset(cfg_for(tmp_path, val_fraction=0.0), "train")
     assert names[0] not in [n.rsplit("/", 1)[-1] for n in ds.names]
     assert len(ds) == 5
+
+
+@pytest.fixture(scope="module")
+def bare_root(tmp_path_factory):
+    """Only ``images/``: no CSV, no official lists, one image stored as RGBA (as 4 of the
+    release's files are)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("nih_bare")
+    write_fake_nih(root, n_patients=40, images_per_patient=2, n_test_patients=5, layout="flat")
+    for name in ("Data_Entry_2017.csv", "train_val_list.txt", "test_list.txt"):
+        (root / name).unlink()
+    first = sorted((root / "images").iterdir())[0]
+    gray = Image.open(first).convert("L")
+    Image.merge("RGBA", (gray, gray, gray, Image.new("L", gray.size, 255))).save(first)
+    return root
+
+
+def test_bare_images_folder_splits_by_patient_from_the_file_name(bare_root):
+    cfg = cfg_for(bare_root, val_fraction=0.2, test_fraction=0.2)
+    splits = {s: build_dataset(cfg, s).names for s in ("train", "val", "test")}
+    patients = {s: {patient(n) for n in names} for s, names in splits.items()}
+    assert all(patients.values())
+    assert not patients["train"] & patients["val"]
+    assert not (patients["train"] | patients["val"]) & patients["test"]
+    assert sum(len(v) for v in splits.values()) == 80  # every image in exactly one split
+    # both images of a patient land together
+    assert all(len(names) % 2 == 0 for names in splits.values())
+    # a view filter needs the CSV
+    with pytest.raises(ValueError, match="needs Data_Entry_2017.csv"):
+        build_dataset(cfg_for(bare_root, view_position="PA"), "train")
+
+
+def test_rgba_files_read_as_gray(bare_root):
+    from cxr_sr.client.io import read_image
+
+    first = sorted((bare_root / "images").iterdir())[0]
+    image = read_image(first)
+    assert image.ndim == 2 and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0

@@ -55,7 +55,7 @@ class DataConfig:
     #                               sample/phantom train: items per epoch
     n_eval_images: int | None = 500  # val/test images sampled (sample: fixed by the region)
     val_fraction: float = 0.1  # share of train_val patients (nih) or of patients/files as val
-    test_fraction: float = 0.1  # dicom/folder only: share held out as test
+    test_fraction: float = 0.1  # dicom/folder, and nih without official lists: test share
     split_seed: int = 0  # salt of the patient-wise split; keep it fixed across experiments
     view_position: str | None = None  # nih: "PA" or "AP" to keep one view only
     crop_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # crop side
@@ -188,6 +188,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> PairDataset:
             n=n,
             seed=cfg.seed,
             val_fraction=cfg.val_fraction,
+            test_fraction=cfg.test_fraction,
             split_seed=cfg.split_seed,
             view_position=cfg.view_position,
             **files,

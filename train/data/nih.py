@@ -14,10 +14,16 @@ NIH layout (``root`` is the folder that holds the CSV)::
     ...
     <root>/images_012/images/*.png
 
-Splits: ``test`` = the images of ``test_list.txt``; ``train`` and ``val`` divide the
-patients of ``train_val_list.txt``: a patient goes to ``val`` when a stable hash of
-(split_seed, Patient ID) falls below ``val_fraction``, so no patient is in both, and adding
-images or changing the sampling seed never moves a patient. Only images present on disk are
+A plain ``<root>/images/`` folder works too: without the CSV the patient is the file name's
+first field (``00000075_000.png`` -> patient ``00000075``, as in the release) and no view
+filter is possible; without the two lists the split is made by patient from a stable hash.
+
+Splits, with the official lists: ``test`` = the images of ``test_list.txt``; ``train`` and
+``val`` divide the patients of ``train_val_list.txt``: a patient goes to ``val`` when a stable
+hash of (split_seed, Patient ID) falls below ``val_fraction``. Without the lists, the same
+hash sends a patient to ``test`` below ``test_fraction``, to ``val`` below ``test_fraction +
+val_fraction``, else to ``train``. Either way no patient is in two splits, and adding images
+or changing the sampling seed never moves a patient. Only images present on disk are
 used (a partial download works; the number missing is logged). ``n`` images are then drawn
 without replacement with ``numpy.random.default_rng(seed)`` from the sorted candidates.
 
@@ -44,10 +50,29 @@ TEST_LIST = "test_list.txt"
 VIEW_POSITIONS = ("PA", "AP")
 
 LAYOUT_HELP = (
-    "expected the NIH ChestX-ray14 layout: <root>/Data_Entry_2017.csv, "
-    "<root>/train_val_list.txt, <root>/test_list.txt and the PNGs in <root>/images/ "
-    "or <root>/images_001/images/ ... <root>/images_012/images/"
+    "expected the NIH ChestX-ray14 layout: the PNGs in <root>/images/ or "
+    "<root>/images_001/images/ ... <root>/images_012/images/, optionally with "
+    "<root>/Data_Entry_2017.csv and the official <root>/train_val_list.txt and <root>/test_list.txt"
 )
+SPLITS = ("train", "val", "test")
+
+
+def patient_from_name(name: str) -> str:
+    """The Patient ID that ChestX-ray14 encodes in a file name: ``00000075_000.png`` ->
+    ``00000075`` (patient id, underscore, follow-up number)."""
+    stem = Path(name).stem
+    patient = stem.split("_", 1)[0]
+    if not patient:
+        raise ValueError(f"{name}: cannot read a patient id from this file name")
+    return patient
+
+
+def hash_split(patient: str, split_seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of a patient when no official list exists (module docstring)."""
+    u = stable_fraction(patient, split_seed)
+    if u < test_fraction:
+        return "test"
+    return "val" if u < test_fraction + val_fraction else "train"
 
 
 def stable_fraction(key: str, salt: int = 0) -> float:
@@ -87,14 +112,14 @@ def find_nih_images(root: Path) -> dict[str, Path]:
     return found
 
 
-def read_nih_table(root: Path) -> list[dict[str, str]]:
-    """Rows of the Data_Entry CSV (dicts keyed by column name)."""
+def read_nih_table(root: Path) -> list[dict[str, str]] | None:
+    """Rows of the Data_Entry CSV (dicts keyed by column name); None without a CSV."""
     for name in CSV_NAMES:
         if (root / name).is_file():
             path = root / name
             break
     else:
-        raise ValueError(f"{root}: no {' or '.join(CSV_NAMES)}; {LAYOUT_HELP}")
+        return None
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         header = [c.strip() for c in reader.fieldnames or []]
@@ -112,30 +137,47 @@ def nih_split_names(
     val_fraction: float,
     split_seed: int,
     view_position: str | None = None,
+    test_fraction: float = 0.1,
 ) -> tuple[list[str], dict[str, Path]]:
     """(sorted image names of ``split`` present on disk, name -> path).
 
-    See the module docstring for how the splits are made.
+    See the module docstring for how the splits are made; ``test_fraction`` applies only
+    when the official lists are absent.
     """
     root = Path(root)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if not root.is_dir():
         raise ValueError(f"{root}: no such folder; {LAYOUT_HELP}")
     if view_position is not None and view_position not in VIEW_POSITIONS:
         raise ValueError(
             f"view_position must be one of {VIEW_POSITIONS} or None, got {view_position!r}"
         )
-    rows = {r["Image Index"]: r for r in read_nih_table(root)}
-    listed = _read_list(root / (TEST_LIST if split == "test" else TRAIN_VAL_LIST))
+    table = read_nih_table(root)
+    if table is None and view_position is not None:
+        raise ValueError(
+            f"{root}: view_position={view_position!r} needs {CSV_NAMES[0]}, which is absent"
+        )
+    rows = {r["Image Index"]: r for r in table} if table is not None else None
     paths = find_nih_images(root)
+    official = (root / TEST_LIST).is_file() or (root / TRAIN_VAL_LIST).is_file()
+    if official:
+        listed = _read_list(root / (TEST_LIST if split == "test" else TRAIN_VAL_LIST))
+    else:
+        listed = sorted(paths)
     names = []
     for name in listed:
-        row = rows.get(name)
+        row = rows.get(name) if rows is not None else {"Patient ID": patient_from_name(name)}
         if row is None:
             continue
         if view_position is not None and row["View Position"] != view_position:
             continue
-        if split != "test":
-            is_val = stable_fraction(row["Patient ID"], split_seed) < val_fraction
+        patient = row["Patient ID"]
+        if not official:
+            if hash_split(patient, split_seed, val_fraction, test_fraction) != split:
+                continue
+        elif split != "test":
+            is_val = stable_fraction(patient, split_seed) < val_fraction
             if is_val != (split == "val"):
                 continue
         names.append(name)
@@ -228,12 +270,18 @@ def nih_dataset(
     val_fraction: float,
     split_seed: int,
     view_position: str | None,
+    test_fraction: float = 0.1,
     **kwargs,
 ) -> ImageFiles:
     """The NIH ChestX-ray14 pairs of ``split`` (module docstring); ``kwargs`` go to
     ``ImageFiles``."""
     names, paths = nih_split_names(
-        root, split, val_fraction=val_fraction, split_seed=split_seed, view_position=view_position
+        root,
+        split,
+        val_fraction=val_fraction,
+        split_seed=split_seed,
+        view_position=view_position,
+        test_fraction=test_fraction,
     )
     root = Path(root)
     picked = sample_names(names, n, seed)
