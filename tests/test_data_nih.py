@@ -167,4 +167,4 @@ def test_rgba_files_read_as_gray(bare_root):
     first = sorted((bare_root / "images").iterdir())[0]
     image = read_image(first)
     assert image.ndim == 2 and image.dtype == np.float32
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image.min() >= 0.0 and image.max() <= 1.0
