@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_sr.imaging import HR_SIZE
+from cxr_sr.imaging import HR_SIZE, reference_pair
 
 
 def cpu_model() -> str:
@@ -112,13 +112,12 @@ def lr_images(count: int, seed: int = 0) -> np.ndarray:
     """``count`` real LR inputs, float32 ``[count, 1, 64, 64]`` in [0, 1].
 
     Square crops of the bundled radiograph (``RG1_UNCI.dcm`` from ``pydicom-data``) at random
-    positions and sizes, put through the reference protocol (``client.prepare``). Where that
-    file is not installed, synthetic chest phantoms stand in.
+    positions and sizes, put through the reference protocol (``cxr_sr.imaging.reference_pair``,
+    as the client, training and evaluation do). Where that file is not installed, synthetic
+    chest phantoms stand in.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    from cxr_sr.client.prepare import make_lr, to_reference_hr
-
     rng = np.random.default_rng(seed)
     try:
         from cxr_sr.client.io import read_image
@@ -139,7 +138,7 @@ def lr_images(count: int, seed: int = 0) -> np.ndarray:
             side = int(rng.integers(HR_SIZE, min(h, w) + 1))
             top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
             crop = image[top : top + side, left : left + side]
-        out.append(make_lr(to_reference_hr(crop)))
+        out.append(reference_pair(crop).lr)
     lr = np.stack(out)[:, None].astype(np.float32)  # [count, 1, 64, 64]
     return np.clip(lr, 0.0, 1.0)
 

@@ -2,7 +2,9 @@
 
     python -m cxr_sr.builders.demo --repository build/model_repository_cpu --checkpoint weights/demo
 
-Images (the reference protocol: HR at 256x256, LR = 4x area downsample):
+Images (the reference protocol, ``cxr_sr.imaging.reference_pair``: HR = centred square
+resized to 256x256 with the antialiased bilinear filter, LR = 4x area downsample; the one
+definition the client, training and evaluation use):
   * ``RG1 whole``: the whole radiograph (pydicom-data's RG1_UNCI.dcm) centre-cropped and
     resized to 256. The demo model was trained on crops of its left three quarters.
   * ``RG1 held-out k``: the right quarter of the image, never seen in training, as 5
@@ -22,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 from cxr_sr.builders.serve import TritonServer
-from cxr_sr.client import SRClient, format_table, prepare, psnr, read_image, save_side_by_side, ssim
+from cxr_sr.client import SRClient, format_table, psnr, read_image, save_side_by_side, ssim
 from cxr_sr.client.report import bicubic_baseline
+
+from cxr_sr.imaging import PROTOCOLS, reference_pair
 
 
 def demo_images() -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -31,7 +35,7 @@ def demo_images() -> list[tuple[str, np.ndarray, np.ndarray]]:
     from cxr_sr.train.data import DataConfig, build_dataset
     from pydicom.data import get_testdata_file
 
-    lr, hr = prepare(read_image(get_testdata_file("RG1_UNCI.dcm")))
+    hr, lr = reference_pair(read_image(get_testdata_file("RG1_UNCI.dcm")))
     images = [("RG1 whole", lr, hr)]
     held_out = build_dataset(DataConfig(source="sample"), "test")
     for k in range(len(held_out)):
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
         "checkpoint": str(args.checkpoint),
         "steps": args.steps,
         "seed": args.seed,
-        "protocol": "HR = image resized to 256x256, LR = 4x area downsample (64x64)",
+        "protocol": PROTOCOLS["reference"],
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "python": platform.python_version(),

@@ -1,11 +1,12 @@
-"""Turning a radiograph into the model's input: the reference protocol.
+"""Turning a radiograph into the model's input: the reference protocol of ``cxr_sr.imaging``.
 
-The evaluation protocol (the one the NIH ChestX-ray14 numbers use) is:
+The protocol (defined once, in ``cxr_sr.imaging.reference_pair``; training, evaluation, the
+demo and the benchmarks call the same function):
 
 1. centre-crop the whole radiograph to a square (the shorter side);
-2. resize that square to ``HR_SIZE`` x ``HR_SIZE`` (256) with Pillow's LANCZOS filter on
-   a float32 (mode "F") image. Pillow widens the kernel by the reduction factor, so this
-   is an antialiased reduction; the result is clipped to [0, 1] (Lanczos overshoots);
+2. resize that square to ``HR_SIZE`` x ``HR_SIZE`` (256) with ``cxr_sr.imaging.resize``
+   (antialiased bilinear, ``F.interpolate(mode="bilinear", antialias=True)``), clipped to
+   [0, 1];
 3. LR = ``cxr_sr.imaging.area_downsample(HR, 4)``: 4x4 block means, 64 x 64, the same
    degradation as training.
 
@@ -16,48 +17,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxr_sr.imaging import HR_SIZE, LR_SIZE, SCALE, area_downsample
-
-
-def _check_image(image: np.ndarray) -> np.ndarray:
-    x = np.asarray(image)
-    if x.ndim != 2:
-        raise ValueError(f"expected a [H, W] image, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-        raise ValueError("image must be real-valued and finite")
-    return x.astype(np.float32)
-
-
-def center_crop_square(image: np.ndarray) -> np.ndarray:
-    """Central ``[S, S]`` crop of ``[H, W]``, ``S = min(H, W)`` (odd remainders go right/down)."""
-    x = _check_image(image)
-    h, w = x.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    return x[top : top + s, left : left + s]
+from cxr_sr.imaging import (
+    HR_SIZE,
+    LR_SIZE,
+    SCALE,
+    area_downsample,
+    check_image,
+    reference_hr,
+    reference_pair,
+)
 
 
 def to_reference_hr(image: np.ndarray, size: int = HR_SIZE) -> np.ndarray:
-    """Reference HR image: centre square crop, LANCZOS resize to ``[size, size]``, clip [0, 1].
+    """Reference HR image, float32 ``[size, size]``: ``cxr_sr.imaging.reference_hr``.
 
     ``image``: ``[H, W]`` float in [0, 1] with ``min(H, W) >= size`` (an HR reference cannot
     be made by enlarging a smaller image; give such an image to ``prepare`` as LR instead).
-    Returns float32 ``[size, size]``.
     """
-    from PIL import Image
-
-    x = center_crop_square(image)
-    if x.shape[0] < size:
-        raise ValueError(
-            f"image is {image.shape[0]}x{image.shape[1]}: a {size}x{size} reference needs at "
-            f"least {size} pixels on the shorter side (use a {LR_SIZE}x{LR_SIZE} LR input "
-            "instead)"
-        )
-    if x.shape[0] == size:
-        return np.clip(x, 0.0, 1.0)
-    im = Image.fromarray(np.ascontiguousarray(x, dtype=np.float32))  # mode "F"
-    out = np.asarray(im.resize((size, size), resample=Image.Resampling.LANCZOS))
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return reference_hr(image, size)
 
 
 def make_lr(hr: np.ndarray) -> np.ndarray:
@@ -70,16 +47,19 @@ def prepare(image: np.ndarray, lr_as_is: bool = False) -> tuple[np.ndarray, np.n
 
     ``image``: ``[H, W]`` float in [0, 1]. A 64 x 64 image (or any image with
     ``lr_as_is=True``, which then must be 64 x 64) is the LR itself and has no reference.
-    Anything else follows the reference protocol (module docstring).
+    Anything else follows the reference protocol (``cxr_sr.imaging.reference_pair``).
 
     Returns ``(lr [64, 64], hr [256, 256] or None)``, float32.
     """
-    x = _check_image(image)
+    x = check_image(image)
     if x.shape == (LR_SIZE, LR_SIZE):
         return np.clip(x, 0.0, 1.0), None
     if lr_as_is:
         raise ValueError(
             f"--lr-as-is needs {LR_SIZE}x{LR_SIZE} images, got {x.shape[0]}x{x.shape[1]}"
         )
-    hr = to_reference_hr(x)
-    return make_lr(hr), hr
+    try:
+        hr, lr = reference_pair(x, HR_SIZE, SCALE)
+    except ValueError as err:
+        raise ValueError(f"{err} (or use a {LR_SIZE}x{LR_SIZE} LR input)") from None
+    return lr, hr

@@ -18,8 +18,8 @@ from cxr_sr.imaging import area_downsample
 def nih_root(tmp_path):
     root = tmp_path / "nih"
     names = write_fake_nih(
-        root, n_patients=6, images_per_patient=2, n_test_patients=2, size=128, layout="split"
-    )
+        root, n_patients=6, images_per_patient=2, n_test_patients=2, size=320, layout="split"
+    )  # > 256: the reference protocol never makes an HR image by enlarging
     bad = next(root.glob(f"images_*/images/{names[3]}"))
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # a corrupt download
     return root

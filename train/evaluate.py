@@ -7,8 +7,10 @@ several step counts.
 The pipeline is the served one: z_lr = vae.encode_lr(LR) -> ``cxr_sr.sample`` (the denoiser
 as a numpy callable: torch, or onnxruntime sessions with ``--backend onnx``) -> vae.decode.
 Metrics come from ``client.metrics`` (PSNR, SSIM, MS-SSIM, HFEN), on [0, 1] images at the
-dataset's HR size; LPIPS (Zhang et al. 2018) only when the ``lpips`` package and its backbone
-weights are already on disk. Seconds per image are wall time of the whole batch / N.
+dataset's HR size, the pairs made by ``cxr_sr.imaging`` (the reference protocol, as the
+client and the demo), bicubic = ``cxr_sr.imaging.bicubic_baseline``; LPIPS (Zhang et al.
+2018) only when the ``lpips`` package and its backbone weights are already on disk. Seconds
+per image are wall time of the whole batch / N.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cxr_sr.client import metrics
 from cxr_sr.train.models import Denoiser, ResidualVAE
 
 from cxr_sr import SamplingOptions, Schedule, sample
-from cxr_sr.imaging import bicubic_upsample
+from cxr_sr.imaging import bicubic_baseline
 from cxr_sr.sampling import generators
 
 METRICS = ("psnr", "ssim", "ms_ssim", "hfen")
@@ -218,7 +220,7 @@ def evaluate(
         lr_t = torch.from_numpy(lr).to(device)
 
         t0 = time.perf_counter()
-        bic = np.clip(bicubic_upsample(lr), 0.0, 1.0)
+        bic = bicubic_baseline(lr)
         add("bicubic", bic, hr, time.perf_counter() - t0)
 
         t0 = time.perf_counter()

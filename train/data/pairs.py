@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from cxr_sr import imaging
 from cxr_sr.imaging import area_downsample
 
 log = logging.getLogger(__name__)
@@ -35,36 +35,27 @@ RESIZE_MODES = ("crop", "stretch")
 
 
 def resize(image: np.ndarray, height: int, width: int | None = None) -> np.ndarray:
-    """Anti-aliased bilinear resize (``F.interpolate(..., antialias=True)``, as PIL and
-    torchvision's ``Resize`` do it). ``[H, W]`` -> float32 ``[height, width]``, clipped to
-    [0, 1]; returned unchanged (as float32) when the size already matches."""
-    width = height if width is None else width
+    """Antialiased resize of a crop to the HR size: ``cxr_sr.imaging.resize`` with the
+    reference filter (``F.interpolate(mode="bilinear", antialias=True)``). ``[H, W]`` ->
+    float32 ``[height, width]``, clipped to [0, 1]; unchanged when the size already matches."""
     if image.ndim != 2:
         raise ValueError(f"expected a [H, W] image, got shape {image.shape}")
-    if image.shape == (height, width):
-        return np.asarray(image, dtype=np.float32)
-    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-    out = F.interpolate(
-        t, size=(height, width), mode="bilinear", antialias=True, align_corners=False
-    )
-    return out[0, 0].clamp_(0.0, 1.0).numpy()
+    return np.clip(imaging.resize(image, height, width, imaging.REFERENCE_FILTER), 0.0, 1.0)
 
 
 def reference_hr(image: np.ndarray, hr_size: int, mode: str = "crop") -> np.ndarray:
     """The reference protocol: the whole image becomes the HR image.
 
-    ``[H, W]`` -> float32 ``[hr_size, hr_size]``. A non-square image is first cut to its
-    centred square (``mode="crop"``) or resized as it is (``mode="stretch"``, which changes
-    the aspect ratio). NIH ChestX-ray14 images are square (1024 x 1024), so both agree there.
+    ``[H, W]`` -> float32 ``[hr_size, hr_size]``: ``cxr_sr.imaging.reference_hr`` (the
+    centred square, resized; ``mode="crop"``), or with ``mode="stretch"`` the whole image
+    resized as it is (which changes the aspect ratio). NIH ChestX-ray14 images are square
+    (1024 x 1024), so both agree there.
     """
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
-    h, w = image.shape
-    if mode == "crop" and h != w:
-        side = min(h, w)
-        y, x = (h - side) // 2, (w - side) // 2
-        image = image[y : y + side, x : x + side]
-    return resize(image, hr_size)
+    if mode == "stretch":
+        return resize(image, hr_size)
+    return imaging.reference_hr(image, hr_size)
 
 
 def make_pair(hr: np.ndarray, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
