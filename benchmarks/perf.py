@@ -5,9 +5,10 @@
 Starts the embedded tritonserver on the repository (127.0.0.1, free ports) or uses a
 running one (``--url``, gRPC). For each concurrency level, ``perf_analyzer`` (2.51, from
 the ``tritonclient`` wheel, matching the server) sends batch-1 requests over gRPC, the only
-protocol its ``--request-parameter`` supports in 2.51, with ``steps``/``seed`` as request
-parameters and real LR images as input data (its default random inputs fall outside [0, 1]
-and the server rejects them). Results come from its CSV report (``-f``); failed requests
+protocol its ``--request-parameter`` supports in 2.51, with the sampling flags (one per key
+of the request schema, ``cxr_sr.sampling.REQUEST_PARAMS``) as request parameters and real
+LR images as input data (its default random inputs fall outside [0, 1] and the server
+rejects them). Results come from its CSV report (``-f``); failed requests
 are counted from the server's statistics. Writes ``outputs/bench_perf.json``.
 
 perf_analyzer needs Debian's ``libb64-0d`` and ``libcudart.so.12`` (the pip package
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,13 @@ from benchmarks.common import (
     table,
     write_json,
 )
+from cxr_sr.serving import add_arguments, namespace_parameters, request_parameters
 
 UNSTABLE_EXIT = 2  # perf_analyzer: "Failed to obtain stable measurement"
+DEFAULT_PARAMETERS = {"steps": 1, "seed": 0}  # 1 step: the demo checkpoint's default
+# perf_analyzer 2.51's --request-parameter types are bool, int and string; the server parses
+# a number sent as a string exactly as the number itself
+_PERF_TYPES = {bool: "bool", int: "int"}
 
 
 def locate_perf_analyzer() -> Path:
@@ -132,15 +138,20 @@ def write_input_data(path: str | Path, lr: np.ndarray, name: str = "LR") -> Path
 
 @dataclass(frozen=True)
 class PerfSettings:
-    """How perf_analyzer measures one concurrency level."""
+    """How perf_analyzer measures one concurrency level.
 
-    steps: int | None = 4
-    seed: int | None = 0
-    sampler: str | None = None
+    ``parameters``: the request parameters sent with every request, keys of the request
+    schema only (validated here as the client does).
+    """
+
+    parameters: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARAMETERS))
     measurement_ms: int = 5000
     stability_percentage: float = 25.0
     max_trials: int = 8
     request_count: int = 0  # > 0: one window of that many requests, no stability search
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "parameters", request_parameters(self.parameters))
 
 
 def perf_command(
@@ -179,13 +190,9 @@ def perf_command(
     ]
     if settings.request_count > 0:
         cmd += ["--request-count", str(settings.request_count)]
-    for key, value, kind in (
-        ("steps", settings.steps, "int"),
-        ("seed", settings.seed, "int"),
-        ("sampler", settings.sampler, "string"),
-    ):
-        if value is not None:
-            cmd += ["--request-parameter", f"{key}:{value}:{kind}"]
+    for key, value in settings.parameters.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        cmd += ["--request-parameter", f"{key}:{text}:{_PERF_TYPES.get(type(value), 'string')}"]
     return cmd
 
 
@@ -274,7 +281,7 @@ def run_level(
     attempts = [settings]
     if settings.request_count == 0:
         fallback = max(8, 4 * concurrency)
-        attempts.append(PerfSettings(**{**asdict(settings), "request_count": fallback}))
+        attempts.append(replace(settings, request_count=fallback))
     log = ""
     done: subprocess.CompletedProcess | None = None
     for attempt in attempts:
@@ -427,16 +434,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[1, 2, 4],
         help="comma-separated concurrency levels (default: 1,2,4)",
     )
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=1,
-        help="sampling steps per request (default: 1, the demo checkpoint's default)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed sent with every request")
-    p.add_argument(
-        "--sampler", default=None, help="sampler request parameter (default: the server's)"
-    )
+    add_arguments(p, DEFAULT_PARAMETERS)  # one flag per request-schema key
     p.add_argument(
         "--measurement-ms",
         type=int,
@@ -476,8 +474,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--verbose", action="store_true", help="print perf_analyzer's own output")
     args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        p.error(f"--steps must be >= 1, got {args.steps}")
     if args.measurement_ms < 100 or args.max_trials < 1 or args.images < 1:
         p.error("--measurement-ms >= 100, --max-trials >= 1 and --images >= 1 are required")
     return args
@@ -486,9 +482,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = PerfSettings(
-        steps=args.steps,
-        seed=args.seed,
-        sampler=args.sampler,
+        parameters=namespace_parameters(args),
         measurement_ms=args.measurement_ms,
         stability_percentage=args.stability,
         max_trials=args.max_trials,
@@ -519,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = device_info()
     print()
     print(
-        f"perf_analyzer on {args.model}: batch 1, gRPC, steps={args.steps}, "
+        f"perf_analyzer on {args.model}: batch 1, gRPC, "
+        f"{', '.join(f'{k}={v}' for k, v in settings.parameters.items())}, "
         f"window {args.measurement_ms} ms, stability {args.stability:g}%"
     )
     print(describe(device, versions))

@@ -31,11 +31,10 @@ from cxr_sr.client.triton import (
     SRClient,
     SRConnectionError,
     SRServerError,
-    sampling_parameters,
 )
 
 from cxr_sr.imaging import HR_SIZE
-from cxr_sr.sampling import SAMPLERS, STARTS
+from cxr_sr.serving import add_arguments, namespace_parameters
 
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_SERVER = 0, 1, 2
 
@@ -84,12 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tritonclient protocol (Triton serves HTTP on 8000 and gRPC on 8001)",
     )
     p.add_argument("--model", default="cxr_sr", help="name of the served ensemble")
-    p.add_argument("--steps", type=int, help="denoiser steps (server default when omitted)")
-    p.add_argument("--seed", type=int, help="noise seed, for reproducible outputs")
-    p.add_argument("--sampler", choices=SAMPLERS, help="sampler (server default when omitted)")
-    p.add_argument("--eta", type=float, help="DDIM stochasticity in [0, 1]")
-    p.add_argument("--start", choices=STARTS, help="start from pure noise or from the LR latent")
-    p.add_argument("--strength", type=float, help="fraction of the schedule covered, (0, 1]")
+    add_arguments(p)  # --steps, --seed, ...: one flag per request-schema key
     p.add_argument(
         "--lr-as-is",
         action="store_true",
@@ -210,15 +204,7 @@ def _flush(
     lr = np.stack([b["lr"] for b in batch])[:, None]
     t0 = time.perf_counter()
     try:
-        sr = client.super_resolve(
-            lr,
-            steps=args.steps,
-            seed=args.seed,
-            sampler=args.sampler,
-            eta=args.eta,
-            strength=args.strength,
-            start=args.start,
-        )
+        sr = client.super_resolve(lr, **args.sampling)
     except SRConnectionError:
         raise
     except SRServerError as e:
@@ -258,14 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cxr-sr: error: --batch must be at least 1", file=err)
         return EXIT_SERVER
     try:
-        sampling_parameters(
-            steps=args.steps,
-            seed=args.seed,
-            sampler=args.sampler,
-            eta=args.eta,
-            strength=args.strength,
-            start=args.start,
-        )
+        args.sampling = namespace_parameters(args)
         client = SRClient(
             args.url, args.protocol, args.model, timeout_s=args.timeout, max_batch=args.batch
         )
@@ -327,11 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         report = {
             "server": {"url": args.url, "protocol": args.protocol, "model": args.model},
-            "sampling": {
-                k: getattr(args, k)
-                for k in ("steps", "seed", "sampler", "eta", "start", "strength")
-                if getattr(args, k) is not None
-            },
+            "sampling": args.sampling,
             "images": rows,
             "mean": mean,
             "failed": failed,

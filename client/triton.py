@@ -2,7 +2,8 @@
 
 Served contract: input ``LR`` FP32 ``[N, 1, 64, 64]`` in [0, 1], output ``SR`` FP32
 ``[N, 1, 256, 256]``; sampling controls travel as Triton request parameters and only the
-ones given are sent (the server's config holds the defaults).
+ones given are sent (the server's config holds the defaults). The keyword arguments are the
+request schema's keys (``cxr_sr.sampling.REQUEST_PARAMS``), nothing more.
 
     with SRClient("127.0.0.1:8000") as c:
         c.wait_ready(30)
@@ -11,13 +12,15 @@ ones given are sent (the server's config holds the defaults).
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
 import numpy as np
 
 from cxr_sr.imaging import HR_SIZE, LR_SIZE
-from cxr_sr.sampling import SamplingOptions
+from cxr_sr.sampling import REQUEST_PARAMS
+from cxr_sr.serving import request_parameters
 
 PROTOCOLS = ("http", "grpc")
 INPUT_NAME = "LR"
@@ -58,36 +61,42 @@ def _check_lr(lr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def sampling_parameters(
-    *,
-    steps: int | None = None,
-    seed: int | None = None,
-    sampler: str | None = None,
-    eta: float | None = None,
-    strength: float | None = None,
-    start: str | None = None,
-    spacing: str | None = None,
-) -> dict[str, Any]:
-    """Validated Triton request parameters for the given (non-None) sampling controls."""
-    given = {
-        "steps": steps,
-        "sampler": sampler,
-        "eta": None if eta is None else float(eta),
-        "strength": None if strength is None else float(strength),
-        "start": start,
-        "spacing": spacing,
-    }
-    given = {k: v for k, v in given.items() if v is not None}
-    SamplingOptions(**given)  # raises ValueError on a bad value
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        if not 0 <= int(seed) < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-        given["seed"] = int(seed)
-    if "steps" in given:
-        given["steps"] = int(given["steps"])
-    return given
+def _schema_keywords(fn):
+    """Replace ``fn``'s ``**params`` by one keyword-only argument per schema key (for
+    ``help()``, ``inspect`` and IDEs) and list the keys in its docstring."""
+    sig = inspect.signature(fn)
+    kept = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    keys = [
+        inspect.Parameter(
+            p.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=f"{p.kind.__name__} | None",
+        )
+        for p in REQUEST_PARAMS
+    ]
+    fn.__signature__ = sig.replace(parameters=kept + keys)
+    lines = "\n".join(f"    {p.name}: {p.help}; {p.expects()}." for p in REQUEST_PARAMS)
+    doc = inspect.cleandoc(fn.__doc__ or "")
+    fn.__doc__ = f"{doc}\n\nSampling keywords (None: the server's default):\n{lines}\n"
+    return fn
+
+
+def _check_keywords(params: dict[str, Any]) -> None:
+    unknown = sorted(set(params) - {p.name for p in REQUEST_PARAMS})
+    if unknown:
+        known = ", ".join(p.name for p in REQUEST_PARAMS)
+        raise TypeError(f"unknown sampling keyword(s) {', '.join(unknown)} (known: {known})")
+
+
+@_schema_keywords
+def sampling_parameters(**params: Any) -> dict[str, Any]:
+    """Validated Triton request parameters for the given (non-None) sampling controls.
+
+    Raises ``ValueError`` for a bad value and ``TypeError`` for a key the schema lacks.
+    """
+    _check_keywords(params)
+    return request_parameters(params)
 
 
 class SRClient:
@@ -213,36 +222,18 @@ class SRClient:
             "get_model_config", self._client.get_model_config, self.model, as_json=True
         )["config"]
 
-    def super_resolve(
-        self,
-        lr: np.ndarray,
-        *,
-        steps: int | None = None,
-        seed: int | None = None,
-        sampler: str | None = None,
-        eta: float | None = None,
-        strength: float | None = None,
-        start: str | None = None,
-        spacing: str | None = None,
-    ) -> np.ndarray:
+    @_schema_keywords
+    def super_resolve(self, lr: np.ndarray, **params: Any) -> np.ndarray:
         """Super-resolve float ``[N, 1, 64, 64]`` in [0, 1] to float32 ``[N, 1, 256, 256]``.
 
         Sampling controls left as None take the server's defaults. Batches larger than
         ``max_batch`` go out as several requests, each with the same parameters (so with a
         seed, the per-request noise follows the server's rule for a request of that size).
-        Raises ``ValueError`` for bad input, ``SRServerError`` / ``SRConnectionError`` for
-        server-side failures.
+        Raises ``ValueError`` for bad input, ``TypeError`` for an unknown keyword,
+        ``SRServerError`` / ``SRConnectionError`` for server-side failures.
         """
         x = _check_lr(lr)
-        params = sampling_parameters(
-            steps=steps,
-            seed=seed,
-            sampler=sampler,
-            eta=eta,
-            strength=strength,
-            start=start,
-            spacing=spacing,
-        )
+        params = sampling_parameters(**params)
         chunks = [
             self._infer(x[i : i + self.max_batch], params)
             for i in range(0, x.shape[0], self.max_batch)

@@ -10,8 +10,11 @@ request to ``unet`` per step). Per-request state (seed, plan) is passed in, neve
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +27,147 @@ SPACINGS = ("trailing", "leading")
 Denoiser = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+MAX_STEPS = 1000  # the server also caps steps at the plan's span (T * strength)
+SEED_LIMIT = 2**63  # seeds are int64 on the wire and PCG64 seeds here
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One request parameter: the single definition every interface is derived from.
+
+    ``kinds`` of value: ``int``, ``float``, ``str`` (one of ``choices``, case-insensitive)
+    or ``bool``. ``low``/``high`` bound numbers (inclusive; ``low_open`` makes the lower
+    bound exclusive). ``default`` None means "the checkpoint's value" (``sampling.json``
+    next to the served sampler); ``help`` is shown by the CLIs and the docs.
+    """
+
+    name: str
+    kind: type
+    help: str
+    choices: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    default: Any = None
+
+    def expects(self) -> str:
+        """What a valid value looks like, e.g. ``a number in (0, 1]``."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        text = _TYPE_NAMES[self.kind]
+        low, high = (
+            None if b is None else str(int(b)) if self.kind is int else f"{b:g}"
+            for b in (self.low, self.high)
+        )
+        if low is not None and high is not None:
+            text += f" in {'(' if self.low_open else '['}{low}, {high}]"
+        elif low is not None:
+            text += f" {'>' if self.low_open else '>='} {low}"
+        return text
+
+    def _fail(self, value: Any) -> ValueError:
+        return ValueError(f"'{self.name}' must be {self.expects()}, got {value!r}")
+
+    def validate(self, value: Any) -> Any:
+        """``value`` if it has this parameter's Python type and range, else ValueError.
+
+        Strict: no strings for numbers, and a bool is never a number (``True`` is not 1).
+        """
+        if self.kind is bool:
+            if not isinstance(value, (bool, np.bool_)):
+                raise self._fail(value)
+            return bool(value)
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise self._fail(value)
+            return value
+        if isinstance(value, (bool, np.bool_)):
+            raise self._fail(value)
+        wanted = numbers.Integral if self.kind is int else numbers.Real
+        if not isinstance(value, wanted) or not math.isfinite(value):
+            raise self._fail(value)
+        low_ok = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        if not low_ok or (self.high is not None and value > self.high):
+            raise self._fail(value)
+        return value
+
+    def parse(self, value: Any) -> Any:
+        """A wire value (JSON scalar, or a string as perf_analyzer sends) -> the typed value.
+
+        Strings are parsed strictly: ``"false"`` is False (never ``bool("false")``), ``"4"``
+        is 4, ``"4.5"`` is no integer; choices are matched after strip() and lower().
+        """
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, str):
+            text = value.strip()
+            if self.kind is str:
+                value = text.lower()
+            elif self.kind is bool:
+                lowered = text.lower()
+                if lowered not in ("true", "false"):
+                    raise self._fail(value)
+                value = lowered == "true"
+            else:
+                try:
+                    value = self.kind(text)
+                except ValueError:
+                    raise self._fail(value) from None
+        elif self.kind is float and isinstance(value, numbers.Integral):
+            value = value if isinstance(value, bool) else float(value)
+        value = self.validate(value)
+        return int(value) if self.kind is int else value
+
+
+# The request schema: SamplingOptions' fields (defaults from the checkpoint), then the seed.
+OPTION_PARAMS = (
+    Param("steps", int, "number of denoiser calls", low=1, high=MAX_STEPS),
+    Param(
+        "sampler",
+        str,
+        "ddim (Song et al. 2021, eq. 12) or ddpm (Ho et al. 2020, ancestral, strided)",
+        choices=SAMPLERS,
+    ),
+    Param("eta", float, "DDIM stochasticity, 0 = deterministic given the start", low=0, high=1),
+    Param(
+        "start",
+        str,
+        "noise: pure noise at t = T-1; lr: the LR latent noised to strength * T (SDEdit)",
+        choices=STARTS,
+    ),
+    Param(
+        "strength",
+        float,
+        "fraction of the schedule the plan covers",
+        low=0,
+        high=1,
+        low_open=True,
+    ),
+    Param(
+        "spacing",
+        str,
+        "timestep spacing: trailing (includes t = T-1) or leading (diffusers' DDIM default)",
+        choices=SPACINGS,
+    ),
+)
+SEED = Param(
+    "seed",
+    int,
+    "noise seed; the same seed and input give the same output",
+    low=0,
+    high=SEED_LIMIT - 1,
+    default=0,
+)
+REQUEST_PARAMS = (*OPTION_PARAMS, SEED)
+PARAMS_BY_NAME = {p.name: p for p in REQUEST_PARAMS}
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Per-request sampling controls.
+    """Per-request sampling controls; each field is validated by its :data:`OPTION_PARAMS`
+    entry (the request schema), where its meaning is spelled out.
 
     Args:
         steps: number of denoiser calls.
@@ -48,22 +189,15 @@ class SamplingOptions:
     spacing: str = "trailing"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.start not in STARTS:
-            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
-        if not 0.0 < self.strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        for param in OPTION_PARAMS:
+            param.validate(getattr(self, param.name))
 
     def replace(self, **changes) -> SamplingOptions:
-        fields = {**self.__dict__, **changes}
-        return SamplingOptions(**fields)
+        return SamplingOptions(**{**self.__dict__, **changes})
+
+
+if tuple(p.name for p in OPTION_PARAMS) != tuple(f.name for f in fields(SamplingOptions)):
+    raise RuntimeError("OPTION_PARAMS must list SamplingOptions' fields, in order")
 
 
 def timesteps(
@@ -118,8 +252,7 @@ def generators(seeds: Sequence[int], sizes: Sequence[int]) -> list[np.random.Gen
     """
     rngs = []
     for seed, n in zip(seeds, sizes, strict=True):
-        if not 0 <= int(seed) < 2**63:
-            raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        SEED.validate(seed)
         rngs.extend(np.random.Generator(np.random.PCG64([int(seed), i])) for i in range(n))
     return rngs
 

@@ -1,85 +1,159 @@
 """Request handling shared by the Triton Python models, testable without Triton.
 
+Everything here is derived from the one request schema, :data:`cxr_sr.sampling.REQUEST_PARAMS`
+(key, type, allowed values, default, help): the server's parser (:func:`parse_parameters`),
+the client's parameter dict (:func:`request_parameters`) and the command-line flags
+(:func:`add_arguments`, :func:`namespace_parameters`). A key the schema does not know is an
+error on both sides, never silently dropped.
+
 Triton hands a Python model the request parameters as a JSON string; an ensemble forwards
-the client's parameters to every step. These helpers turn them into typed options with
-clear, specific errors (each becomes that request's INVALID_ARG response).
+the client's parameters to every step (the other steps ignore them). Triton consumes its own
+reserved parameters (``sequence_id``, ``priority``, ``timeout``, ...) before the model sees
+them and refuses keys starting with ``triton_``. A server started with
+``--http-header-forward-pattern`` / ``--grpc-header-forward-pattern`` also passes the matching
+headers as parameters: name those in the sampler's config parameter ``ignored_parameters``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import fields
+from typing import Any
 
 import numpy as np
 
-from cxr_sr.sampling import SamplingOptions
+from cxr_sr.sampling import MAX_STEPS, PARAMS_BY_NAME, REQUEST_PARAMS, SEED, Param, SamplingOptions
 
-MAX_STEPS = 1000
-DEFAULT_SEED = 0
-# keys a client may send that this sampler reads; anything else is left to other models
-SAMPLING_KEYS = ("steps", "seed", "sampler", "eta", "start", "strength")
+# consumed by Triton itself (never reach a model); ignored should a caller pass them anyway
+TRITON_RESERVED = (
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+    "priority",
+    "timeout",
+    "binary_data_output",
+)
+REQUEST_KEYS = tuple(p.name for p in REQUEST_PARAMS)
 
 
-def _as_int(key: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"parameter '{key}' must be an integer, got {value!r}")
-    if isinstance(value, str):
+def _unknown(keys: Iterable[str]) -> str | None:
+    """The error for keys the schema does not know, or None when there are none."""
+    unknown = sorted(k for k in keys if k not in PARAMS_BY_NAME)
+    if not unknown:
+        return None
+    names = ", ".join(f"'{k}'" for k in unknown)
+    plural = "s" if len(unknown) > 1 else ""
+    return f"unknown request parameter{plural} {names} (known: {', '.join(REQUEST_KEYS)})"
+
+
+def _load(raw: str | Mapping | None) -> dict:
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
         try:
-            value = int(value.strip())
-        except ValueError:
-            raise ValueError(f"parameter '{key}' must be an integer, got {value!r}") from None
-    return value
-
-
-def _as_float(key: str, value) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"parameter '{key}' must be a number, got {value!r}")
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"parameter '{key}' must be a number, got {value!r}") from None
-    if not math.isfinite(out):
-        raise ValueError(f"parameter '{key}' must be finite, got {value!r}")
-    return out
+            raw = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"request parameters are not valid JSON: {err}") from None
+    if not isinstance(raw, Mapping):
+        raise ValueError("request parameters must be a JSON object")
+    return dict(raw)
 
 
 def parse_parameters(
-    raw: str | dict | None, defaults: SamplingOptions, num_train_timesteps: int
+    raw: str | Mapping | None,
+    defaults: SamplingOptions,
+    num_train_timesteps: int,
+    ignore: Collection[str] = (),
 ) -> tuple[SamplingOptions, int]:
-    """Request parameters -> (SamplingOptions, seed); raises ValueError on bad values."""
-    if raw is None or raw == "":
-        params = {}
-    elif isinstance(raw, str):
-        try:
-            params = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"request parameters are not valid JSON: {err}") from None
-    else:
-        params = dict(raw)
-    if not isinstance(params, dict):
-        raise ValueError("request parameters must be a JSON object")
-    changes: dict = {}
-    if "steps" in params:
-        changes["steps"] = _as_int("steps", params["steps"])
-    for key in ("eta", "strength"):
-        if key in params:
-            changes[key] = _as_float(key, params[key])
-    for key in ("sampler", "start"):
-        if key in params:
-            if not isinstance(params[key], str):
-                raise ValueError(f"parameter '{key}' must be a string, got {params[key]!r}")
-            changes[key] = params[key].strip().lower()
-    seed = _as_int("seed", params["seed"]) if "seed" in params else DEFAULT_SEED
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"parameter 'seed' must be in [0, 2**63), got {seed}")
-    options = defaults.replace(**changes)  # SamplingOptions validates names and ranges
+    """Request parameters -> (SamplingOptions, seed); ValueError naming the offending key.
+
+    Every key of the schema is honoured; absent ones take ``defaults`` (the checkpoint's)
+    and seed 0. Any other key is rejected, except Triton's reserved ones and ``ignore``.
+    """
+    params = {
+        k: v
+        for k, v in _load(raw).items()
+        if k not in TRITON_RESERVED and k not in ignore and not k.startswith("triton_")
+    }
+    problem = _unknown(params)
+    if problem:
+        raise ValueError(problem)
+    values = {k: PARAMS_BY_NAME[k].parse(v) for k, v in params.items()}
+    seed = values.pop(SEED.name, SEED.default)
+    options = defaults.replace(**values)
     limit = min(MAX_STEPS, int(round(num_train_timesteps * options.strength)))
     if options.steps > limit:
         raise ValueError(
-            f"parameter 'steps' must be <= {limit} for this model and strength, got {options.steps}"
+            f"'steps' must be <= {limit} for this model ({num_train_timesteps} timesteps) "
+            f"at strength {options.strength:g}, got {options.steps}"
         )
     return options, seed
+
+
+def request_parameters(given: Mapping[str, Any]) -> dict[str, Any]:
+    """Client side: the Triton request parameters for the given (non-None) schema keys.
+
+    Values are parsed and checked as the server will (so a bad one fails before sending) and
+    sent typed (int, float, str, bool); an unknown key is a ValueError naming it.
+    """
+    problem = _unknown(given)
+    if problem:
+        raise ValueError(problem)
+    return {k: PARAMS_BY_NAME[k].parse(v) for k, v in given.items() if v is not None}
+
+
+def _argparse_type(param: Param):
+    def convert(text: str):
+        try:
+            return param.parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = param.name
+    return convert
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None
+) -> argparse._ArgumentGroup:
+    """One ``--<key>`` flag per schema key (help from the schema), in an argument group.
+
+    ``defaults`` gives flag defaults; keys without one default to None (not sent: the
+    server's default applies, the checkpoint's or seed 0).
+    """
+    defaults = dict(defaults or {})
+    problem = _unknown(defaults)
+    if problem:
+        raise ValueError(problem)
+    group = parser.add_argument_group(
+        "sampling (Triton request parameters)",
+        "each flag given is sent as the request parameter of the same name",
+    )
+    for p in REQUEST_PARAMS:
+        default = defaults.get(p.name)
+        if default is not None:
+            default = p.parse(default)
+            note = f"default: {default}"
+        elif p.default is not None:
+            note = f"server default: {p.default}"
+        else:
+            note = "server default: the checkpoint's"
+        group.add_argument(
+            f"--{p.name.replace('_', '-')}",
+            dest=p.name,
+            type=_argparse_type(p),
+            default=default,
+            metavar="{" + ",".join(p.choices) + "}" if p.choices else p.kind.__name__.upper(),
+            help=f"{p.help}; {p.expects()} ({note})",
+        )
+    return group
+
+
+def namespace_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The request parameters set in ``args`` (as parsed with :func:`add_arguments`)."""
+    return request_parameters({p.name: getattr(args, p.name, None) for p in REQUEST_PARAMS})
 
 
 def check_finite_range(

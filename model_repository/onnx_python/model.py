@@ -5,6 +5,8 @@ next to each ``model.onnx``. Tensor names come from the model's config.pbtxt (wr
 the network spec). The dynamic batch is run as one session call. An input listed in the
 config parameter ``input_ranges`` (JSON ``{"LR": [0, 1]}``) is checked per request: a
 request with NaN or out-of-range values gets its own INVALID_ARG error, the rest are served.
+Request parameters are not read: the ensemble forwards the client's sampling parameters to
+every step, and only the ``sampler`` checks them.
 """
 
 import json

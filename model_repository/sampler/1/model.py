@@ -1,11 +1,15 @@
 """Triton Python-backend BLS model: the timestep loop over ``unet``.
 
 Input ``z_lr`` [N, C, h, w] (latent of the LR image), output ``z`` [N, C, h, w].
-Per-request parameters (JSON): steps, seed, sampler, eta, start, strength; defaults come
-from ``sampling.json`` next to this file, the schedule from ``scheduler_config.json`` (both
-copied from the checkpoint by ``builders.build``). Requests with the same options are
-sampled in one loop, so the UNet sees the whole dynamic batch each step; every row has its
-own noise stream, so a result does not depend on what it was batched with.
+Per-request parameters (JSON) are the request schema's keys (``cxr_sr.sampling.REQUEST_PARAMS``:
+steps, sampler, eta, start, strength, spacing, seed), parsed by ``cxr_sr.serving``; any
+other key gets that request an INVALID_ARG naming it (the optional config parameter
+``ignored_parameters``, comma-separated, lists keys to let through, e.g. forwarded headers).
+Defaults come from ``sampling.json`` next to this file, the schedule from
+``scheduler_config.json`` (both copied from the checkpoint by ``builders.build``).
+Requests with the same options are sampled in one loop, so the UNet sees the whole dynamic
+batch each step; every row has its own noise stream, so a result does not depend on what it
+was batched with.
 """
 
 import json
@@ -34,6 +38,8 @@ class TritonPythonModel:
         self.x_name, self.t_name, self.cond_name = params["unet_inputs"].split(",")
         self.out_name = params["unet_output"]
         self.max_batch = int(config["max_batch_size"])
+        ignored = params.get("ignored_parameters", "").split(",")
+        self.ignored = tuple(k.strip() for k in ignored if k.strip())
 
     def _denoise(self, x_t, t, z_lr):
         """One UNet call over the loop's batch (chunked to the UNet's max batch)."""
@@ -61,7 +67,10 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 options, seed = parse_parameters(
-                    request.parameters(), self.defaults, self.schedule.num_train_timesteps
+                    request.parameters(),
+                    self.defaults,
+                    self.schedule.num_train_timesteps,
+                    ignore=self.ignored,
                 )
             except ValueError as err:
                 responses[i] = _error(str(err), pb_utils.TritonError.INVALID_ARG)
