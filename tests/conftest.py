@@ -1,12 +1,33 @@
-"""Shared fixtures: a tiny random checkpoint and a real tritonserver serving it.
+"""Shared fixtures: a tiny random checkpoint, its built repository, and a real tritonserver.
 
-Session-scoped so the integration and perf_analyzer tests build and start one server:
-a cpu-target repository (max batch 4) on 127.0.0.1 with free ports, stopped at the end.
+Session-scoped so every test module shares one checkpoint, one cpu-target repository
+(max batch 4) and one server on 127.0.0.1 with free ports, stopped at the end.
+
+Test tiers (markers registered in pyproject.toml):
+- ``integration``: starts or talks to a real tritonserver. Any test that uses the ``server``
+  fixture is marked here automatically; tests that start one themselves carry the mark.
+- ``slow``: takes more than a few seconds on 2 CPU cores (training runs, repository builds);
+  tests that use ``built_repository`` are marked here automatically.
+``make test-fast`` runs ``-m "not integration and not slow"``; ``make test`` runs everything.
 """
 
 from __future__ import annotations
 
 import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark tests by the shared fixtures they use (directly or through another fixture).
+
+    ``server`` starts tritonserver: integration. ``built_repository`` exports three ONNX
+    graphs and writes a repository (15-30 s on 2 cores): slow.
+    """
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        if "server" in names:
+            item.add_marker(pytest.mark.integration)
+        if "built_repository" in names:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

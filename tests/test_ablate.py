@@ -11,6 +11,7 @@ from cxr_sr.train import ablate, checkpoint
 DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
 
 
+@pytest.mark.slow
 def test_ablation_rows_share_the_vae_and_reuse_runs(tmp_path, capsys):
     out = tmp_path / "abl"
     args = [

@@ -67,6 +67,7 @@ def _fit(model, loss_fn, steps=12, lr=2e-3):
     return losses
 
 
+@pytest.mark.slow
 def test_vae_loss_decreases_on_fixed_batch():
     cfg = load_config(DEBUG, ["vae.patch_size=0"])
     hr, lr = _fixed_batch(cfg)
@@ -82,6 +83,7 @@ def test_vae_loss_decreases_on_fixed_batch():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pixel_weight", [0.0, 1.0])
 def test_diffusion_loss_decreases_on_fixed_batch(pixel_weight):
     cfg = load_config(
