@@ -93,6 +93,8 @@ def test_concurrent_requests_are_batched_without_changing_results(server, lr):
         ({"seed": -4}, "seed"),
         ({"strength": 2.0}, "strength"),
         ({"steps": 5000}, "steps"),
+        ({"spcing": "leading"}, "unknown request parameter 'spcing'"),
+        ({"steps": True}, "steps"),
     ],
 )
 def test_bad_parameters_get_a_400_and_the_server_keeps_serving(server, lr, params, message):
@@ -105,6 +107,80 @@ def test_bad_parameters_get_a_400_and_the_server_keeps_serving(server, lr, param
         client.infer("cxr_sr", [x], parameters=params)
     assert "400" in str(err.value) and message in str(err.value)
     assert client.is_server_live() and client.is_model_ready("cxr_sr")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unknown_parameter_fails_only_its_request(server, lr, protocol):
+    """An unknown key gets its request a 400 / INVALID_ARGUMENT naming it; good requests sent
+    at the same moment (so the dynamic batcher may merge them with it) are served unchanged."""
+    import threading
+
+    import tritonclient.grpc as grpc
+    import tritonclient.http as http
+
+    tc, url = (http, server.http_url) if protocol == "http" else (grpc, server.grpc_url)
+    with SRClient(server.http_url) as c:
+        alone = c.super_resolve(lr[:1], steps=STEPS, seed=2)
+    barrier = threading.Barrier(6)
+
+    def send(params):
+        client = tc.InferenceServerClient(url)
+        x = tc.InferInput("LR", [1, 1, 64, 64], "FP32")
+        x.set_data_from_numpy(lr[:1])
+        barrier.wait()
+        try:
+            return client.infer("cxr_sr", [x], parameters=params).as_numpy("SR")
+        except Exception as err:  # tritonclient's InferenceServerException
+            return err
+        finally:
+            client.close()
+
+    good = {"steps": STEPS, "seed": 2}
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(send, [good, {**good, "spcing": "leading"}] * 3))
+    for out in results[0::2]:
+        np.testing.assert_allclose(out, alone, atol=1e-6)
+    code = "400" if protocol == "http" else "INVALID_ARGUMENT"
+    for err in results[1::2]:
+        assert isinstance(err, Exception) and code in str(err) and "'spcing'" in str(err)
+
+
+def test_spacing_is_honoured(server, checkpoint, lr):
+    """spacing changes the plan, hence the output, and matches the offline loop with it."""
+    ckpt = load(checkpoint)
+    with SRClient(server.http_url) as c:
+        trailing = c.super_resolve(lr, steps=STEPS, seed=4, spacing="trailing")
+        leading = c.super_resolve(lr, steps=STEPS, seed=4, spacing="leading")
+        default = c.super_resolve(lr, steps=STEPS, seed=4)
+    assert ckpt.sampling.spacing == "trailing"
+    np.testing.assert_array_equal(default, trailing)
+    assert np.abs(leading - trailing).max() > 1e-3
+    opts = ckpt.sampling.replace(steps=STEPS, spacing="leading")
+    with torch.no_grad():
+        z_lr = ckpt.vae.encode_lr(torch.from_numpy(lr)).numpy()
+
+        def denoise(x, t, c):
+            return ckpt.denoiser(
+                torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(c)
+            ).numpy()
+
+        z = sample(denoise, z_lr, ckpt.schedule, opts, generators([4], [len(lr)]))
+        offline = ckpt.vae.decode(torch.from_numpy(z), torch.from_numpy(lr)).numpy()
+    np.testing.assert_allclose(leading, offline, atol=1e-4)
+
+
+def test_triton_reserved_parameters_do_not_reach_the_sampler(server, lr):
+    """``timeout`` travels as a request parameter but Triton consumes it: no 400."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_url)
+    x = http.InferInput("LR", [1, 1, 64, 64], "FP32")
+    x.set_data_from_numpy(lr[:1])
+    out = client.infer(
+        "cxr_sr", [x], parameters={"steps": STEPS, "seed": 2}, timeout=60_000_000
+    ).as_numpy("SR")
+    with SRClient(server.http_url) as c:
+        np.testing.assert_array_equal(out, c.super_resolve(lr[:1], steps=STEPS, seed=2))
 
 
 @pytest.mark.parametrize("bad", ["range", "nan"])
