@@ -2,6 +2,8 @@
 
 <folder>/
   vae/          AutoencoderKL.save_pretrained (config.json + safetensors)
+  lr_encoder/   LREncoder.save_pretrained (absent in first-version checkpoints, which encode
+                bicubic(LR) with the VAE encoder)
   unet/         UNet2DModel.save_pretrained
   scheduler/    scheduler_config.json (cxr_sr.Schedule; diffusers DDPMScheduler keys)
   cxr_sr.json   our resolved config: {"format": 1, "latent_scaling": float,
@@ -15,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr_sr.train.models import Denoiser, ResidualVAE
+from cxr_sr.train.models import Denoiser, LREncoder, ResidualVAE
 from diffusers import AutoencoderKL, UNet2DModel
 
 from cxr_sr import SamplingOptions, Schedule
@@ -51,6 +53,8 @@ def save(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vae.vae.save_pretrained(folder / "vae")
+    if vae.lr_encoder is not None:
+        vae.lr_encoder.save_pretrained(folder / "lr_encoder")
     denoiser.unet.save_pretrained(folder / "unet")
     schedule.save(folder / "scheduler")
     meta = {
@@ -73,11 +77,17 @@ def load(folder: str | Path) -> Checkpoint:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: checkpoint format {meta.get('format')} != {FORMAT}")
+    lr_encoder = (
+        LREncoder.from_pretrained(folder / "lr_encoder")
+        if (folder / "lr_encoder").is_dir()
+        else None
+    )
     vae = ResidualVAE(
         AutoencoderKL.from_pretrained(folder / "vae"),
         meta["latent_scaling"],
         meta["residual_scale"],
         meta.get("residual", True),
+        lr_encoder,
     ).eval()
     denoiser = Denoiser(UNet2DModel.from_pretrained(folder / "unet")).eval()
     return Checkpoint(
@@ -94,11 +104,23 @@ def random_init(
 ) -> Path:
     """A random-weight checkpoint of the given geometry (tests, smoke builds)."""
     import torch
-    from cxr_sr.train.models import UNetConfig, VAEConfig, build_unet, build_vae
+    from cxr_sr.train.models import (
+        UNetConfig,
+        VAEConfig,
+        build_lr_encoder,
+        build_unet,
+        build_vae,
+    )
 
     torch.manual_seed(seed)
     vae_cfg = vae_cfg or VAEConfig()
     unet_cfg = unet_cfg or UNetConfig()
-    vae = ResidualVAE(build_vae(vae_cfg), 1.0, vae_cfg.residual_scale, vae_cfg.residual)
+    vae = ResidualVAE(
+        build_vae(vae_cfg),
+        1.0,
+        vae_cfg.residual_scale,
+        vae_cfg.residual,
+        build_lr_encoder(vae_cfg),
+    )
     denoiser = Denoiser(build_unet(unet_cfg, vae_cfg.latent_channels, 256 // vae_cfg.factor))
     return save(folder, vae, denoiser, schedule or Schedule(), SamplingOptions())

@@ -67,6 +67,8 @@ class DataConfig:
     phantom_size: int = 512  # phantom: side at which phantoms are drawn
     resize_mode: str = "crop"  # non-square images: "crop" (centred square) or "stretch"
     cache_dir: str | None = None  # cache: folder given to prepare --out
+    keep_decoded: bool = False  # nih/dicom/folder: keep decoded images in memory (per worker;
+    #                              for small sets such as a pack, when decoding is the bottleneck)
     seed: int = 0  # image sampling, crops and flips
     hr_size: int = 256
     scale: int = 4
@@ -174,6 +176,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> PairDataset:
     from cxr_sr.train.data.nih import files_dataset, nih_dataset
 
     files = {
+        "keep_decoded": cfg.keep_decoded,
         "resize_mode": cfg.resize_mode,
         "train_crops": cfg.train_crops,
         "crop_scales": cfg.crop_scales,

@@ -218,6 +218,7 @@ class ImageFiles(PairDataset):
         train_crops: bool = False,
         crop_scales: list[float] | None = None,
         source: str = "folder",
+        keep_decoded: bool = False,
     ) -> None:
         super().__init__(split=split, seed=seed, hr_size=hr_size, scale=scale, hflip=hflip)
         if not names:
@@ -230,6 +231,8 @@ class ImageFiles(PairDataset):
         self.train_crops = bool(train_crops)
         self.crop_scales = [float(s) for s in crop_scales or []]
         self.source = source
+        self.keep_decoded = bool(keep_decoded)
+        self._decoded: dict[int, np.ndarray] = {}
         reference_hr(np.zeros((2, 2), np.float32), 2, resize_mode)  # validates the mode
 
     def __len__(self) -> int:
@@ -244,7 +247,11 @@ class ImageFiles(PairDataset):
     def load_hr(self, index: int, rng: np.random.Generator) -> np.ndarray:
         from cxr_sr.client.io import read_image
 
-        image = read_image(self.path(index))
+        image = self._decoded.get(index)
+        if image is None:
+            image = read_image(self.path(index))
+            if self.keep_decoded:
+                self._decoded[index] = image
         if self.split == "train" and self.train_crops:
             h, w = image.shape
             box = random_box(rng, Region(0, h, 0, w), self.crop_scales, self.hr_size)
