@@ -51,7 +51,9 @@ def test_perf_analyzer_reports_throughput_without_errors(
 ):
     binary, env = perf_analyzer
     csv_path = tmp_path / "perf.csv"
-    settings = PerfSettings(steps=2, seed=1, measurement_ms=1500, request_count=8)
+    # eta goes out as perf_analyzer's string type; the server parses it as the number
+    parameters = {"steps": 2, "seed": 1, "eta": 0.0, "spacing": "leading"}
+    settings = PerfSettings(parameters=parameters, measurement_ms=1500, request_count=8)
     cmd = perf_command(
         binary,
         model="cxr_sr",
@@ -84,7 +86,7 @@ def test_run_level_counts_rejected_requests(server, perf_analyzer, tmp_path):
         concurrency=1,
         input_data=bad,
         workdir=tmp_path,
-        settings=PerfSettings(steps=1, request_count=2),
+        settings=PerfSettings(parameters={"steps": 1}, request_count=2),
         timeout_s=120,
     )
     assert result.error and result.returncode != 0 and result.throughput is None
