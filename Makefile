@@ -4,19 +4,32 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CKPT   ?= weights/demo
 REPO   ?= build/model_repository_cpu
+# pip installs use the pinned versions (regenerate with `make constraints`)
+PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 export HTTP_PORT METRICS_PORT GRPC_PORT
 
-.PHONY: demo test install weights build build-gpu serve eval bench style lint clean
+.PHONY: demo test test-fast install venv system constraints weights build build-gpu serve \
+	eval bench style lint clean
 
-$(BIN)/.installed: pyproject.toml
+# Python packages, every extra, pinned; re-installed when pyproject.toml or the pins change.
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(PIP_INSTALL) -e ".[dev]"
 	touch $@
 
-install: $(BIN)/.installed ## virtual environment with every extra
+venv: $(BIN)/.installed ## virtual environment with every extra (what the demo needs)
 
-weights: install ## the demo checkpoint (trains it with train/configs/demo.yaml if absent)
+system: ## Debian packages in system-packages.txt (apt-get as root; otherwise prints the command)
+	@bash scripts/system-packages.sh system-packages.txt
+
+install: venv system ## everything the tests and benchmarks need
+
+constraints: venv ## regenerate constraints.txt from the working venv
+	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable \
+	  | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+weights: venv ## the demo checkpoint (trains it with train/configs/demo.yaml if absent)
 	@if [ ! -f $(CKPT)/cxr_sr.json ]; then \
 	  echo "no $(CKPT): training the demo model (~15 min on 2 CPU cores)"; \
 	  $(BIN)/python -m cxr_sr.train.loop --config train/configs/demo.yaml --out runs/demo && \
@@ -34,21 +47,24 @@ serve: build ## tritonserver on 127.0.0.1 (HTTP_PORT, GRPC_PORT, METRICS_PORT)
 demo: build ## serve, super-resolve the bundled radiograph, print and save the figures
 	$(BIN)/python -m cxr_sr.builders.demo --repository $(REPO) --checkpoint $(CKPT)
 
-test: install ## the test suite (integration tests start a real tritonserver)
-	$(BIN)/python -m pytest -q
+test: install ## the full suite, as CI runs it (integration tests start a real tritonserver)
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: install ## the unit tier: no tritonserver, no training runs or repository builds
+	$(BIN)/python -m pytest -q -m "not integration and not slow" --durations=5
 
 eval: weights ## offline evaluation on the held-out set -> outputs/eval.json
 	$(BIN)/python -m cxr_sr.train.evaluate --checkpoint $(CKPT) --out outputs/eval.json \
 	  --plot outputs/quality_vs_steps.png
 
-bench: build ## perf_analyzer sweep and stage timings -> outputs/bench_*.json
+bench: build install ## perf_analyzer sweep and stage timings -> outputs/bench_*.json
 	$(BIN)/python -m benchmarks.perf --repository $(REPO)
 	$(BIN)/python -m benchmarks.stages --repository $(REPO)
 
-style: install
+style: venv
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
-lint: install
+lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
