@@ -67,8 +67,10 @@ class DataConfig:
     phantom_size: int = 512  # phantom: side at which phantoms are drawn
     resize_mode: str = "crop"  # non-square images: "crop" (centred square) or "stretch"
     cache_dir: str | None = None  # cache: folder given to prepare --out
-    keep_decoded: bool = False  # nih/dicom/folder: keep decoded images in memory (per worker;
-    #                              for small sets such as a pack, when decoding is the bottleneck)
+    keep_decoded: bool = False  # nih/dicom/folder: decode every image once, up front, and keep
+    #                              it in memory (forked loader workers share it); small sets only
+    epoch_repeats: int = 1  # nih/dicom/folder train: each image appears this often per epoch
+    #                         (different random crops), so small sets make longer epochs
     seed: int = 0  # image sampling, crops and flips
     hr_size: int = 256
     scale: int = 4
@@ -97,6 +99,8 @@ class DataConfig:
             raise ValueError(
                 f"view_position must be 'PA', 'AP' or None, got {self.view_position!r}"
             )
+        if self.epoch_repeats < 1:
+            raise ValueError(f"epoch_repeats must be >= 1, got {self.epoch_repeats}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.source == "sample":
@@ -177,6 +181,7 @@ def build_dataset(cfg: DataConfig, split: str = "train") -> PairDataset:
 
     files = {
         "keep_decoded": cfg.keep_decoded,
+        "repeats": cfg.epoch_repeats if split == "train" else 1,
         "resize_mode": cfg.resize_mode,
         "train_crops": cfg.train_crops,
         "crop_scales": cfg.crop_scales,

@@ -219,6 +219,7 @@ class ImageFiles(PairDataset):
         crop_scales: list[float] | None = None,
         source: str = "folder",
         keep_decoded: bool = False,
+        repeats: int = 1,
     ) -> None:
         super().__init__(split=split, seed=seed, hr_size=hr_size, scale=scale, hflip=hflip)
         if not names:
@@ -231,27 +232,30 @@ class ImageFiles(PairDataset):
         self.train_crops = bool(train_crops)
         self.crop_scales = [float(s) for s in crop_scales or []]
         self.source = source
-        self.keep_decoded = bool(keep_decoded)
+        self.repeats = int(repeats)
         self._decoded: dict[int, np.ndarray] = {}
+        if keep_decoded:  # before any loader worker forks, so that they all share it
+            from cxr_sr.client.io import read_image
+
+            for i in range(len(self.names)):
+                self._decoded[i] = read_image(self.path(i))
         reference_hr(np.zeros((2, 2), np.float32), 2, resize_mode)  # validates the mode
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.names) * self.repeats
 
     def name(self, index: int) -> str:
-        return self.names[index]
+        return self.names[index % len(self.names)]
 
     def path(self, index: int) -> Path:
-        return self.root / self.names[index]
+        return self.root / self.name(index)
 
     def load_hr(self, index: int, rng: np.random.Generator) -> np.ndarray:
         from cxr_sr.client.io import read_image
 
-        image = self._decoded.get(index)
+        image = self._decoded.get(index % len(self.names))
         if image is None:
             image = read_image(self.path(index))
-            if self.keep_decoded:
-                self._decoded[index] = image
         if self.split == "train" and self.train_crops:
             h, w = image.shape
             box = random_box(rng, Region(0, h, 0, w), self.crop_scales, self.hr_size)
