@@ -9,16 +9,17 @@ import torch
 from cxr_sr.train import checkpoint
 from cxr_sr.train.config import load_config, to_dict
 from cxr_sr.train.data import build_dataset
-from cxr_sr.train.loop import (
+from cxr_sr.train.loop import run_training
+from cxr_sr.train.losses import target_coefficients
+from cxr_sr.train.models import (
     Denoiser,
     ResidualVAE,
-    VAEObjective,
-    diffusion_batch_loss,
-    run_training,
-    vae_batch_loss,
+    UNetConfig,
+    VAEConfig,
+    build_unet,
+    build_vae,
 )
-from cxr_sr.train.losses import target_coefficients
-from cxr_sr.train.models import UNetConfig, VAEConfig, build_unet, build_vae
+from cxr_sr.train.objectives import VAEObjective, diffusion_batch_loss, vae_batch_loss
 
 DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
 
@@ -118,7 +119,7 @@ def test_diffusion_loss_decreases_on_fixed_batch(pixel_weight):
 
 
 def test_pixel_term_is_relative_to_bicubic_and_trains_only_the_denoiser():
-    from cxr_sr.train.loop import pixel_error_ratio
+    from cxr_sr.train.objectives import pixel_error_ratio
 
     cfg = load_config(DEBUG)
     hr, lr = _fixed_batch(cfg)
@@ -153,7 +154,7 @@ def test_plain_vae_variant_round_trips(tmp_path):
 def test_rgb_vae_from_a_local_folder_folds_into_an_exact_gray_one(tmp_path):
     """An SD-style 3-channel AutoencoderKL saved locally loads as a 1-channel VAE whose
     encoder sees gray replicated to RGB and whose decoder output is the RGB mean."""
-    from cxr_sr.train.loop import load_pretrained_vae
+    from cxr_sr.train.pretrained import load_pretrained_vae
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
