@@ -292,7 +292,7 @@ def sample(
     x = _noise(rngs, z_lr.shape[1:])
     if options.start == "lr":  # q(x_t0 | x_0 = z_lr)
         a0 = abar[ts[0]]
-        x = (np.sqrt(a0) * z_lr + np.sqrt(1.0 - a0) * x).astype(np.float32)
+        x = schedule.q_sample(z_lr, x, a0).astype(np.float32)
     x0 = x
     for i, t in enumerate(ts):
         a_t = abar[t]

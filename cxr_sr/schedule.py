@@ -101,6 +101,17 @@ class Schedule:
         """abar_t, shape [T], float64."""
         return np.cumprod(1.0 - self.betas())
 
+    # -- forward process --------------------------------------------------------------
+    def q_sample(self, x0, eps, abar):
+        """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps, a draw from q(x_t | x0) (Ho et al.
+        2020, eq. 4; diffusers' ``DDPMScheduler.add_noise`` given ``abar = alphas_cumprod[t]``).
+
+        ``abar`` broadcasts against ``x0`` (a scalar, or e.g. shape [N, 1, 1, 1]). Numpy arrays,
+        or any array type with a ``.sqrt()`` method (torch tensors, as in training); the result
+        has the type the arithmetic gives (callers cast).
+        """
+        return _sqrt(abar) * x0 + _sqrt(1.0 - abar) * eps
+
     # -- parameterization -------------------------------------------------------------
     def split(self, x_t: np.ndarray, abar: np.ndarray, model_output: np.ndarray):
         """Return (x0_hat, eps_hat) from the network output, whatever it predicts.
@@ -122,12 +133,13 @@ class Schedule:
         return x0, eps
 
     def target(self, x0: np.ndarray, eps: np.ndarray, abar: np.ndarray) -> np.ndarray:
-        """The training target of the network for this parameterization."""
+        """The training target of the network for this parameterization (numpy or torch, as
+        :meth:`split`)."""
         if self.prediction == "eps":
             return eps
         if self.prediction == "x0":
             return x0
-        return np.sqrt(abar) * eps - np.sqrt(1.0 - abar) * x0
+        return _sqrt(abar) * eps - _sqrt(1.0 - abar) * x0
 
     # -- persistence ------------------------------------------------------------------
     def to_diffusers_config(self) -> dict:

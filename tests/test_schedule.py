@@ -51,10 +51,59 @@ def test_split_inverts_target(prediction):
     rng = np.random.default_rng(0)
     x0, eps = rng.standard_normal((2, 2, 4, 8, 8))  # two [N=2, C=4, 8, 8] arrays
     abar = sched.alphas_cumprod()[[10, 150]].reshape(2, 1, 1, 1)
-    x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * eps
+    x_t = sched.q_sample(x0, eps, abar)
     x0_hat, eps_hat = sched.split(x_t, abar, sched.target(x0, eps, abar))
     np.testing.assert_allclose(x0_hat, x0, atol=1e-9)
     np.testing.assert_allclose(eps_hat, eps, atol=1e-9)
+
+
+def test_q_sample_is_the_forward_process():
+    sched = Schedule("cosine", 300)
+    rng = np.random.default_rng(1)
+    x0, eps = rng.standard_normal((2, 3, 4, 8, 8))
+    abar = sched.alphas_cumprod()[[0, 100, 299]].reshape(3, 1, 1, 1)
+    np.testing.assert_array_equal(
+        sched.q_sample(x0, eps, abar), np.sqrt(abar) * x0 + np.sqrt(1 - abar) * eps
+    )
+    # a scalar abar (the samplers' SDEdit start) broadcasts
+    np.testing.assert_array_equal(
+        sched.q_sample(x0, eps, abar[1, 0, 0, 0]),
+        sched.q_sample(x0, eps, np.full_like(abar, abar[1])),
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_q_sample_numpy_and_torch_agree(dtype):
+    torch = pytest.importorskip("torch")
+    sched = Schedule("linear", 300, prediction="v")
+    rng = np.random.default_rng(2)
+    x0, eps = rng.standard_normal((2, 3, 4, 8, 8)).astype(dtype)
+    abar = sched.alphas_cumprod()[[5, 150, 299]].reshape(3, 1, 1, 1).astype(dtype)
+    ref = sched.q_sample(x0, eps, abar)
+    out = sched.q_sample(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(abar))
+    assert isinstance(out, torch.Tensor) and out.dtype == getattr(torch, dtype)
+    tol = 1e-12 if dtype == "float64" else 1e-6
+    np.testing.assert_allclose(out.numpy(), ref, rtol=tol, atol=tol)
+    # the target takes torch tensors the same way
+    target = sched.target(torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(abar))
+    np.testing.assert_allclose(target.numpy(), sched.target(x0, eps, abar), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["linear", "scaled_linear", "cosine"])
+def test_q_sample_matches_diffusers_add_noise(kind):
+    torch = pytest.importorskip("torch")
+    from diffusers import DDPMScheduler
+
+    sched = Schedule(kind, 1000, 1e-4, 0.02)
+    ref = DDPMScheduler.from_config(sched.to_diffusers_config())
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 4, 8, 8, generator=gen)
+    t = torch.tensor([0, 10, 500, 999])
+    want = ref.add_noise(x0, eps, t)
+    abar = torch.from_numpy(sched.alphas_cumprod())[t].float().view(-1, 1, 1, 1)
+    got = sched.q_sample(x0, eps, abar)
+    # diffusers builds its tables in float32; ours are float64 rounded to float32 here
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_save_load_round_trip(tmp_path):

@@ -122,7 +122,7 @@ def diffusion_batch_loss(
     t = torch.randint(0, cfg.schedule.num_train_timesteps, (n,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     view = lambda table: table[t].float().view(n, 1, 1, 1).to(x0.device)
-    x_t = view(abar).sqrt() * x0 + (1.0 - view(abar)).sqrt() * eps
+    x_t = cfg.schedule.q_sample(x0, eps, view(abar))
     target = view(c_x0) * x0 + view(c_eps) * eps
     pred = denoiser(x_t, t.float().to(x0.device), z_lr)
     u = cfg.unet
