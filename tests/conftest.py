@@ -5,9 +5,11 @@ Session-scoped so every test module shares one checkpoint, one cpu-target reposi
 
 Test tiers (markers registered in pyproject.toml):
 - ``integration``: starts or talks to a real tritonserver. Any test that uses the ``server``
-  fixture is marked here automatically; tests that start one themselves carry the mark.
+  fixture is marked here automatically; a test that starts its own server (``TritonServer``,
+  ``cxr_sr.builders.serve`` or ``demo`` in a subprocess) must carry the mark itself.
 - ``slow``: takes more than a few seconds on 2 CPU cores (training runs, repository builds);
   tests that use ``built_repository`` are marked here automatically.
+- ``gpu``: needs a CUDA GPU; skipped here when torch sees none.
 ``make test-fast`` runs ``-m "not integration and not slow"``; ``make test`` runs everything.
 """
 
@@ -28,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         if "built_repository" in names:
             item.add_marker(pytest.mark.slow)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 @pytest.fixture(scope="session")
