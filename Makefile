@@ -13,6 +13,7 @@ export HTTP_PORT METRICS_PORT GRPC_PORT
 
 # Python packages, every extra, pinned; re-installed when pyproject.toml or the pins change.
 $(BIN)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c "import ensurepip" 2>/dev/null || bash scripts/system-packages.sh --packages python3-venv
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(PIP_INSTALL) -e ".[dev]"

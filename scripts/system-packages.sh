@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Install the Debian packages listed in system-packages.txt that are missing.
+# Install the missing Debian packages of a list file (default system-packages.txt: one
+# package a line, # comments), or of the names given after --packages.
 # As root: apt-get update + apt-get install. Otherwise: print the exact command and exit 1.
 # SKIP_SYSTEM_PACKAGES=1 skips the check (tests that need a missing tool then fail or skip).
 set -euo pipefail
-list="${1:-system-packages.txt}"
 [ "${SKIP_SYSTEM_PACKAGES:-0}" = 1 ] && exit 0
-mapfile -t wanted < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "$list" | grep -v '^$')
+if [ "${1:-}" = --packages ]; then
+  shift
+  wanted=("$@")
+else
+  mapfile -t wanted < <(sed -e 's/#.*//' -e 's/[[:space:]]//g' "${1:-system-packages.txt}" | grep -v '^$')
+fi
 [ ${#wanted[@]} -eq 0 ] && exit 0
 
 if ! command -v dpkg-query >/dev/null || ! command -v apt-get >/dev/null; then
