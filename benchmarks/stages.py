@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cxr_sr.builders.specs import ENSEMBLE, NETWORKS
 
 from benchmarks.common import (
     describe,
@@ -38,10 +39,7 @@ from benchmarks.common import (
     write_json,
 )
 
-NETWORKS = ("vae_encoder", "unet", "vae_decoder")
-ENSEMBLE = "cxr_sr"
 TRITON_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
@@ -156,29 +154,19 @@ def offline_timings(
     threads: int = 0,
     spinning: bool = True,
 ) -> dict[str, Any]:
-    """The same stages with onnxruntime sessions on ``onnx_dir/<network>.onnx``.
+    """The same stages with onnxruntime sessions on ``onnx_dir/<network>.onnx``; the full
+    pipeline is ``train.pipeline.OnnxPipeline`` (the one offline evaluation scores).
 
     ``spinning=False`` stops idle intra-op threads from busy-waiting (onnxruntime's
     ``session.intra_op.allow_spinning``): with three sessions on a shared 2-core machine the
     spinning pools of the idle sessions take CPU from the busy one.
     """
-    import onnxruntime as ort
+    from cxr_sr.train.pipeline import ORT_DTYPES, OnnxPipeline
 
-    from cxr_sr import SamplingOptions, Schedule, sample
-    from cxr_sr.sampling import generators
+    from cxr_sr import SamplingOptions, Schedule
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    sessions = {}
-    for name in NETWORKS:
-        path = onnx_dir / f"{name}.onnx"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: run `python -m cxr_sr.builders.build` first"
-            )
-        cpu = ["CPUExecutionProvider"]
-        sessions[name] = ort.InferenceSession(str(path), options, providers=cpu)
+    pipe = OnnxPipeline(onnx_dir, threads=threads, spinning=spinning)
+    sessions = pipe.sessions
 
     def feeds(name: str) -> dict[str, np.ndarray]:
         tensors = [(i.name, i.shape, ORT_DTYPES[i.type]) for i in sessions[name].get_inputs()]
@@ -197,23 +185,10 @@ def offline_timings(
 
     schedule = Schedule.load(sampler_dir)
     defaults = SamplingOptions(**json.loads((sampler_dir / "sampling.json").read_text()))
-    enc, unet, dec = (sessions[n] for n in NETWORKS)
-    x_name, t_name, c_name = (i.name for i in unet.get_inputs())
-    t_type = ORT_DTYPES[unet.get_inputs()[1].type]
-
-    def denoise(x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
-        t = np.asarray(t, dtype=t_type).reshape(len(x_t), 1)
-        return unet.run(None, {x_name: x_t, t_name: t, c_name: z_lr})[0]
 
     def pipeline(k: int) -> Callable[[], np.ndarray]:
         opts = defaults.replace(steps=k)
-
-        def run() -> np.ndarray:
-            (z_lr,) = enc.run(None, {"LR": lr})
-            z = sample(denoise, z_lr, schedule, opts, generators([seed], [len(lr)]))
-            return dec.run(None, {"z": z, "LR": lr})[0]
-
-        return run
+        return lambda: pipe.super_resolve(lr, schedule, opts, seed)
 
     full = {}
     for k in steps:

@@ -4,8 +4,9 @@ several step counts.
     python -m cxr_sr.train.evaluate --checkpoint runs/demo/checkpoint --data sample --split test \\
         --backend torch --steps 1,2,4,8 --out outputs/eval.json --plot outputs/quality_vs_steps.png
 
-The pipeline is the served one: z_lr = vae.encode_lr(LR) -> ``cxr_sr.sample`` (the denoiser
-as a numpy callable: torch, or onnxruntime sessions with ``--backend onnx``) -> vae.decode.
+The pipeline is the served one (``train.pipeline``): z_lr = vae.encode_lr(LR) ->
+``cxr_sr.sample`` over the denoiser -> vae.decode, with the torch modules or onnxruntime
+sessions (``--backend onnx``).
 Metrics come from ``client.metrics`` (PSNR, SSIM, MS-SSIM, HFEN), on [0, 1] images at the
 dataset's HR size, the pairs made by ``cxr_sr.imaging`` (the reference protocol, as the
 client and the demo), bicubic = ``cxr_sr.imaging.bicubic_baseline``; LPIPS (Zhang et al.
@@ -25,97 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from cxr_sr.client import metrics
-from cxr_sr.train.models import Denoiser, ResidualVAE
+from cxr_sr.train.pipeline import OnnxPipeline, TorchPipeline
 
-from cxr_sr import SamplingOptions, Schedule, sample
+from cxr_sr import SamplingOptions
 from cxr_sr.imaging import bicubic_baseline
-from cxr_sr.sampling import generators
 
 METRICS = ("psnr", "ssim", "ms_ssim", "hfen")
-
-
-def torch_denoiser(
-    denoiser: torch.nn.Module, device: torch.device | str = "cpu"
-) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """Wrap a :class:`train.models.Denoiser` as the numpy callable ``cxr_sr.sample`` takes:
-    (x_t [N, C, h, w], t [N], z_lr [N, C, h, w]) float32 -> model output float32."""
-
-    @torch.no_grad()
-    def call(x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
-        out = denoiser(
-            torch.from_numpy(np.ascontiguousarray(x_t)).to(device),
-            torch.from_numpy(np.ascontiguousarray(t)).to(device),
-            torch.from_numpy(np.ascontiguousarray(z_lr)).to(device),
-        )
-        return out.float().cpu().numpy()
-
-    return call
-
-
-@torch.no_grad()
-def super_resolve(
-    rvae: ResidualVAE,
-    denoiser: Denoiser,
-    schedule: Schedule,
-    options: SamplingOptions,
-    lr: torch.Tensor,
-    seed: int = 0,
-) -> torch.Tensor:
-    """The offline torch pipeline: LR [N, 1, 64, 64] -> SR [N, 1, 256, 256] in [0, 1]."""
-    device = lr.device
-    z_lr = rvae.encode_lr(lr).float().cpu().numpy()
-    rngs = generators([seed], [lr.shape[0]])
-    z = sample(torch_denoiser(denoiser, device), z_lr, schedule, options, rngs)
-    return rvae.decode(torch.from_numpy(z).to(device), lr)
-
-
-class OnnxPipeline:
-    """onnxruntime sessions of the three exported graphs in a built folder.
-
-    Looks for ``vae_encoder``, ``unet`` and ``vae_decoder`` as ``<name>.onnx`` or
-    ``<name>/1/model.onnx`` (a model repository). Inputs are fed by position:
-    encoder (LR), unet (x_t, t, z_lr), decoder (z, LR), which is the order of the specs.
-    """
-
-    NAMES = ("vae_encoder", "unet", "vae_decoder")
-
-    def __init__(self, folder: str | Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        folder = Path(folder)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.sessions = {}
-        for name in self.NAMES:
-            for cand in (
-                folder / f"{name}.onnx",
-                folder / name / "1" / "model.onnx",
-                folder / name / "model.onnx",
-            ):
-                if cand.is_file():
-                    self.sessions[name] = ort.InferenceSession(
-                        str(cand), opts, providers=["CPUExecutionProvider"]
-                    )
-                    break
-            else:
-                raise FileNotFoundError(f"{folder}: no ONNX graph for {name!r}")
-
-    def _run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
-        sess = self.sessions[name]
-        feeds = {i.name: a for i, a in zip(sess.get_inputs(), arrays, strict=True)}
-        return sess.run(None, feeds)[0]
-
-    def encode_lr(self, lr: np.ndarray) -> np.ndarray:
-        return self._run("vae_encoder", lr.astype(np.float32))
-
-    def denoise(self, x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
-        return self._run(
-            "unet", x_t.astype(np.float32), t.astype(np.float32), z_lr.astype(np.float32)
-        )
-
-    def decode(self, z: np.ndarray, lr: np.ndarray) -> np.ndarray:
-        return self._run("vae_decoder", z.astype(np.float32), lr.astype(np.float32))
 
 
 def _scores(pred: np.ndarray, hr: np.ndarray) -> dict[str, np.ndarray]:
@@ -190,7 +106,7 @@ def evaluate(
     device = torch.device(device)
     rvae, denoiser = ck.vae.to(device).eval(), ck.denoiser.to(device).eval()
     options = options or ck.sampling
-    onnx = OnnxPipeline(onnx_dir) if backend == "onnx" else None
+    pipe = OnnxPipeline(onnx_dir) if backend == "onnx" else TorchPipeline(rvae, denoiser, device)
     lp, lp_note = lpips_scorer(device) if use_lpips else (None, "disabled")
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
@@ -231,13 +147,7 @@ def evaluate(
         for k in steps_list:
             opts = options.replace(steps=int(k))
             t0 = time.perf_counter()
-            if onnx is None:
-                sr = super_resolve(rvae, denoiser, ck.schedule, opts, lr_t, seed=seed)
-                sr = sr.float().cpu().numpy()
-            else:
-                z_lr = onnx.encode_lr(lr)
-                z = sample(onnx.denoise, z_lr, ck.schedule, opts, generators([seed], [lr.shape[0]]))
-                sr = onnx.decode(z, lr)
+            sr = pipe.super_resolve(lr, ck.schedule, opts, seed=seed)
             add(f"sr_{k}steps", np.asarray(sr, dtype=np.float32), hr, time.perf_counter() - t0)
 
     methods = {}

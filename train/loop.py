@@ -39,6 +39,7 @@ from cxr_sr.train.objectives import (
     measure_scaling,
     vae_batch_loss,
 )
+from cxr_sr.train.pipeline import latent_shape
 from cxr_sr.train.pretrained import load_pretrained_vae
 from cxr_sr.train.state import (
     check_resume_config,
@@ -119,10 +120,9 @@ def build_models(cfg: TrainConfig, device: torch.device):
             torch.nn.init.zeros_(vae.decoder.conv_out.weight)
             torch.nn.init.zeros_(vae.decoder.conv_out.bias)
     rvae = ResidualVAE(vae, 1.0, cfg.vae.model.residual_scale, cfg.vae.model.residual).to(device)
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_shape = (vae.config.latent_channels, 256 // f, 256 // f)
-    unet = build_unet(cfg.unet.model, latent_shape[0], latent_shape[1])
-    return rvae, Denoiser(unet).to(device), latent_shape
+    shape = latent_shape(vae)
+    unet = build_unet(cfg.unet.model, shape[0], shape[1])
+    return rvae, Denoiser(unet).to(device), shape
 
 
 def load_data(cfg: TrainConfig, device: torch.device) -> tuple[Data, int]:
@@ -228,7 +228,7 @@ def unet_stage(run: Run, state: dict, rvae: ResidualVAE, denoiser: Denoiser, dat
     def sample_unet(step: int) -> None:
         if run.writer is None or data.val_hr is None:
             return
-        from cxr_sr.train.evaluate import super_resolve
+        from cxr_sr.train.pipeline import super_resolve
 
         denoiser.eval()
         sr = super_resolve(rvae, denoiser, schedule, cfg.sampling, data.val_lr, seed=0)

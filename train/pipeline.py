@@ -1,0 +1,173 @@
+"""The offline pipeline, once: LR -> vae_encoder -> ``cxr_sr.sample`` over the unet ->
+vae_decoder -> SR, with torch modules or with onnxruntime sessions on the exported graphs.
+
+It is the loop the Triton ``sampler`` model runs (``cxr_sr.sample``, per-row generators seeded
+by ``cxr_sr.sampling.generators``), so offline scores and timings describe the served model.
+Used by ``train.evaluate`` (and through it ``train.ablate``), the training loop's validation
+samples and ``benchmarks.stages``.
+
+Both backends take and return numpy float32 arrays:
+
+    encode_lr  LR [N, 1, H, W] in [0, 1]            -> z_lr [N, C, h, w]
+    denoise    x_t [N, C, h, w], t [N], z_lr        -> model output [N, C, h, w]
+    decode     z [N, C, h, w], LR [N, 1, H, W]      -> SR [N, 1, 4H, 4W] in [0, 1]
+
+Network names come from ``builders.specs.NETWORKS``; graphs are fed by position, in the order
+of the specs (encoder: LR; unet: x_t, timestep [N, 1], z_lr; decoder: z, LR).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from cxr_sr.builders.specs import NETWORKS
+
+from cxr_sr import SamplingOptions, Schedule, sample
+from cxr_sr.imaging import HR_SIZE
+from cxr_sr.sampling import generators
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def latent_shape(vae, size: int = HR_SIZE) -> tuple[int, int, int]:
+    """(C, h, w) of the VAE latent of a ``size`` x ``size`` image (factor 2 ** (levels - 1)).
+
+    ``vae``: an AutoencoderKL, its config, or a ``train.models.VAEConfig``.
+    """
+    cfg = getattr(vae, "config", vae)
+    levels = getattr(cfg, "block_out_channels", None) or cfg.channels
+    f = 2 ** (len(levels) - 1)
+    return (cfg.latent_channels, size // f, size // f)
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class Pipeline:
+    """encoder -> sampling loop over the denoiser -> decoder; subclasses give the networks."""
+
+    def encode_lr(self, lr: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def denoise(self, x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, z: np.ndarray, lr: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def latent(
+        self, lr: np.ndarray, schedule: Schedule, options: SamplingOptions, seed: int = 0
+    ) -> np.ndarray:
+        """The sampled HR latent for ``lr`` (rows seeded as the server seeds them)."""
+        z_lr = self.encode_lr(lr)
+        return sample(self.denoise, z_lr, schedule, options, generators([seed], [len(lr)]))
+
+    def super_resolve(
+        self, lr: np.ndarray, schedule: Schedule, options: SamplingOptions, seed: int = 0
+    ) -> np.ndarray:
+        """LR [N, 1, H, W] -> SR [N, 1, 4H, 4W] in [0, 1], float32."""
+        return self.decode(self.latent(lr, schedule, options, seed), lr)
+
+
+class TorchPipeline(Pipeline):
+    """A ``train.models.ResidualVAE`` and ``Denoiser`` on ``device`` (no gradients)."""
+
+    def __init__(self, rvae, denoiser: torch.nn.Module, device: torch.device | str = "cpu"):
+        self.rvae, self.denoiser, self.device = rvae, denoiser, torch.device(device)
+
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    @torch.no_grad()
+    def encode_lr(self, lr: np.ndarray) -> np.ndarray:
+        return self.rvae.encode_lr(self._tensor(lr)).float().cpu().numpy()
+
+    @torch.no_grad()
+    def denoise(self, x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
+        out = self.denoiser(self._tensor(x_t), self._tensor(t), self._tensor(z_lr))
+        return out.float().cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, z: np.ndarray, lr: np.ndarray) -> np.ndarray:
+        return self.rvae.decode(self._tensor(z), self._tensor(lr)).float().cpu().numpy()
+
+
+def torch_denoiser(
+    denoiser: torch.nn.Module, device: torch.device | str = "cpu"
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """A :class:`train.models.Denoiser` as the numpy callable ``cxr_sr.sample`` takes."""
+    return TorchPipeline(None, denoiser, device).denoise
+
+
+@torch.no_grad()
+def super_resolve(
+    rvae,
+    denoiser: torch.nn.Module,
+    schedule: Schedule,
+    options: SamplingOptions,
+    lr: torch.Tensor,
+    seed: int = 0,
+) -> torch.Tensor:
+    """:class:`TorchPipeline` on a tensor: LR [N, 1, H, W] -> SR tensor on ``lr``'s device."""
+    pipe = TorchPipeline(rvae, denoiser, lr.device)
+    sr = pipe.super_resolve(lr.float().cpu().numpy(), schedule, options, seed)
+    return torch.from_numpy(sr).to(lr.device)
+
+
+def find_graph(folder: str | Path, name: str) -> Path:
+    """``<name>.onnx`` (a builders ONNX folder) or ``<name>/1/model.onnx`` (a repository)."""
+    folder = Path(folder)
+    for cand in (
+        folder / f"{name}.onnx",
+        folder / name / "1" / "model.onnx",
+        folder / name / "model.onnx",
+    ):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(
+        f"{folder}: no ONNX graph for {name!r} (run `python -m cxr_sr.builders.build` first)"
+    )
+
+
+class OnnxPipeline(Pipeline):
+    """onnxruntime CPU sessions of the three exported graphs in ``folder``.
+
+    ``threads``: intra-op threads (0 = onnxruntime's default, as served). ``spinning=False``
+    stops idle intra-op threads from busy-waiting (``session.intra_op.allow_spinning``): with
+    three sessions on a shared machine the idle sessions' spinning pools take CPU from the busy
+    one.
+    """
+
+    def __init__(self, folder: str | Path, threads: int = 0, spinning: bool = True):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or 0
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        cpu = ["CPUExecutionProvider"]
+        self.sessions = {
+            name: ort.InferenceSession(str(find_graph(folder, name)), opts, providers=cpu)
+            for name in NETWORKS
+        }
+        self._names = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+        t_input = self.sessions[NETWORKS[1]].get_inputs()[1]
+        self._t_dtype = ORT_DTYPES.get(t_input.type, np.float32)
+
+    def run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
+        """The first output of network ``name``, inputs in the order of its spec."""
+        feeds = dict(zip(self._names[name], arrays, strict=True))
+        return self.sessions[name].run(None, feeds)[0]
+
+    def encode_lr(self, lr: np.ndarray) -> np.ndarray:
+        return self.run(NETWORKS[0], _f32(lr))
+
+    def denoise(self, x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=self._t_dtype).reshape(len(x_t), 1)
+        return self.run(NETWORKS[1], _f32(x_t), t, _f32(z_lr))
+
+    def decode(self, z: np.ndarray, lr: np.ndarray) -> np.ndarray:
+        return self.run(NETWORKS[2], _f32(z), _f32(lr))
