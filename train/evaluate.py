@@ -66,6 +66,27 @@ def lpips_scorer(device: torch.device | str = "cpu") -> tuple[Callable | None, s
     return score, "alex"
 
 
+def _check_args(backend: str, onnx_dir, steps_list: Sequence[int]) -> None:
+    if backend not in ("torch", "onnx"):
+        raise ValueError(f"backend must be torch or onnx, got {backend!r}")
+    if backend == "onnx" and onnx_dir is None:
+        raise ValueError("backend onnx needs onnx_dir (a builders output folder)")
+    if not steps_list:
+        raise ValueError("steps_list is empty")
+
+
+def _summary(name: str, scores: dict[str, list], seconds_per_image: float) -> dict[str, float]:
+    """Mean and std of each metric of one method, its time per image (and its step count)."""
+    row: dict[str, float] = {}
+    for k, v in scores.items():
+        row[k] = float(np.mean(v))
+        row[k + "_std"] = float(np.std(v))
+    row["seconds_per_image"] = seconds_per_image
+    if name.startswith("sr_"):
+        row["steps"] = int(name[3:-5])
+    return row
+
+
 def evaluate(
     checkpoint,
     dataset,
@@ -96,12 +117,7 @@ def evaluate(
     """
     from cxr_sr.train import checkpoint as ckpt_mod
 
-    if backend not in ("torch", "onnx"):
-        raise ValueError(f"backend must be torch or onnx, got {backend!r}")
-    if backend == "onnx" and onnx_dir is None:
-        raise ValueError("backend onnx needs onnx_dir (a builders output folder)")
-    if not steps_list:
-        raise ValueError("steps_list is empty")
+    _check_args(backend, onnx_dir, steps_list)
     ck = checkpoint if isinstance(checkpoint, ckpt_mod.Checkpoint) else ckpt_mod.load(checkpoint)
     device = torch.device(device)
     rvae, denoiser = ck.vae.to(device).eval(), ck.denoiser.to(device).eval()
@@ -150,16 +166,7 @@ def evaluate(
             sr = pipe.super_resolve(lr, ck.schedule, opts, seed=seed)
             add(f"sr_{k}steps", np.asarray(sr, dtype=np.float32), hr, time.perf_counter() - t0)
 
-    methods = {}
-    for name in names:
-        row: dict[str, float] = {}
-        for k, v in scores[name].items():
-            row[k] = float(np.mean(v))
-            row[k + "_std"] = float(np.std(v))
-        row["seconds_per_image"] = seconds[name] / n
-        if name.startswith("sr_"):
-            row["steps"] = int(name[3:-5])
-        methods[name] = row
+    methods = {name: _summary(name, scores[name], seconds[name] / n) for name in names}
     describe = getattr(dataset, "describe", None)
     return {
         "checkpoint": str(checkpoint) if not isinstance(checkpoint, ckpt_mod.Checkpoint) else "",
