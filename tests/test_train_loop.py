@@ -139,7 +139,9 @@ def test_pixel_term_is_relative_to_bicubic_and_trains_only_the_denoiser():
 
 
 def test_plain_vae_variant_round_trips(tmp_path):
-    vcfg = VAEConfig(channels=[8, 8], latent_channels=2, norm_groups=4, residual=False)
+    vcfg = VAEConfig(
+        channels=[8, 8], latent_channels=2, norm_groups=4, residual=False, lr_encoder=[]
+    )
     folder = checkpoint.random_init(
         tmp_path / "ck", vcfg, UNetConfig(channels=[16, 16], norm_groups=4)
     )

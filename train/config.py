@@ -130,6 +130,10 @@ class UNetStage(StageConfig):
     this term does, so a ratio below 1 means the denoiser's estimate beats bicubic.
     ``pixel_max_t`` limits the term to timesteps t < pixel_max_t (0 = all): the low-noise
     steps that decide the final image.
+
+    ``regression`` trains the same network as a direct regression baseline for the ablation:
+    input x_t = 0 at the fixed timestep T - 1, target the clean latent (x0 prediction only),
+    so it predicts the HR latent from z_lr in one pass with no noise and no schedule.
     """
 
     model: UNetConfig = field(default_factory=UNetConfig)
@@ -140,6 +144,7 @@ class UNetStage(StageConfig):
     latent_cutmix: float = 0.0
     pixel_weight: float = 0.0
     pixel_max_t: int = 0
+    regression: bool = False
 
 
 @dataclass
@@ -180,6 +185,8 @@ class TrainConfig:
             raise ValueError(f"unet.loss must be one of {DIFFUSION_LOSSES}, got {self.unet.loss!r}")
         if self.unet.pixel_weight < 0 or self.unet.pixel_max_t < 0:
             raise ValueError("unet.pixel_weight and unet.pixel_max_t must be >= 0")
+        if self.unet.regression and self.schedule.prediction != "x0":
+            raise ValueError("unet.regression needs schedule.prediction: x0")
         if not 0.0 <= self.unet.latent_cutmix <= 1.0:
             raise ValueError(f"unet.latent_cutmix must be in [0, 1], got {self.unet.latent_cutmix}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -17,6 +17,7 @@ Where things live:
     train.state       RNGs, optimizer / LR schedule / EMA / GradScaler, resume checks, saving
     train.trainer     the optimisation loop of one stage (run_loop / run_step / forward_backward)
     train.pretrained  a pretrained diffusers AutoencoderKL as the 1-channel VAE
+    train.pipeline    the offline SR pipeline (the validation samples; also train.evaluate)
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from cxr_sr.train import checkpoint as ckpt
 from cxr_sr.train.config import TrainConfig, load_config, to_dict
 from cxr_sr.train.data import build_dataset
 from cxr_sr.train.losses import psnr, target_coefficients
-from cxr_sr.train.models import Denoiser, ResidualVAE, bicubic, build_unet, build_vae
+from cxr_sr.train.models import (
+    Denoiser,
+    ResidualVAE,
+    bicubic,
+    build_lr_encoder,
+    build_unet,
+    build_vae,
+)
 from cxr_sr.train.objectives import (
     VAEObjective,
     diffusion_batch_loss,
@@ -119,7 +127,11 @@ def build_models(cfg: TrainConfig, device: torch.device):
         if cfg.vae.zero_init_decoder:
             torch.nn.init.zeros_(vae.decoder.conv_out.weight)
             torch.nn.init.zeros_(vae.decoder.conv_out.bias)
-    rvae = ResidualVAE(vae, 1.0, cfg.vae.model.residual_scale, cfg.vae.model.residual).to(device)
+    # a pretrained VAE skips stage 1, where the LR encoder would learn: it encodes bicubic(LR)
+    lr_encoder = None if cfg.pretrained_vae else build_lr_encoder(cfg.vae.model)
+    rvae = ResidualVAE(
+        vae, 1.0, cfg.vae.model.residual_scale, cfg.vae.model.residual, lr_encoder
+    ).to(device)
     shape = latent_shape(vae)
     unet = build_unet(cfg.unet.model, shape[0], shape[1])
     return rvae, Denoiser(unet).to(device), shape
@@ -157,7 +169,7 @@ def vae_stage(run: Run, state: dict, rvae: ResidualVAE, data: Data, latent_shape
         if run.writer is None or data.val_hr is None:
             return
         objective.eval()
-        recon, _, _ = objective(data.val_hr, data.val_lr, None)
+        recon = objective(data.val_hr, data.val_lr, None)[0]
         grid = _grid(bicubic(data.val_lr), recon, data.val_hr)
         run.writer.add_image("vae/bicubic|recon|hr", grid, step)
         val_psnr = float(psnr(recon.clamp(0, 1), data.val_hr).mean())
@@ -184,8 +196,7 @@ def vae_stage(run: Run, state: dict, rvae: ResidualVAE, data: Data, latent_shape
         stage="unet",
         step=0,
         position=0,
-        vae=rvae.vae.state_dict(),
-        scaling=rvae.scaling,
+        **frozen_vae_state(rvae),
         rng=rng_state(run.gen),
     )
     for key in ("model", "ema", "lr_schedule", "scaler"):
@@ -194,12 +205,22 @@ def vae_stage(run: Run, state: dict, rvae: ResidualVAE, data: Data, latent_shape
     return True
 
 
+def frozen_vae_state(rvae: ResidualVAE) -> dict:
+    """What stage 2 keeps of stage 1: the VAE (and LR encoder) weights and the scaling."""
+    out = {"vae": rvae.vae.state_dict(), "scaling": rvae.scaling}
+    if rvae.lr_encoder is not None:
+        out["lr_encoder"] = rvae.lr_encoder.state_dict()
+    return out
+
+
 def restore_vae(run: Run, state: dict, rvae: ResidualVAE, data: Data) -> None:
     """Stage 1 already done (or skipped): load its VAE and scaling, or measure the scaling of
     a pretrained VAE on its first start."""
     cfg = run.cfg
     if "vae" in state:
         rvae.vae.load_state_dict(state["vae"])
+    if "lr_encoder" in state and rvae.lr_encoder is not None:
+        rvae.lr_encoder.load_state_dict(state["lr_encoder"])
     if "scaling" in state:
         rvae.scaling = float(state["scaling"])
     if state.get("stage") == "unet" and "optimizer" not in state and "rng" in state:
@@ -210,7 +231,7 @@ def restore_vae(run: Run, state: dict, rvae: ResidualVAE, data: Data) -> None:
             rvae, data.train, cfg.scaling_batches, cfg.vae.batch_size, cfg.seed, run.device
         )
         run.log(f"pretrained VAE; latent scaling {rvae.scaling:.5g}")
-        state.update(vae=rvae.vae.state_dict(), scaling=rvae.scaling)
+        state.update(frozen_vae_state(rvae))
 
 
 def unet_stage(run: Run, state: dict, rvae: ResidualVAE, denoiser: Denoiser, data: Data) -> bool:
@@ -244,7 +265,7 @@ def unet_stage(run: Run, state: dict, rvae: ResidualVAE, denoiser: Denoiser, dat
         data.train,
         lambda m, hr, lr: diffusion_batch_loss(m, rvae, hr, lr, run.gen, cfg, tables),
         state,
-        lambda: {"vae": rvae.vae.state_dict(), "scaling": rvae.scaling},
+        lambda: frozen_vae_state(rvae),
         sample_unet,
     )
     if not done:

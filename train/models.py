@@ -81,7 +81,10 @@ def build_lr_encoder(cfg: VAEConfig) -> LREncoder | None:
     if not cfg.lr_encoder:
         return None
     if cfg.factor < SCALE or cfg.factor % SCALE:
-        raise ValueError(f"an LR encoder needs a VAE factor that is a multiple of {SCALE}")
+        raise ValueError(
+            f"an LR encoder needs a VAE factor that is a multiple of {SCALE}, got "
+            f"{cfg.factor}; set vae.model.lr_encoder: [] to encode bicubic(LR) with the VAE"
+        )
     return LREncoder(
         channels=tuple(cfg.lr_encoder),
         latent_channels=cfg.latent_channels,

@@ -29,9 +29,12 @@ from torch.utils.data import Dataset
 
 
 class VAEObjective(torch.nn.Module):
-    """forward(hr, lr, noise) -> (recon, mean, logvar); one module so DDP sees a forward().
+    """forward(hr, lr, noise) -> (recon, mean, logvar, lr_encoder_mse); one module so DDP sees
+    a forward().
 
     hr [N, 1, 256, 256], lr [N, 1, 64, 64] in [0, 1]; noise [N, C, h, w] (None = posterior mean).
+    ``lr_encoder_mse`` trains the LR encoder (when the VAE has one) to reproduce the VAE
+    encoder's latent mean of bicubic(LR); 0 without one.
     """
 
     def __init__(self, rvae: ResidualVAE):
@@ -42,7 +45,7 @@ class VAEObjective(torch.nn.Module):
         dist = self.rvae.vae.encode(hr * 2.0 - 1.0).latent_dist
         z = dist.mean if noise is None else dist.mean + dist.std * noise
         recon = self.rvae.image(self.rvae.vae.decode(z).sample, lr)
-        return recon, dist.mean, dist.logvar
+        return recon, dist.mean, dist.logvar, self.rvae.lr_encoder_loss(lr)
 
 
 def vae_batch_loss(
@@ -60,8 +63,8 @@ def vae_batch_loss(
     if s.sample_posterior:
         shape = (hr.shape[0], latent_shape[0], hr.shape[-2] // f, hr.shape[-1] // f)
         noise = torch.randn(shape, generator=gen).to(hr.device)
-    recon, mean, logvar = model(hr, lr, noise)
-    return vae_loss(
+    recon, mean, logvar, lr_encoder_mse = model(hr, lr, noise)
+    loss, parts = vae_loss(
         recon,
         hr,
         mean,
@@ -74,6 +77,16 @@ def vae_batch_loss(
         fft_high_weight=s.fft_high_weight,
         fft_cutoff=s.fft_cutoff,
     )
+    if model_has_lr_encoder(model):
+        loss = loss + lr_encoder_mse
+        parts["lr_encoder_mse"] = float(lr_encoder_mse.detach())
+    return loss, parts
+
+
+def model_has_lr_encoder(model: torch.nn.Module) -> bool:
+    """Whether the (possibly DDP-wrapped) VAE objective trains an LR encoder."""
+    inner = getattr(model, "module", model)
+    return getattr(inner.rvae, "lr_encoder", None) is not None
 
 
 # -- stage 2 -------------------------------------------------------------------------------
@@ -121,8 +134,12 @@ def diffusion_batch_loss(
         x0, z_lr = latent_cutmix(x0, z_lr, cfg.unet.latent_cutmix, gen)
     t = torch.randint(0, cfg.schedule.num_train_timesteps, (n,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+    if cfg.unet.regression:  # the ablation's baseline: x0 from z_lr alone, one pass
+        t = torch.full_like(t, cfg.schedule.num_train_timesteps - 1)
     view = lambda table: table[t].float().view(n, 1, 1, 1).to(x0.device)
     x_t = cfg.schedule.q_sample(x0, eps, view(abar))
+    if cfg.unet.regression:  # no noise, no schedule: the input carries nothing but z_lr
+        x_t = torch.zeros_like(x0)
     target = view(c_x0) * x0 + view(c_eps) * eps
     pred = denoiser(x_t, t.float().to(x0.device), z_lr)
     u = cfg.unet

@@ -172,7 +172,7 @@ class StageTrainer:
         run.log(
             f"{name} step {step}/{self.stage.steps} loss {loss:.5g} "
             + " ".join(f"{k} {v:.4g}" for k, v in parts.items())
-            + f" lr {self.opt.last_lr():.3g} ({rate:.2f} s/step)"
+            + f" lr {self.opt.last_lr():.3g} ({rate:.4f} s/step)"
         )
         if run.writer is not None:
             run.writer.add_scalar(f"{name}/loss", loss, step)

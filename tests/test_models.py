@@ -1,0 +1,133 @@
+"""The any-size networks: the LR encoder (distillation, locality), no whole-latent attention,
+and the direct-regression baseline of the ablation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cxr_sr.train import checkpoint
+from cxr_sr.train.config import load_config
+from cxr_sr.train.models import (
+    LREncoder,
+    ResidualVAE,
+    UNetConfig,
+    VAEConfig,
+    bicubic,
+    build_lr_encoder,
+    build_vae,
+)
+from cxr_sr.train.objectives import VAEObjective, diffusion_batch_loss, vae_batch_loss
+from diffusers.models.attention_processor import Attention
+
+DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
+
+
+def _rvae(**kw) -> ResidualVAE:
+    torch.manual_seed(0)
+    cfg = VAEConfig(channels=[8, 8, 16], latent_channels=2, norm_groups=4, **kw)
+    return ResidualVAE(build_vae(cfg), 0.5, 4.0, True, build_lr_encoder(cfg))
+
+
+def test_default_vae_has_no_attention_and_an_lr_encoder():
+    rvae = _rvae()
+    assert not any(isinstance(m, Attention) for m in rvae.modules())
+    assert isinstance(rvae.lr_encoder, LREncoder)
+    first = _rvae(mid_attention=True, lr_encoder=[])
+    assert any(isinstance(m, Attention) for m in first.modules())
+    assert first.lr_encoder is None
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16, 16), (2, 1, 20, 36), (1, 1, 33, 17)])
+def test_any_size_shapes(shape):
+    rvae = _rvae().eval()
+    lr = torch.rand(shape)
+    with torch.no_grad():
+        z = rvae.encode_lr(lr)
+        assert z.shape == (shape[0], 2, shape[2], shape[3])  # f = 4: the latent is LR-sized
+        if shape[2] % 2 == 0 and shape[3] % 4 == 0:  # the VAE decoder halves twice
+            sr = rvae.decode(z, lr)
+            assert sr.shape == (shape[0], 1, 4 * shape[2], 4 * shape[3])
+
+
+def test_lr_encoder_is_local_so_tiles_match_the_whole_image():
+    """No normalisation over the image: away from the borders, a crop's code equals the
+    whole image's code at the same place."""
+    enc = _rvae().lr_encoder.eval()
+    lr = torch.rand(1, 1, 48, 48)
+    with torch.no_grad():
+        whole = enc(lr)
+        tile = enc(lr[..., 8:40, 8:40])
+    margin = 6  # receptive field of the encoder's 3x3 convolutions
+    torch.testing.assert_close(
+        tile[..., margin:-margin, margin:-margin],
+        whole[..., 8 + margin : 40 - margin, 8 + margin : 40 - margin],
+    )
+
+
+def test_lr_encoder_distillation_trains_only_the_lr_encoder():
+    rvae = _rvae()
+    lr = torch.rand(2, 1, 16, 16)
+    loss = rvae.lr_encoder_loss(lr)
+    loss.backward()
+    assert all(p.grad is None for p in rvae.vae.parameters())
+    assert all(p.grad is not None for p in rvae.lr_encoder.parameters())
+    target = rvae.vae.encode(bicubic(lr) * 2 - 1).latent_dist.mean
+    torch.testing.assert_close(loss, torch.mean((rvae.lr_encoder(lr) - target) ** 2))
+    assert rvae.encode_lr(lr).shape == target.shape
+
+
+def test_vae_stage_loss_includes_the_distillation():
+    cfg = load_config(DEBUG, ["vae.patch_size=0"])
+    rvae = _rvae()
+    hr = torch.rand(2, 1, 64, 64)
+    lr = bicubic(hr)[..., ::16, ::16]
+    _, parts = vae_batch_loss(VAEObjective(rvae), hr, lr, torch.Generator(), cfg, (2, 64, 64))
+    assert parts["lr_encoder_mse"] > 0
+    rvae.lr_encoder = None
+    _, parts = vae_batch_loss(VAEObjective(rvae), hr, lr, torch.Generator(), cfg, (2, 64, 64))
+    assert "lr_encoder_mse" not in parts
+
+
+def test_regression_baseline_sees_no_noise(tmp_path):
+    cfg = load_config(
+        DEBUG, ["unet.regression=true", "schedule.prediction=x0", "unet.patch_size=0"]
+    )
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x_t, t, z_lr):
+            seen.append((x_t.detach().clone(), t.detach().clone()))
+            return self.w * z_lr
+
+    from cxr_sr.train.losses import target_coefficients
+
+    abar = torch.from_numpy(cfg.schedule.alphas_cumprod())
+    tables = (abar, *target_coefficients(cfg.schedule))
+    hr = torch.rand(3, 1, 64, 64)
+    lr = bicubic(hr)[..., ::16, ::16]
+    loss, _ = diffusion_batch_loss(Spy(), _rvae(), hr, lr, torch.Generator(), cfg, tables)
+    assert torch.isfinite(loss)
+    x_t, t = seen[0]
+    assert torch.count_nonzero(x_t) == 0
+    assert torch.all(t == cfg.schedule.num_train_timesteps - 1)
+    with pytest.raises(ValueError, match="regression needs"):
+        load_config(DEBUG, ["unet.regression=true", "schedule.prediction=v"])
+
+
+def test_checkpoint_round_trips_the_lr_encoder(tmp_path):
+    folder = checkpoint.random_init(
+        tmp_path / "ck",
+        VAEConfig(channels=[8, 16, 16], norm_groups=4),
+        UNetConfig(channels=[16, 32], norm_groups=8),
+    )
+    assert (folder / "lr_encoder" / "config.json").is_file()
+    a, b = checkpoint.load(folder), checkpoint.load(folder)
+    lr = torch.rand(1, 1, 24, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(a.vae.encode_lr(lr), b.vae.encode_lr(lr))
