@@ -24,6 +24,7 @@ from cxr_sr.train.objectives import VAEObjective, diffusion_batch_loss, vae_batc
 DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
 
 
+@pytest.mark.slow
 def test_debug_run_writes_loadable_checkpoint(tmp_path):
     cfg = load_config(
         DEBUG,
