@@ -18,7 +18,6 @@ Where things live:
     train.trainer     the optimisation loop of one stage (run_loop / run_step / forward_backward)
     train.pretrained  a pretrained diffusers AutoencoderKL as the 1-channel VAE
     train.pipeline    the offline SR pipeline (the validation samples; also train.evaluate)
-    train.pipeline    the offline SR pipeline (the validation samples; also train.evaluate)
 """
 
 from __future__ import annotations
