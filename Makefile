@@ -51,8 +51,11 @@ demo: build ## serve, super-resolve the bundled radiograph, print and save the f
 test: install ## the full suite, as CI runs it (integration tests start a real tritonserver)
 	$(BIN)/python -m pytest -q --durations=15
 
+# one torch/OpenMP thread: the unit tests' tensors are tiny, and spinning threads on 2 shared
+# cores made this tier 2-5x slower (override with TEST_THREADS=2)
+TEST_THREADS ?= 1
 test-fast: install ## the unit tier: no tritonserver, no training runs or repository builds
-	$(BIN)/python -m pytest -q -m "not integration and not slow" --durations=5
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -m "not integration and not slow" --durations=5
 
 eval: weights ## offline evaluation on the held-out set -> outputs/eval.json
 	$(BIN)/python -m cxr_sr.train.evaluate --checkpoint $(CKPT) --out outputs/eval.json \
