@@ -48,12 +48,13 @@ serve: build ## tritonserver on 127.0.0.1 (HTTP_PORT, GRPC_PORT, METRICS_PORT)
 demo: build ## serve, super-resolve the bundled radiograph, print and save the figures
 	$(BIN)/python -m cxr_sr.builders.demo --repository $(REPO) --checkpoint $(CKPT)
 
-test: install ## the full suite, as CI runs it (integration tests start a real tritonserver)
-	$(BIN)/python -m pytest -q --durations=15
-
-# one torch/OpenMP thread: the unit tests' tensors are tiny, and spinning threads on 2 shared
-# cores made this tier 2-5x slower (override with TEST_THREADS=2)
+# one torch/OpenMP thread for the tests: their tensors are tiny, and spinning threads on 2
+# shared cores made the unit tier 2-5x slower (override with TEST_THREADS=2)
 TEST_THREADS ?= 1
+
+test: install ## the full suite, as CI runs it (integration tests start a real tritonserver)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q --durations=15
+
 test-fast: install ## the unit tier: no tritonserver, no training runs or repository builds
 	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -m "not integration and not slow" --durations=5
 
