@@ -131,3 +131,27 @@ def test_checkpoint_round_trips_the_lr_encoder(tmp_path):
     lr = torch.rand(1, 1, 24, 40)
     with torch.no_grad():
         torch.testing.assert_close(a.vae.encode_lr(lr), b.vae.encode_lr(lr))
+
+
+@pytest.mark.slow
+def test_init_from_fine_tunes_the_denoiser_only(tmp_path):
+    from cxr_sr.train.loop import run_training
+
+    base = ["vae.steps=2", "unet.steps=2", "vae.ckpt_every=0", "unet.ckpt_every=0"]
+    first = run_training(load_config(DEBUG, [*base, f"out={tmp_path / 'a'}"]), progress=False)
+    cfg = load_config(DEBUG, [*base, f"out={tmp_path / 'b'}", f"init_from={first}"])
+    second = run_training(cfg, progress=False)
+    a, b = checkpoint.load(first), checkpoint.load(second)
+    for (name, p), q in zip(a.vae.state_dict().items(), b.vae.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+    assert a.vae.scaling == b.vae.scaling
+    changed = [
+        not torch.equal(p, q)
+        for p, q in zip(a.denoiser.parameters(), b.denoiser.parameters(), strict=True)
+    ]
+    assert any(changed)
+    wrong = load_config(
+        DEBUG, [*base, f"out={tmp_path / 'c'}", f"init_from={first}", "unet.model.channels=[8,16]"]
+    )
+    with pytest.raises(ValueError, match="architecture differs"):
+        run_training(wrong, progress=False)

@@ -160,6 +160,9 @@ class TrainConfig:
             folded into an exact 1-channel one (gray replicated to RGB, output averaged). An
             image VAE (SD) decodes images, not residuals: set ``vae.model.residual: false``.
         pretrained_scaling: latent scaling of the pretrained VAE (0 = measure it).
+        init_from: a checkpoint folder of the same architecture to fine-tune: its VAE, LR
+            encoder, latent scaling and denoiser are loaded, stage 1 is skipped and stage 2
+            continues training the denoiser (e.g. on your own data, or longer).
         scaling_batches: batches of HR images used to measure the latent std after stage 1.
         sample_count: validation images in the TensorBoard sample grids.
     """
@@ -169,6 +172,7 @@ class TrainConfig:
     out: str = "runs/default"
     pretrained_vae: str | None = None
     pretrained_scaling: float = 0.0
+    init_from: str | None = None
     num_workers: int = 0
     scaling_batches: int = 8
     sample_count: int = 4

@@ -205,6 +205,25 @@ def vae_stage(run: Run, state: dict, rvae: ResidualVAE, data: Data, latent_shape
     return True
 
 
+def init_from_checkpoint(run: Run, state: dict, rvae: ResidualVAE, denoiser: Denoiser) -> None:
+    """Load ``cfg.init_from`` (same architecture) and start at stage 2 with its VAE frozen."""
+    source = ckpt.load(run.cfg.init_from)
+    try:
+        rvae.vae.load_state_dict(source.vae.vae.state_dict())
+        if (rvae.lr_encoder is None) != (source.vae.lr_encoder is None):
+            raise RuntimeError("one of the two has an LR encoder and the other not")
+        if rvae.lr_encoder is not None:
+            rvae.lr_encoder.load_state_dict(source.vae.lr_encoder.state_dict())
+        denoiser.load_state_dict(source.denoiser.state_dict())
+    except RuntimeError as err:
+        raise ValueError(
+            f"init_from={run.cfg.init_from}: its architecture differs from this config's: {err}"
+        ) from None
+    rvae.scaling = source.vae.scaling
+    state.update(stage="unet", step=0, position=0, **frozen_vae_state(rvae))
+    run.log(f"initialised from {run.cfg.init_from}; latent scaling {rvae.scaling:.5g}")
+
+
 def frozen_vae_state(rvae: ResidualVAE) -> dict:
     """What stage 2 keeps of stage 1: the VAE (and LR encoder) weights and the scaling."""
     out = {"vae": rvae.vae.state_dict(), "scaling": rvae.scaling}
@@ -284,6 +303,8 @@ def run_training(
     run, state = open_run(cfg, resume, stop_after, progress)
     # models (built from the seed even when resuming, then overwritten by the state)
     rvae, denoiser, latent_shape = build_models(cfg, run.device)
+    if cfg.init_from and "stage" not in state:  # a fresh fine-tuning run
+        init_from_checkpoint(run, state, rvae, denoiser)
     data, n_val = load_data(cfg, run.device)
     run.log(
         f"device {run.device}; train {len(data.train)} / val {n_val} pairs; "
