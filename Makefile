@@ -30,11 +30,12 @@ constraints: venv ## regenerate constraints.txt from the working venv
 	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable \
 	  | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
-weights: venv ## the demo checkpoint (trains it with train/configs/demo.yaml if absent)
+weights: venv ## the demo checkpoint (committed; weights/demo/MODEL_CARD.md says how it was trained)
 	@if [ ! -f $(CKPT)/cxr_sr.json ]; then \
-	  echo "no $(CKPT): training the demo model (~15 min on 2 CPU cores)"; \
-	  $(BIN)/python -m cxr_sr.train.loop --config train/configs/demo.yaml --out runs/demo && \
-	  mkdir -p $(dir $(CKPT)) && cp -r runs/demo/checkpoint $(CKPT); fi
+	  echo "no checkpoint in $(CKPT). The committed one is weights/demo; to train one on"; \
+	  echo "NIH ChestX-ray14: $(BIN)/python -m cxr_sr.train.loop --config train/configs/nih.yaml \\"; \
+	  echo "    --set data.root=<folder holding images/> --out runs/nih   (then CKPT=runs/nih/checkpoint)"; \
+	  exit 1; fi
 
 build: weights ## cpu-target Triton repository in $(REPO)
 	$(BIN)/python -m cxr_sr.builders.build --checkpoint $(CKPT) --target cpu --out $(REPO)
@@ -65,6 +66,7 @@ eval: weights ## offline evaluation on the held-out set -> outputs/eval.json
 bench: build install ## perf_analyzer sweep and stage timings -> outputs/bench_*.json
 	$(BIN)/python -m benchmarks.perf --repository $(REPO)
 	$(BIN)/python -m benchmarks.stages --repository $(REPO)
+	$(BIN)/python -m benchmarks.vae_cost --checkpoint $(CKPT) --out outputs/vae_cost.json
 
 style: venv
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
