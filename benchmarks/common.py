@@ -120,8 +120,9 @@ def lr_images(count: int, seed: int = 0) -> np.ndarray:
         raise ValueError(f"count must be >= 1, got {count}")
     rng = np.random.default_rng(seed)
     try:
-        from cxr_sr.client.io import read_image
         from pydicom.data import get_testdata_file
+
+        from cxr_sr.client.io import read_image
 
         path = get_testdata_file("RG1_UNCI.dcm")
         image = read_image(path) if path else None

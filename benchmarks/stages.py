@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cxr_sr.builders.specs import ENSEMBLE, NETWORKS
 
 from benchmarks.common import (
     describe,
@@ -38,6 +37,7 @@ from benchmarks.common import (
     table,
     write_json,
 )
+from cxr_sr.builders.specs import ENSEMBLE, NETWORKS
 
 TRITON_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
 
@@ -161,9 +161,8 @@ def offline_timings(
     ``session.intra_op.allow_spinning``): with three sessions on a shared 2-core machine the
     spinning pools of the idle sessions take CPU from the busy one.
     """
-    from cxr_sr.train.pipeline import ORT_DTYPES, OnnxPipeline
-
     from cxr_sr import SamplingOptions, Schedule
+    from cxr_sr.train.pipeline import ORT_DTYPES, OnnxPipeline
 
     pipe = OnnxPipeline(onnx_dir, threads=threads, spinning=spinning)
     sessions = pipe.sessions

@@ -25,11 +25,11 @@ from types import SimpleNamespace
 import numpy as np
 import onnxruntime as ort
 import torch
+
+from benchmarks.common import describe, device_info, software_versions, table, write_json
 from cxr_sr.builders.export import GRAPHS
 from cxr_sr.train import checkpoint as ckpt_io
 from cxr_sr.train.models import ResidualVAE, VAEConfig, build_vae
-
-from benchmarks.common import describe, device_info, software_versions, table, write_json
 
 # The first version's demo VAE: f=4, channels 24-48-48, mid-block self-attention over the
 # whole latent in encoder and decoder, z_lr = VAE encoder of bicubic(LR) at 4x the LR side.

@@ -137,7 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--checkpoint",
         type=Path,
         default=Path("weights/demo"),
-        help="checkpoint folder written by train.loop (default: %(default)s)",
+        help="checkpoint folder written by cxr_sr.train.loop (default: %(default)s)",
     )
     p.add_argument(
         "--target",

@@ -23,17 +23,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from cxr_sr.builders.serve import TritonServer
 from cxr_sr.client import SRClient, format_table, psnr, read_image, save_side_by_side, ssim
 from cxr_sr.client.report import bicubic_baseline
-
 from cxr_sr.imaging import PROTOCOLS, reference_pair
 
 
 def demo_images() -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, lr [64,64], hr [256,256]) for the whole radiograph and the held-out strip."""
-    from cxr_sr.train.data import DataConfig, build_dataset
     from pydicom.data import get_testdata_file
+
+    from cxr_sr.train.data import DataConfig, build_dataset
 
     hr, lr = reference_pair(read_image(get_testdata_file("RG1_UNCI.dcm")))
     images = [("RG1 whole", lr, hr)]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from cxr_sr.builders.specs import NetworkSpec
 from cxr_sr.train.checkpoint import Checkpoint
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cxr_sr.builders.specs import ENSEMBLE, SAMPLER, NetworkSpec, TensorSpec
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+
+from cxr_sr.builders.specs import ENSEMBLE, SAMPLER, NetworkSpec, TensorSpec
 
 TARGETS = ("cpu", "gpu")
 

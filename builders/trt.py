@@ -83,7 +83,7 @@ def check_plan_version(plan_path: str | Path, runtime_version: str | None) -> No
     """Raise a clear error when a plan was built by another TensorRT than the runtime's."""
     meta = Path(str(plan_path) + META_SUFFIX)
     if not meta.is_file():
-        raise FileNotFoundError(f"{meta} is missing: rebuild the plan with builders.build")
+        raise FileNotFoundError(f"{meta} is missing: rebuild the plan with cxr_sr.builders.build")
     built = json.loads(meta.read_text())["tensorrt"]
     if runtime_version is None:
         raise RuntimeError(f"{plan_path} needs TensorRT {built}, and none is installed")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from cxr_sr.client.io import is_dicom, iter_inputs, read_image, write_dicom_sc, write_png
 from cxr_sr.client.metrics import hfen, ms_ssim, psnr, ssim
 from cxr_sr.client.prepare import prepare
@@ -32,7 +33,6 @@ from cxr_sr.client.triton import (
     SRConnectionError,
     SRServerError,
 )
-
 from cxr_sr.imaging import HR_SIZE
 from cxr_sr.serving import add_arguments, namespace_parameters
 

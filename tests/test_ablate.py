@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from cxr_sr.train import ablate, checkpoint
 
 DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
+
 from cxr_sr.builders import build
 from cxr_sr.builders.specs import NETWORKS, NetworkSpec, TensorSpec, network_specs
 from cxr_sr.builders.triton_config import read_config

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cxr_sr.client.cli import build_parser, main
 from cxr_sr.client.io import read_image, write_png
 from cxr_sr.client.report import bicubic_baseline, format_table, side_by_side

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cxr_sr.client.io import is_dicom, iter_inputs, read_image, write_dicom_sc, write_png
-from cxr_sr.client.prepare import make_lr, prepare, to_reference_hr
 from PIL import Image
 
+from cxr_sr.client.io import is_dicom, iter_inputs, read_image, write_dicom_sc, write_png
+from cxr_sr.client.prepare import make_lr, prepare, to_reference_hr
 from cxr_sr.imaging import area_downsample
 
 

@@ -7,10 +7,10 @@ import csv
 import numpy as np
 import pytest
 import torch
-from cxr_sr.train.data import DataConfig, build_dataset
-from cxr_sr.train.data.fake import write_fake_nih
 
 from cxr_sr.imaging import area_downsample
+from cxr_sr.train.data import DataConfig, build_dataset
+from cxr_sr.train.data.fake import write_fake_nih
 
 
 def patient(name: str) -> int:

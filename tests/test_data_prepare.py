@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
+
+from cxr_sr.imaging import area_downsample
 from cxr_sr.train.data import DataConfig, build_dataset
 from cxr_sr.train.data.fake import write_fake_nih
 from cxr_sr.train.data.prepare import CachedPairs, main, prepare
-
-from cxr_sr.imaging import area_downsample
 
 
 @pytest.fixture()

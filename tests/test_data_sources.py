@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cxr_sr.train.data import DataConfig, build_dataset, chest_phantom
-from cxr_sr.train.data.pairs import Region
-from cxr_sr.train.data.sample import SampleRadiograph, split_regions
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from cxr_sr.imaging import area_downsample, bicubic_upsample
+from cxr_sr.train.data import DataConfig, build_dataset, chest_phantom
+from cxr_sr.train.data.pairs import Region
+from cxr_sr.train.data.sample import SampleRadiograph, split_regions
 
 
 def test_phantom_is_seeded_and_detailed():

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from cxr_sr.builders import trt
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
-EMBEDDED_TRITON = "2.51"  # tritonserver in nvidia-pytriton 0.7.0 (DESIGN.md)
+EMBEDDED_TRITON = "2.51"  # tritonserver in nvidia-pytriton 0.7.0 (docs/design.md)
 
 
 def ngc_triton_version(release: str) -> str:

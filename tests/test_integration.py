@@ -2,7 +2,7 @@
 
 A tiny random-weight checkpoint is built into a cpu-target repository, served on
 127.0.0.1 with free ports (fixtures in conftest.py), and exercised over HTTP and gRPC
-through ``client.SRClient``.
+through ``cxr_sr.client.SRClient``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
+
+from cxr_sr import SamplingOptions
 from cxr_sr.client import SRClient, SRServerError, write_png
 from cxr_sr.train.checkpoint import load
-
-from cxr_sr import SamplingOptions, sample
-from cxr_sr.sampling import generators
+from cxr_sr.train.pipeline import TorchPipeline
 
 pytestmark = pytest.mark.integration
 
@@ -54,16 +53,7 @@ def test_served_loop_matches_offline_torch_pipeline(server, checkpoint, lr):
     """The BLS loop over onnxruntime reproduces the offline torch loop (same seed)."""
     ckpt = load(checkpoint)
     opts = ckpt.sampling.replace(steps=STEPS, sampler="ddpm")
-    with torch.no_grad():
-        z_lr = ckpt.vae.encode_lr(torch.from_numpy(lr)).numpy()
-
-        def denoise(x, t, c):
-            return ckpt.denoiser(
-                torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(c)
-            ).numpy()
-
-        z = sample(denoise, z_lr, ckpt.schedule, opts, generators([5], [len(lr)]))
-        offline = ckpt.vae.decode(torch.from_numpy(z), torch.from_numpy(lr)).numpy()
+    offline = TorchPipeline(ckpt.vae, ckpt.denoiser).super_resolve(lr, ckpt.schedule, opts, 5)
     with SRClient(server.http_url) as c:
         served = c.super_resolve(lr, steps=STEPS, sampler="ddpm", seed=5)
     np.testing.assert_allclose(served, offline, atol=1e-4)
@@ -156,16 +146,7 @@ def test_spacing_is_honoured(server, checkpoint, lr):
     np.testing.assert_array_equal(default, trailing)
     assert np.abs(leading - trailing).max() > 1e-3
     opts = ckpt.sampling.replace(steps=STEPS, spacing="leading")
-    with torch.no_grad():
-        z_lr = ckpt.vae.encode_lr(torch.from_numpy(lr)).numpy()
-
-        def denoise(x, t, c):
-            return ckpt.denoiser(
-                torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(c)
-            ).numpy()
-
-        z = sample(denoise, z_lr, ckpt.schedule, opts, generators([4], [len(lr)]))
-        offline = ckpt.vae.decode(torch.from_numpy(z), torch.from_numpy(lr)).numpy()
+    offline = TorchPipeline(ckpt.vae, ckpt.denoiser).super_resolve(lr, ckpt.schedule, opts, 4)
     np.testing.assert_allclose(leading, offline, atol=1e-4)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from cxr_sr.client.metrics import hfen, log_kernel, ms_ssim, psnr, ssim
 
 skm = pytest.importorskip("skimage.metrics")

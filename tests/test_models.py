@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
+
 from cxr_sr.train import checkpoint
 from cxr_sr.train.config import load_config
 from cxr_sr.train.models import (
@@ -19,7 +21,6 @@ from cxr_sr.train.models import (
     build_vae,
 )
 from cxr_sr.train.objectives import VAEObjective, diffusion_batch_loss, vae_batch_loss
-from diffusers.models.attention_processor import Attention
 
 DEBUG = Path(__file__).resolve().parents[1] / "train" / "configs" / "debug.yaml"
 

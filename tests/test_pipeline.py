@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+from cxr_sr import SamplingOptions
 from cxr_sr.train import checkpoint as ckpt_mod
 from cxr_sr.train.models import VAEConfig, build_vae
 from cxr_sr.train.pipeline import (
@@ -14,8 +16,6 @@ from cxr_sr.train.pipeline import (
     latent_shape,
     super_resolve,
 )
-
-from cxr_sr import SamplingOptions
 
 PLANS = [
     SamplingOptions(steps=2, sampler="ddim", start="lr", strength=0.5),

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cxr_sr.client.cli import build_parser
-from cxr_sr.client.triton import SRClient, sampling_parameters
 
 from benchmarks.perf import PerfSettings, perf_command
 from benchmarks.perf import parse_args as perf_parse_args
 from cxr_sr import SamplingOptions, Schedule, serving
+from cxr_sr.client.cli import build_parser
+from cxr_sr.client.triton import SRClient, sampling_parameters
 from cxr_sr.sampling import OPTION_PARAMS, REQUEST_PARAMS, SEED, Param
 from cxr_sr.serving import (
     REQUEST_KEYS,

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from cxr_sr.train.models import Denoiser, UNetConfig, build_unet
 
 from cxr_sr import SamplingOptions, Schedule, sample, timesteps
 from cxr_sr.sampling import generators
+from cxr_sr.train.models import Denoiser, UNetConfig, build_unet
 
 C, S = 4, 16
 

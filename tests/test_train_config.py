@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cxr_sr.train.config import TrainConfig, config_from_dict, load_config, to_dict
 
 from cxr_sr import SamplingOptions, Schedule
+from cxr_sr.train.config import TrainConfig, config_from_dict, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs"
 

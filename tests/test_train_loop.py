@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from cxr_sr.train import checkpoint
 from cxr_sr.train.config import load_config, to_dict
 from cxr_sr.train.data import build_dataset
@@ -157,8 +158,9 @@ def test_plain_vae_variant_round_trips(tmp_path):
 def test_rgb_vae_from_a_local_folder_folds_into_an_exact_gray_one(tmp_path):
     """An SD-style 3-channel AutoencoderKL saved locally loads as a 1-channel VAE whose
     encoder sees gray replicated to RGB and whose decoder output is the RGB mean."""
-    from cxr_sr.train.pretrained import load_pretrained_vae
     from diffusers import AutoencoderKL
+
+    from cxr_sr.train.pretrained import load_pretrained_vae
 
     torch.manual_seed(0)
     rgb = AutoencoderKL(

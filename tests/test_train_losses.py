@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cxr_sr.client import metrics
-from cxr_sr.train.losses import frequency_loss, kl_standard_normal, ssim, target_coefficients
 
 from cxr_sr import Schedule
+from cxr_sr.client import metrics
+from cxr_sr.train.losses import frequency_loss, kl_standard_normal, ssim, target_coefficients
 
 
 def test_ssim_matches_client_metric():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from cxr_sr.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

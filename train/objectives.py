@@ -19,11 +19,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from cxr_sr.imaging import HR_SIZE
 from cxr_sr.train.batches import make_loader, random_patch
 from cxr_sr.train.config import TrainConfig
 from cxr_sr.train.losses import diffusion_loss, vae_loss
 from cxr_sr.train.models import ResidualVAE, bicubic
-from torch.utils.data import Dataset
 
 # -- stage 1 -------------------------------------------------------------------------------
 
@@ -58,7 +60,7 @@ def vae_batch_loss(
 ):
     s = cfg.vae
     hr, lr = random_patch(hr, lr, s.patch_size, gen, cfg.data.scale)
-    f = 256 // latent_shape[1]
+    f = HR_SIZE // latent_shape[1]  # latent_shape is of an HR_SIZE image (pipeline.latent_shape)
     noise = None
     if s.sample_posterior:
         shape = (hr.shape[0], latent_shape[0], hr.shape[-2] // f, hr.shape[-1] // f)

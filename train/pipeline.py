@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cxr_sr.builders.specs import NETWORKS
 
 from cxr_sr import SamplingOptions, Schedule, sample
+from cxr_sr.builders.specs import NETWORKS
 from cxr_sr.imaging import HR_SIZE
 from cxr_sr.sampling import generators
 

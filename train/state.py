@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from cxr_sr.train.config import StageConfig
 from cxr_sr.train.ema import EMA
 

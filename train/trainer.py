@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
+
 from cxr_sr.train.batches import make_loader
 from cxr_sr.train.config import StageConfig, TrainConfig
 from cxr_sr.train.state import STAGES, Optimization, atomic_save, autocast
-from torch.utils.data import Dataset
 
 # -- one process's run ---------------------------------------------------------------------
 

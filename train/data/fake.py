@@ -13,8 +13,9 @@ import csv
 from pathlib import Path
 
 import numpy as np
-from cxr_sr.train.data.phantom import chest_phantom
 from PIL import Image
+
+from cxr_sr.train.data.phantom import chest_phantom
 
 NIH_HEADER = [
     "Image Index",

@@ -39,6 +39,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
 from cxr_sr.train.data.pairs import PairDataset, Region, random_box, reference_hr, resize
 
 log = logging.getLogger(__name__)

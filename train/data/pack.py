@@ -22,12 +22,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from cxr_sr.client.io import read_image
-from cxr_sr.train.data.nih import SPLITS, nih_split_names
 from PIL import Image
 from tqdm import tqdm
 
+from cxr_sr.client.io import read_image
 from cxr_sr.imaging import area_downsample
+from cxr_sr.train.data.nih import SPLITS, nih_split_names
 
 
 def _save(image: np.ndarray, path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from cxr_sr.train.data.pairs import SPLITS, PairDataset, reference_hr
 from cxr_sr.train.data.phantom import chest_phantom
 

@@ -33,8 +33,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-from cxr_sr.train.data.pairs import SPLITS, PairDataset
 from tqdm import tqdm
+
+from cxr_sr.train.data.pairs import SPLITS, PairDataset
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """The bundled real radiograph, split spatially into a training and a held-out region.
 
 ``RG1_UNCI.dcm`` from the ``pydicom-data`` wheel: a CR chest PA, 1955 rows x 1841 columns,
-15 bits stored, MONOCHROME1 (decoded by ``client.io.read_image``: VOI window applied and
+15 bits stored, MONOCHROME1 (decoded by ``cxr_sr.client.io.read_image``: VOI window applied and
 inverted so bone is bright). One image cannot give independent train and test images, so a
 strip of it is held out, described by ``holdout = "<side>:<fraction>"``; the default
 ``"right:0.25"`` keeps the right quarter of the columns (columns 1381-1840, all rows) out of
-training, as the measurements in DESIGN.md did.
+training, as the measurements in docs/design.md did.
 
 - ``train``: random square crops lying entirely inside the training region. The side is
   ``s * hr_size`` native pixels for ``s`` drawn from ``crop_scales`` (clamped to the region's
@@ -28,6 +28,7 @@ gives an independent held-out chest image.
 from __future__ import annotations
 
 import numpy as np
+
 from cxr_sr.train.data.pairs import Box, PairDataset, Region, grid_boxes, random_box, resize
 
 SAMPLE_FILE = "RG1_UNCI.dcm"
@@ -66,8 +67,9 @@ def split_regions(height: int, width: int, holdout: str) -> tuple[Region, Region
 
 def load_sample(name: str = SAMPLE_FILE) -> np.ndarray:
     """Decode a radiograph shipped in ``pydicom-data``: float32 ``[H, W]`` in [0, 1]."""
-    from cxr_sr.client.io import read_image
     from pydicom.data import get_testdata_file
+
+    from cxr_sr.client.io import read_image
 
     path = get_testdata_file(name)
     if path is None:
