@@ -131,6 +131,10 @@ class UNetStage(StageConfig):
     ``pixel_max_t`` limits the term to timesteps t < pixel_max_t (0 = all): the low-noise
     steps that decide the final image.
 
+    ``t_min`` draws training timesteps from [t_min, T) instead of [0, T): a model served
+    with few steps from pure noise (the default: one step at t = T - 1) is trained where its
+    sampler visits; more steps then visit timesteps it saw less of.
+
     ``regression`` trains the same network as a direct regression baseline for the ablation:
     input x_t = 0 at the fixed timestep T - 1, target the clean latent (x0 prediction only),
     so it predicts the HR latent from z_lr in one pass with no noise and no schedule.
@@ -144,6 +148,7 @@ class UNetStage(StageConfig):
     latent_cutmix: float = 0.0
     pixel_weight: float = 0.0
     pixel_max_t: int = 0
+    t_min: int = 0
     regression: bool = False
 
 
@@ -189,6 +194,11 @@ class TrainConfig:
             raise ValueError(f"unet.loss must be one of {DIFFUSION_LOSSES}, got {self.unet.loss!r}")
         if self.unet.pixel_weight < 0 or self.unet.pixel_max_t < 0:
             raise ValueError("unet.pixel_weight and unet.pixel_max_t must be >= 0")
+        if not 0 <= self.unet.t_min < self.schedule.num_train_timesteps:
+            raise ValueError(
+                f"unet.t_min must be in [0, {self.schedule.num_train_timesteps}), "
+                f"got {self.unet.t_min}"
+            )
         if self.unet.regression and self.schedule.prediction != "x0":
             raise ValueError("unet.regression needs schedule.prediction: x0")
         if not 0.0 <= self.unet.latent_cutmix <= 1.0:

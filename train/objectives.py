@@ -134,7 +134,7 @@ def diffusion_batch_loss(
     n = hr.shape[0]
     if cfg.unet.latent_cutmix > 0:
         x0, z_lr = latent_cutmix(x0, z_lr, cfg.unet.latent_cutmix, gen)
-    t = torch.randint(0, cfg.schedule.num_train_timesteps, (n,), generator=gen)
+    t = torch.randint(cfg.unet.t_min, cfg.schedule.num_train_timesteps, (n,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen).to(x0.device)
     if cfg.unet.regression:  # the ablation's baseline: x0 from z_lr alone, one pass
         t = torch.full_like(t, cfg.schedule.num_train_timesteps - 1)
