@@ -59,9 +59,15 @@ test: install ## the full suite, as CI runs it (integration tests start a real t
 test-fast: install ## the unit tier: no tritonserver, no training runs or repository builds
 	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -m "not integration and not slow" --durations=5
 
-eval: weights ## offline evaluation on the held-out set -> outputs/eval.json
-	$(BIN)/python -m cxr_sr.train.evaluate --checkpoint $(CKPT) --out outputs/eval.json \
-	  --plot outputs/quality_vs_steps.png
+# `make eval NIH=/path/to/ChestX-ray14` scores the NIH test split (the folder holding images/)
+# instead of the bundled radiograph's held-out region
+NIH ?=
+eval: weights ## offline evaluation (reference + native scale) -> outputs/eval[_nih].json, plots
+	$(BIN)/python -m cxr_sr.train.evaluate --checkpoint $(CKPT) --steps 1,2,4,8 --protocol both \
+	  $(if $(NIH),--data nih --root $(NIH) --set val_fraction=0.05 --set test_fraction=0.1 \
+	    --set n_eval_images=null --out outputs/eval_nih.json \
+	    --plot outputs/quality_vs_steps_nih.png --figure outputs/eval_nih_zoom.png,\
+	  --out outputs/eval.json --plot outputs/quality_vs_steps.png --figure outputs/eval_zoom.png)
 
 bench: build install ## perf_analyzer sweep and stage timings -> outputs/bench_*.json
 	$(BIN)/python -m benchmarks.perf --repository $(REPO)

@@ -7,6 +7,8 @@ image). Intensities are expected in ``[0, data_range]``. Arithmetic is float64.
 Gaussian and LoG filters are separable numpy convolutions with symmetric ("reflect" in
 scipy's naming) borders; SSIM and MS-SSIM only average the interior where the window fits,
 so their borders never matter.
+
+``lr_psnr`` (LR consistency) scores an SR image against the LR input it was made from.
 """
 
 from __future__ import annotations
@@ -213,3 +215,27 @@ def hfen(
     with np.errstate(divide="ignore", invalid="ignore"):
         values = np.where(num == 0, 0.0, num / den)
     return _out(values, single)
+
+
+def lr_psnr(
+    sr: np.ndarray, lr: np.ndarray, scale: int = 4, data_range: float = 1.0
+) -> float | np.ndarray:
+    """LR consistency in dB: ``psnr(area_downsample(sr, scale), lr)``.
+
+    The degradation the model inverts is the ``scale`` x ``scale`` area mean
+    (``cxr_sr.imaging.area_downsample``), so an SR image that only adds detail the LR input
+    allows averages back to that input exactly (``inf``). A lower value than the bicubic
+    baseline's means the SR changed the image at LR scale, i.e. invented (or lost) content.
+    ``sr`` is ``[H, W]``, ``[N, H, W]`` or ``[N, 1, H, W]``; ``lr`` the same with the last two
+    axes divided by ``scale``. Higher is more consistent.
+    """
+    from cxr_sr.imaging import area_downsample
+
+    sr = np.asarray(sr)
+    lr = np.asarray(lr)
+    if sr.ndim != lr.ndim or sr.shape[:-2] != lr.shape[:-2]:
+        raise ValueError(f"sr {sr.shape} and lr {lr.shape} differ in their leading axes")
+    want = (lr.shape[-2] * scale, lr.shape[-1] * scale)
+    if sr.shape[-2:] != want:
+        raise ValueError(f"sr is {sr.shape[-2:]}, expected {want} for lr {lr.shape[-2:]} x{scale}")
+    return psnr(area_downsample(sr, scale), lr, data_range)

@@ -1,5 +1,5 @@
 """Offline evaluation of a checkpoint on a held-out set: bicubic, the VAE ceiling, and SR at
-several step counts.
+several step counts, at the reference protocol and at native scale.
 
     python -m cxr_sr.train.evaluate --checkpoint runs/demo/checkpoint --data sample --split test \\
         --backend torch --steps 1,2,4,8 --out outputs/eval.json --plot outputs/quality_vs_steps.png
@@ -7,11 +7,31 @@ several step counts.
 The pipeline is the served one (``train.pipeline``): z_lr = vae.encode_lr(LR) ->
 ``cxr_sr.sample`` over the denoiser -> vae.decode, with the torch modules or onnxruntime
 sessions (``--backend onnx``).
-Metrics come from ``client.metrics`` (PSNR, SSIM, MS-SSIM, HFEN), on [0, 1] images at the
-dataset's HR size, the pairs made by ``cxr_sr.imaging`` (the reference protocol, as the
-client and the demo), bicubic = ``cxr_sr.imaging.bicubic_baseline``; LPIPS (Zhang et al.
-2018) only when the ``lpips`` package and its backbone weights are already on disk. Seconds
-per image are wall time of the whole batch / N.
+
+Protocols (``--protocol reference|native|both``, default both; ``cxr_sr.imaging.PROTOCOLS``):
+
+- ``reference``: the dataset's items, HR = the whole image (or the held-out square) resized to
+  ``hr_size`` (256), LR = 4x area downsample (``cxr_sr.imaging.reference_pair``), as the
+  client and the demo.
+- ``native``: HR = the same image (NIH: the 1024 x 1024 file; the bundled radiograph: each
+  held-out square) at its own pixel size, centre-cropped to a multiple of
+  ``NATIVE_MULTIPLE`` (16: the LR side must be a multiple of 4 for the VAE), LR = 4x area
+  downsample (``cxr_sr.imaging.native_pair``); scored at full size, one image at a time, at
+  most ``--native-limit`` images. A ``cache`` source holds no native images: ``both`` then
+  runs the reference protocol only.
+
+Metrics come from ``client.metrics`` (PSNR, SSIM, MS-SSIM, HFEN) on [0, 1] images, bicubic =
+``cxr_sr.imaging.bicubic_baseline``, plus ``lr_psnr`` (``client.metrics.lr_psnr``): the PSNR
+of the 4x area downsample of each output against the LR input, the LR consistency (bicubic's
+value is the reference point; an SR well below it changed the image at LR scale, i.e.
+invented or removed content). LPIPS (Zhang et al. 2018) only when the ``lpips`` package and
+its backbone weights are already on disk. Seconds per image are wall time of the whole batch
+/ N.
+
+``--figure`` writes a side-by-side PNG of zoomed regions (LR nearest-upsampled, bicubic, SR,
+HR; ``--zoom`` / ``--zoom-size``) of the first ``--figure-images`` images, at the native
+protocol when it ran (else reference); ``--plot`` the quality-vs-steps plot, one row per
+protocol. Every title, and the JSON (``protocols.<name>.title``), names protocol and scale.
 """
 
 from __future__ import annotations
@@ -25,23 +45,116 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cxr_sr.client import metrics
-from cxr_sr.train.pipeline import OnnxPipeline, TorchPipeline
 
 from cxr_sr import SamplingOptions
-from cxr_sr.imaging import bicubic_baseline
+from cxr_sr.client import metrics
+from cxr_sr.imaging import PROTOCOLS, SCALE, bicubic_baseline, native_pair
+from cxr_sr.train.pipeline import OnnxPipeline, TorchPipeline
 
-METRICS = ("psnr", "ssim", "ms_ssim", "hfen")
+METRICS = ("psnr", "ssim", "ms_ssim", "hfen", "lr_psnr")
+PROTOCOL_CHOICES = ("reference", "native", "both")
+NATIVE_MULTIPLE = 16  # native HR side: LR a multiple of 4 (the VAE decoder halves twice)
+NATIVE_LIMIT = 40  # default --native-limit: images scored at native scale
 
 
-def _scores(pred: np.ndarray, hr: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-image metrics of [N, 1, H, W] arrays in [0, 1]."""
+def _scores(pred: np.ndarray, hr: np.ndarray, lr: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image metrics of [N, 1, H, W] arrays in [0, 1] (``lr``: the input, [N, 1, H/4, W/4])."""
     return {
         "psnr": np.atleast_1d(metrics.psnr(pred, hr)),
         "ssim": np.atleast_1d(metrics.ssim(pred, hr)),
         "ms_ssim": np.atleast_1d(metrics.ms_ssim(pred, hr)),
         "hfen": np.atleast_1d(metrics.hfen(pred, hr)),
+        "lr_psnr": np.atleast_1d(metrics.lr_psnr(pred, lr, SCALE)),
     }
+
+
+def native_image(dataset, index: int) -> np.ndarray:
+    """Item ``index`` of ``dataset`` at its own pixel size, before any resizing: float32 [H, W].
+
+    The bundled radiograph: the item's square of the native image (``dataset.box``); NIH,
+    DICOM and image folders: the decoded file; phantoms: the phantom as drawn. A ``cache``
+    source keeps only reference pairs: ValueError.
+    """
+    if hasattr(dataset, "box") and hasattr(dataset, "image"):  # train.data.sample
+        return np.asarray(dataset.box(index).cut(dataset.image), dtype=np.float32)
+    if hasattr(dataset, "path"):  # train.data.nih.ImageFiles
+        from cxr_sr.client.io import read_image
+
+        decoded = getattr(dataset, "_decoded", {}).get(index % len(dataset.names))
+        return decoded if decoded is not None else read_image(dataset.path(index))
+    if type(dataset).__name__ == "PhantomPairs":  # the phantom of PhantomPairs.load_hr
+        from cxr_sr.train.data.pairs import SPLITS
+        from cxr_sr.train.data.phantom import chest_phantom
+
+        key = np.random.default_rng([dataset.seed, SPLITS.index(dataset.split), index])
+        return chest_phantom(dataset.size, key)
+    raise ValueError(
+        f"{type(dataset).__name__} keeps no native-scale images (a prepared cache holds "
+        "reference pairs only): use --protocol reference, or the source folder"
+    )
+
+
+def has_native(dataset) -> bool:
+    """Whether ``native_image`` can read this dataset's images."""
+    return (
+        (hasattr(dataset, "box") and hasattr(dataset, "image"))
+        or hasattr(dataset, "path")
+        or type(dataset).__name__ == "PhantomPairs"
+    )
+
+
+def native_item(dataset, index: int, multiple: int = NATIVE_MULTIPLE, image=None):
+    """``cxr_sr.imaging.native_pair`` of the native image (``image``, else
+    ``native_image(dataset, index)``) centre-cropped to a multiple of ``multiple`` per axis:
+    (hr [1, H, W], lr [1, H/4, W/4]) float32."""
+    image = native_image(dataset, index) if image is None else image
+    h, w = image.shape
+    hh, ww = h - h % multiple, w - w % multiple
+    if hh == 0 or ww == 0:
+        raise ValueError(f"image {h}x{w} is smaller than {multiple}x{multiple}")
+    top, left = (h - hh) // 2, (w - ww) // 2
+    pair = native_pair(image[top : top + hh, left : left + ww], SCALE)
+    return pair.hr[None], pair.lr[None]
+
+
+class NativeView:
+    """``dataset`` seen through the native protocol: item i = ``native_item(dataset, i)``."""
+
+    def __init__(self, dataset, multiple: int = NATIVE_MULTIPLE):
+        self.dataset, self.multiple = dataset, multiple
+        self.shapes: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}  # image, HR
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image = native_image(self.dataset, index)
+        hr, lr = native_item(self.dataset, index, self.multiple, image)
+        self.shapes[index] = (tuple(image.shape), tuple(hr.shape[-2:]))
+        return hr, lr
+
+    def name(self, index: int) -> str:
+        return self.dataset.name(index)
+
+    def describe(self) -> dict:
+        describe = getattr(self.dataset, "describe", None)
+        d = dict(describe()) if callable(describe) else {"source": type(self.dataset).__name__}
+
+        def sizes(shapes) -> str:
+            seen = sorted({(int(h), int(w)) for h, w in shapes})
+            if len(seen) > 3:  # e.g. a DICOM folder: the range only
+                seen = [seen[0], seen[-1]]
+            return " .. ".join(f"{h}x{w}" for h, w in seen) or "?"
+
+        shapes = list(self.shapes.values())
+        images, hr = sizes(s[0] for s in shapes), sizes(s[1] for s in shapes)
+        lr = sizes((h // SCALE, w // SCALE) for _, (h, w) in shapes)
+        cropped = "" if images == hr else f", centre-cropped to a multiple of {self.multiple}"
+        d["scale"] = (
+            f"native scale (1 HR px = 1 image px): images {images}{cropped} -> HR {hr}, "
+            f"LR {lr} ({SCALE}x area)"
+        )
+        return d
 
 
 def lpips_scorer(device: torch.device | str = "cpu") -> tuple[Callable | None, str]:
@@ -101,6 +214,8 @@ def evaluate(
     use_lpips: bool = True,
     limit: int | None = None,
     progress: bool = False,
+    protocol: str = "reference",
+    on_batch: Callable | None = None,
 ) -> dict:
     """Score bicubic, the VAE ceiling and SR at each step count on ``dataset``.
 
@@ -110,14 +225,24 @@ def evaluate(
         steps_list: denoiser calls per image to try, e.g. (1, 2, 4, 8).
         backend: ``torch`` or ``onnx`` (needs ``onnx_dir``; the VAE ceiling still uses torch).
         options: sampling plan (steps replaced per entry); default: the checkpoint's.
+        protocol: ``reference`` scores the dataset's items as they are; ``native`` scores
+            ``native_item(dataset, i)`` (the image at its own pixel size), one image at a time.
+        on_batch: called as ``on_batch(indices, hr, lr, outputs)`` after each batch, with
+            ``outputs`` = {method name: [B, 1, H, W]} (the zoom figure collects its crops so).
     Returns:
         {"methods": {name: {metric: mean, metric + "_std": std, "seconds_per_image": s}},
-         "n_images", "backend", "sampling", "dataset", "lpips"}; names are ``bicubic``,
-        ``vae_ceiling`` and ``sr_<k>steps``.
+         "n_images", "protocol", "protocol_note", "scale", "title", "backend", "sampling",
+         "dataset", "lpips"}; names are ``bicubic``, ``vae_ceiling`` and ``sr_<k>steps``;
+        metrics ``psnr``, ``ssim``, ``ms_ssim``, ``hfen``, ``lr_psnr`` (and ``lpips``).
     """
     from cxr_sr.train import checkpoint as ckpt_mod
 
     _check_args(backend, onnx_dir, steps_list)
+    if protocol not in ("reference", "native"):
+        raise ValueError(f"protocol must be reference or native, got {protocol!r}")
+    if protocol == "native":
+        dataset = dataset if isinstance(dataset, NativeView) else NativeView(dataset)
+        batch_size = 1  # full-size images: one at a time bounds the memory
     ck = checkpoint if isinstance(checkpoint, ckpt_mod.Checkpoint) else ckpt_mod.load(checkpoint)
     device = torch.device(device)
     rvae, denoiser = ck.vae.to(device).eval(), ck.denoiser.to(device).eval()
@@ -133,7 +258,8 @@ def evaluate(
     seconds = dict.fromkeys(names, 0.0)
 
     def add(name: str, pred: np.ndarray, hr: np.ndarray, took: float) -> None:
-        s = _scores(pred, hr)
+        outputs[name] = pred
+        s = _scores(pred, hr, lr)
         if lp is not None:
             s["lpips"] = lp(pred, hr)
         for k, v in s.items():
@@ -150,6 +276,7 @@ def evaluate(
         hr = np.stack([np.asarray(it[0], dtype=np.float32) for it in items])
         lr = np.stack([np.asarray(it[1], dtype=np.float32) for it in items])
         lr_t = torch.from_numpy(lr).to(device)
+        outputs: dict[str, np.ndarray] = {}
 
         t0 = time.perf_counter()
         bic = bicubic_baseline(lr)
@@ -165,15 +292,23 @@ def evaluate(
             t0 = time.perf_counter()
             sr = pipe.super_resolve(lr, ck.schedule, opts, seed=seed)
             add(f"sr_{k}steps", np.asarray(sr, dtype=np.float32), hr, time.perf_counter() - t0)
+        if on_batch is not None:
+            on_batch(list(range(start, start + len(items))), hr, lr, outputs)
 
     methods = {name: _summary(name, scores[name], seconds[name] / n) for name in names}
     describe = getattr(dataset, "describe", None)
+    described = describe() if callable(describe) else type(dataset).__name__
+    scale = _scale_note(described, protocol, hr.shape[-2:])
     return {
         "checkpoint": str(checkpoint) if not isinstance(checkpoint, ckpt_mod.Checkpoint) else "",
         "backend": backend,
         "device": str(device),
+        "protocol": protocol,
+        "protocol_note": PROTOCOLS[protocol],
+        "scale": scale,
+        "title": f"{protocol} protocol, {scale}; {_dataset_name(described)}; n = {n}",
         "n_images": n,
-        "dataset": describe() if callable(describe) else type(dataset).__name__,
+        "dataset": described,
         "sampling": {**options.__dict__, "seed": seed},
         "lpips": lp_note,
         "methods": methods,
@@ -191,6 +326,7 @@ def table(result: dict) -> str:
         ("ssim", "SSIM", ".4f"),
         ("ms_ssim", "MS-SSIM", ".4f"),
         ("hfen", "HFEN", ".4f"),
+        ("lr_psnr", "LR PSNR dB", ".2f"),
     ]
     if any("lpips" in r for r in rows):
         cols.append(("lpips", "LPIPS", ".4f"))
@@ -198,16 +334,44 @@ def table(result: dict) -> str:
     return format_table(rows, cols)
 
 
-def _dataset_title(dataset) -> str:
-    """A short line naming the evaluation set and its scale."""
+def _dataset_name(dataset) -> str:
+    """A short name of the evaluation set: source, file, split."""
     if not isinstance(dataset, dict):
         return str(dataset)[:110]
-    name = " ".join(str(dataset[k]) for k in ("source", "file", "split") if dataset.get(k))
-    return f"{name}: {dataset['scale']}" if dataset.get("scale") else name
+    return " ".join(str(dataset[k]) for k in ("source", "file", "split") if dataset.get(k))
+
+
+def _scale_note(dataset, protocol: str, hr_shape) -> str:
+    """The scale of the figures in words (the dataset's own note when it gives one)."""
+    if isinstance(dataset, dict) and dataset.get("scale"):
+        return str(dataset["scale"])
+    h, w = (int(v) for v in hr_shape)
+    if protocol == "native":
+        return f"native scale: HR {h}x{w}, LR {h // SCALE}x{w // SCALE}"
+    return (
+        f"whole image (centred square) resized to HR {h}x{w}, LR {h // SCALE}x{w // SCALE} "
+        f"({SCALE}x area)"
+    )
+
+
+def _dataset_title(result: dict) -> str:
+    """The title line of one protocol's result: protocol, scale, data set and n."""
+    if result.get("title"):
+        return str(result["title"])
+    return f"{_dataset_name(result['dataset'])}; n = {result['n_images']}"
+
+
+def _protocol_results(result: dict) -> list[dict]:
+    """The per-protocol results of a ``main`` JSON (``protocols``), or ``[result]`` for one
+    ``evaluate`` result."""
+    if "protocols" in result:
+        return [r for r in result["protocols"].values() if "methods" in r]
+    return [result]
 
 
 def plot(result: dict, path: str | Path) -> Path | None:
-    """PSNR and SSIM against denoiser steps, bicubic and the VAE ceiling as lines (PNG)."""
+    """PSNR, SSIM and LR consistency against denoiser steps, bicubic and the VAE ceiling as
+    lines (PNG): one row per protocol, titled with its protocol, scale and n."""
     try:
         import matplotlib
 
@@ -216,27 +380,204 @@ def plot(result: dict, path: str | Path) -> Path | None:
     except ImportError:
         print("matplotlib not installed; no plot written", file=sys.stderr)
         return None
-    m = result["methods"]
-    sr = sorted((r["steps"], r) for k, r in m.items() if k.startswith("sr_"))
-    steps = [s for s, _ in sr]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
-        ax.plot(steps, [r[key] for _, r in sr], "o-", label="SR (diffusion)")
-        ax.axhline(m["bicubic"][key], color="gray", ls="--", label="bicubic")
-        ax.axhline(m["vae_ceiling"][key], color="green", ls=":", label="VAE ceiling")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(steps, [str(s) for s in steps])
-        ax.set_xlabel("denoiser steps")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{_dataset_title(result['dataset'])}, n = {result['n_images']}", fontsize=8)
+    results = _protocol_results(result)
+    keys = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lr_psnr", "LR consistency PSNR (dB)"))
+    fig, axes = plt.subplots(
+        len(results), len(keys), figsize=(12, 3.6 * len(results)), squeeze=False
+    )
+    for row, res in zip(axes, results, strict=True):
+        m = res["methods"]
+        sr = sorted((r["steps"], r) for k, r in m.items() if k.startswith("sr_"))
+        steps = [s for s, _ in sr]
+        for ax, (key, label) in zip(row, keys, strict=True):
+            if not all(key in r for _, r in sr):
+                ax.set_visible(False)
+                continue
+            ax.plot(steps, [r[key] for _, r in sr], "o-", label="SR (diffusion)")
+            ax.axhline(m["bicubic"][key], color="gray", ls="--", label="bicubic")
+            ax.axhline(m["vae_ceiling"][key], color="green", ls=":", label="VAE ceiling")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(steps, [str(s) for s in steps])
+            ax.set_xlabel("denoiser steps")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+        row[1].set_title(_wrap(_dataset_title(res), 110), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+# ------------------------------------------------------------------ the zoomed-region figure
+
+ZOOM_COLUMNS = ("LR", "bicubic", "SR", "HR")
+ZOOM_GAP = 4  # pixels between panels and around the grid
+ZOOM_LABEL = 16  # height of a label band (column names, each row's image name)
+
+
+def zoom_box(shape, center: tuple[float, float], size: int) -> tuple[int, int, int]:
+    """(top, left, side) of a square crop of an HR image of ``shape`` centred at ``center``
+    (row and column fractions), side ``size`` at most, all multiples of ``SCALE`` so that the
+    LR crop is exactly the LR pixels under it; kept inside the image."""
+    h, w = (int(v) for v in shape[-2:])
+    side = min(int(size), h, w) // SCALE * SCALE
+    if side < SCALE:
+        raise ValueError(f"image {h}x{w} is too small for a zoom crop")
+    top = int(round(center[0] * h - side / 2)) // SCALE * SCALE
+    left = int(round(center[1] * w - side / 2)) // SCALE * SCALE
+    top = min(max(top, 0), (h - side) // SCALE * SCALE)
+    left = min(max(left, 0), (w - side) // SCALE * SCALE)
+    return top, left, side
+
+
+def zoom_panels(
+    hr: np.ndarray, lr: np.ndarray, bicubic: np.ndarray, sr: np.ndarray, box
+) -> list[np.ndarray]:
+    """The four [side, side] crops LR (nearest-upsampled), bicubic, SR, HR of one image
+    ([H, W] or [1, H, W] inputs; LR at 1/SCALE)."""
+    top, left, side = box
+    a = [np.asarray(x, dtype=np.float32).reshape(np.shape(x)[-2:]) for x in (hr, lr, bicubic, sr)]
+    hr2, lr2, bic2, sr2 = a
+    k = side // SCALE
+    lr_crop = lr2[top // SCALE : top // SCALE + k, left // SCALE : left // SCALE + k]
+    lr_up = np.repeat(np.repeat(lr_crop, SCALE, axis=0), SCALE, axis=1)
+
+    def crop(x):
+        return x[top : top + side, left : left + side]
+
+    return [lr_up, crop(bic2), crop(sr2), crop(hr2)]
+
+
+def zoom_grid(rows: Sequence[Sequence[np.ndarray]], magnify: int = 1) -> np.ndarray:
+    """Rows of equal-size panels in [0, 1] as one uint8 gray image, each panel magnified
+    ``magnify`` x (nearest) and a ``ZOOM_LABEL`` band above each row (for its label),
+    ``ZOOM_GAP`` white pixels between and around panels. Panel ``c`` of row ``r`` lies at
+    ``zoom_layout(...)[r][c]``."""
+    if not rows or not rows[0]:
+        raise ValueError("no panels")
+    side = np.shape(rows[0][0])[-1]
+    p = side * magnify
+    ncol = len(rows[0])
+    layout = zoom_layout(len(rows), ncol, p)
+    height = layout[-1][0][0] + p + ZOOM_GAP
+    width = ZOOM_GAP + ncol * (p + ZOOM_GAP)
+    out = np.full((height, width), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        if len(row) != ncol:
+            raise ValueError("every row needs the same number of panels")
+        for c, panel in enumerate(row):
+            x = np.clip(np.asarray(panel, dtype=np.float64), 0.0, 1.0)
+            if x.shape != (side, side):
+                raise ValueError(f"panel {r},{c} is {x.shape}, expected {(side, side)}")
+            x = np.repeat(np.repeat(x, magnify, axis=0), magnify, axis=1)
+            y0, x0 = layout[r][c]
+            out[y0 : y0 + p, x0 : x0 + p] = np.rint(x * 255).astype(np.uint8)
+    return out
+
+
+def zoom_layout(nrows: int, ncols: int, panel: int, top: int = ZOOM_LABEL) -> list[list]:
+    """(y, x) of each panel's top-left pixel in ``zoom_grid`` (``top``: the column-name band)."""
+    step = ZOOM_LABEL + panel + ZOOM_GAP
+    return [
+        [(top + r * step + ZOOM_LABEL, ZOOM_GAP + c * (panel + ZOOM_GAP)) for c in range(ncols)]
+        for r in range(nrows)
+    ]
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def save_zoom_figure(
+    path: str | Path,
+    rows: Sequence[Sequence[np.ndarray]],
+    row_labels: Sequence[str],
+    title: str,
+    columns: Sequence[str] = ZOOM_COLUMNS,
+    magnify: int = 2,
+) -> Path:
+    """Write ``zoom_grid(rows, magnify)`` as a gray PNG under a title band (``title``,
+    wrapped) and the column names, each row under its label. Panels are exact pixels
+    (nearest magnification only); labels are drawn with Pillow's default font."""
+    from PIL import Image, ImageDraw
+
+    grid = zoom_grid(rows, magnify)
+    width = grid.shape[1]
+    font = _font(11)
+    lines = []
+    for part in title.split("\n"):
+        lines += _wrap(part, max(40, width // 7)).split("\n")
+    head = ZOOM_GAP + 14 * len(lines)
+    canvas = np.full((head + grid.shape[0], width), 255, dtype=np.uint8)
+    canvas[head:] = grid
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        draw.text((ZOOM_GAP, ZOOM_GAP + 14 * i), line, fill=0, font=font)
+    p = np.shape(rows[0][0])[-1] * magnify
+    layout = zoom_layout(len(rows), len(columns), p, top=head + ZOOM_LABEL)
+    for c, name in enumerate(columns):
+        draw.text((layout[0][c][1] + 2, head + 2), name, fill=0, font=font)
+    for r, label in enumerate(row_labels):
+        draw.text((ZOOM_GAP, layout[r][0][0] - ZOOM_LABEL + 2), label, fill=0, font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+class ZoomCollector:
+    """An ``evaluate(on_batch=...)`` callback keeping the zoom crops of the first ``n`` images
+    (SR at ``steps``)."""
+
+    def __init__(self, n: int, steps: int, center=(0.4, 0.3), size: int = 128):
+        self.n, self.steps, self.center, self.size = int(n), int(steps), center, int(size)
+        self.rows: list[list[np.ndarray]] = []
+        self.labels: list[str] = []
+        self.boxes: list[list[int]] = []
+        self.names: list[int] = []
+
+    def __call__(self, indices, hr, lr, outputs) -> None:
+        for j, index in enumerate(indices):
+            if len(self.rows) >= self.n:
+                return
+            box = zoom_box(hr[j].shape, self.center, self.size)
+            sr = outputs[f"sr_{self.steps}steps"][j]
+            self.rows.append(zoom_panels(hr[j], lr[j], outputs["bicubic"][j], sr, box))
+            p_bic = metrics.psnr(self.rows[-1][1], self.rows[-1][3])
+            p_sr = metrics.psnr(self.rows[-1][2], self.rows[-1][3])
+            h, w = hr[j].shape[-2:]
+            self.labels.append(
+                f"#{index}: HR {h}x{w}, crop rows {box[0]}-{box[0] + box[2]} cols "
+                f"{box[1]}-{box[1] + box[2]}; crop PSNR bicubic {p_bic:.2f} / SR {p_sr:.2f} dB"
+            )
+            self.boxes.append([int(v) for v in box])
+            self.names.append(int(index))
+
+
+def figure_steps(steps_list: Sequence[int], default: int) -> int:
+    """The SR column's step count: the checkpoint's default when evaluated, else the most."""
+    return int(default) if int(default) in steps_list else int(max(steps_list))
+
+
+def default_figure_path(out: str | Path) -> Path:
+    """``outputs/eval.json`` -> ``outputs/eval_zoom.png`` (next to the JSON)."""
+    out = Path(out)
+    return out.with_name(out.stem + "_zoom.png")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -260,6 +601,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="extra DataConfig field, e.g. --set n_eval_images=100 (repeatable)",
+    )
+    p.add_argument(
+        "--protocol",
+        default="both",
+        choices=PROTOCOL_CHOICES,
+        help="reference (HR resized to hr_size), native (HR = the image at its own size) or "
+        "both (default; a cache source has no native images and runs reference only)",
+    )
+    p.add_argument(
+        "--native-limit",
+        type=int,
+        default=NATIVE_LIMIT,
+        help=f"score at most N images at native scale (default {NATIVE_LIMIT}; 0: no limit)",
     )
     p.add_argument(
         "--backend",
@@ -293,13 +647,62 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default: checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch (reference)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N images")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS even when available")
     p.add_argument("--out", default="outputs/eval.json", help="JSON results path")
     p.add_argument("--plot", default=None, help="quality-vs-steps PNG path (needs matplotlib)")
+    p.add_argument(
+        "--figure",
+        default=None,
+        help="side-by-side PNG of zoomed regions (LR, bicubic, SR, HR); default: next to "
+        "--out (eval.json -> eval_zoom.png); 'none' to skip",
+    )
+    p.add_argument(
+        "--figure-images", type=int, default=3, help="images (rows) in --figure (default 3)"
+    )
+    p.add_argument(
+        "--figure-steps",
+        type=int,
+        default=None,
+        help="SR steps shown in --figure (default: the checkpoint's, if in --steps, else the most)",
+    )
+    p.add_argument(
+        "--zoom",
+        default="0.4,0.3",
+        metavar="ROW,COL",
+        help="zoom centre as fractions of the HR image's height and width (default 0.4,0.3: "
+        "the image-left lung field of a PA chest)",
+    )
+    p.add_argument(
+        "--zoom-size", type=int, default=128, help="zoom crop side in HR pixels (default 128)"
+    )
     return p.parse_args(argv)
+
+
+def _parse_zoom(text: str) -> tuple[float, float]:
+    try:
+        y, x = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--zoom must be ROW,COL fractions, got {text!r}") from None
+    if not (0.0 <= y <= 1.0 and 0.0 <= x <= 1.0):
+        raise SystemExit(f"--zoom fractions must be in [0, 1], got {text!r}")
+    return y, x
+
+
+def _protocols(choice: str, dataset) -> tuple[list[str], str | None]:
+    """The protocols to run and, when ``both`` had to drop native, why."""
+    if choice != "both":
+        if choice == "native" and not has_native(dataset):
+            try:
+                native_image(dataset, 0)
+            except ValueError as err:
+                raise SystemExit(f"--protocol native: {err}") from None
+        return [choice], None
+    if has_native(dataset):
+        return ["reference", "native"], None
+    return ["reference"], f"{type(dataset).__name__} keeps no native-scale images"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = [int(s) for s in args.steps.split(",") if s.strip()]
     except ValueError:
         raise SystemExit(f"--steps must be comma-separated integers, got {args.steps!r}") from None
+    zoom = _parse_zoom(args.zoom)
     fields: dict = {"source": args.data}
     if args.root:
         fields["root"] = args.root
@@ -318,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         key, value = parse_override(item)
         _set_path(fields, key, value)
     dataset = build_dataset(DataConfig.from_dict(fields), split=args.split)
+    protocols, dropped = _protocols(args.protocol, dataset)
     from cxr_sr.train.checkpoint import load
 
     ck = load(args.checkpoint)
@@ -332,34 +737,97 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     options = ck.sampling.replace(**changes)
-    result = evaluate(
-        ck,
-        dataset,
-        steps,
-        backend=args.backend,
-        onnx_dir=args.onnx_dir,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
-        options=options,
-        use_lpips=not args.no_lpips,
-        limit=args.limit,
-        progress=True,
-    )
-    result["checkpoint"] = str(args.checkpoint)
-    print(
-        f"{_dataset_title(result['dataset'])}; n = {result['n_images']}; LPIPS: {result['lpips']}"
-    )
-    print(table(result))
+    fig_steps = args.figure_steps or figure_steps(steps, options.steps)
+    if fig_steps not in steps:
+        raise SystemExit(f"--figure-steps {fig_steps} is not one of --steps {steps}")
+    figure = None if str(args.figure).lower() == "none" else args.figure
+    figure = default_figure_path(args.out) if args.figure is None else figure
+    fig_protocol = protocols[-1]  # native when it runs: the zoom shows real pixels
+    collector = ZoomCollector(args.figure_images, fig_steps, zoom, args.zoom_size)
+
+    result: dict = {
+        "checkpoint": str(args.checkpoint),
+        "backend": args.backend,
+        "steps": steps,
+        "protocols": {},
+    }
+    if dropped:
+        result["protocols"]["native"] = {"skipped": dropped}
+    for protocol in protocols:
+        limit = args.limit
+        if protocol == "native" and args.native_limit:
+            limit = min(args.native_limit, limit or args.native_limit)
+        try:
+            res = evaluate(
+                ck,
+                dataset,
+                steps,
+                backend=args.backend,
+                onnx_dir=args.onnx_dir,
+                batch_size=args.batch_size,
+                device=args.device,
+                seed=args.seed,
+                options=options,
+                use_lpips=not args.no_lpips,
+                limit=limit,
+                progress=True,
+                protocol=protocol,
+                on_batch=collector if figure and protocol == fig_protocol else None,
+            )
+        except Exception as err:  # e.g. 64x64-only ONNX graphs at native size
+            if protocol != "native" or args.backend != "onnx" or args.protocol == "native":
+                raise
+            print(f"native protocol skipped: {err}", file=sys.stderr)
+            result["protocols"]["native"] = {"skipped": f"{type(err).__name__}: {err}"}
+            fig_protocol = "reference"
+            continue
+        res["checkpoint"] = str(args.checkpoint)
+        if protocol == "native" and limit is not None and limit < len(dataset):
+            res["native_limit"] = limit
+        result["protocols"][protocol] = res
+        print(f"{res['title']}; LPIPS: {res['lpips']}")
+        print(table(res))
+    if dropped:
+        print(f"native protocol not run: {dropped}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if figure and collector.rows:
+        res = result["protocols"][fig_protocol]
+        title = (
+            f"Zoomed {collector.rows[0][0].shape[0]} px HR regions at ({zoom[0]:.2f}, "
+            f"{zoom[1]:.2f}) of the HR image, shown {_magnify(collector)}x; columns: LR "
+            f"(nearest), bicubic, SR ({fig_steps} step{'s' if fig_steps > 1 else ''}), HR\n"
+            f"{res['title']}"
+        )
+        written = save_zoom_figure(
+            figure, collector.rows, collector.labels, title, magnify=_magnify(collector)
+        )
+        result["figure"] = {
+            "path": str(written),
+            "protocol": fig_protocol,
+            "scale": res["scale"],
+            "title": title,
+            "steps": fig_steps,
+            "zoom_center": list(zoom),
+            "images": collector.names,
+            "boxes_top_left_side": collector.boxes,
+            "columns": list(ZOOM_COLUMNS),
+        }
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    if result.get("figure"):
+        print(f"wrote {result['figure']['path']}")
     if args.plot:
         written = plot(result, args.plot)
         if written:
             print(f"wrote {written}")
     return 0
+
+
+def _magnify(collector: ZoomCollector) -> int:
+    """Display magnification of the zoom panels: about 256 px per panel."""
+    side = collector.rows[0][0].shape[0]
+    return max(1, 256 // side)
 
 
 if __name__ == "__main__":
