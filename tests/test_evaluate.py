@@ -347,3 +347,18 @@ def test_sample_native_protocol_uses_the_held_out_squares(tiny_ckpt):
     res = evaluate(tiny_ckpt, ds, [1], limit=1, use_lpips=False, protocol="native")
     assert res["n_images"] == 1 and "HR 448x448, LR 112x112" in res["scale"]
     assert res["dataset"]["source"] == "sample"
+
+
+def test_protocol_choice_without_native_images():
+    """A prepared cache keeps reference pairs only: both -> reference (said why); native -> exit."""
+    from cxr_sr.train.evaluate import _protocols
+
+    class Cached:  # no box/image, no path: like train.data.prepare.CachedPairs
+        pass
+
+    assert _protocols("both", Cached()) == (["reference"], "Cached keeps no native-scale images")
+    assert _protocols("reference", Cached()) == (["reference"], None)
+    with pytest.raises(SystemExit, match="native"):
+        _protocols("native", Cached())
+    ds = build_dataset(_data(), "test")
+    assert _protocols("both", ds) == (["reference", "native"], None)
