@@ -156,3 +156,26 @@ def test_init_from_fine_tunes_the_denoiser_only(tmp_path):
     )
     with pytest.raises(ValueError, match="architecture differs"):
         run_training(wrong, progress=False)
+
+
+def test_t_min_draws_training_timesteps_from_the_sampled_range():
+    cfg = load_config(DEBUG, ["unet.t_min=90", "schedule.prediction=x0", "unet.patch_size=0"])
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x_t, t, z_lr):
+            seen.append(t.detach().clone())
+            return self.w * z_lr
+
+    from cxr_sr.train.losses import target_coefficients
+
+    abar = torch.from_numpy(cfg.schedule.alphas_cumprod())
+    tables = (abar, *target_coefficients(cfg.schedule))
+    hr = torch.rand(16, 1, 64, 64)
+    lr = bicubic(hr)[..., ::16, ::16]
+    diffusion_batch_loss(Spy(), _rvae(), hr, lr, torch.Generator().manual_seed(0), cfg, tables)
+    assert seen[0].min() >= 90 and seen[0].max() < cfg.schedule.num_train_timesteps
