@@ -191,7 +191,7 @@ def test_native_protocol_scores_full_size_images(tiny_ckpt, fake_nih):
 
 
 def test_zoom_grid_layout():
-    from cxr_sr.train.evaluate import ZOOM_GAP, zoom_box, zoom_grid, zoom_layout, zoom_panels
+    from cxr_sr.train.figures import ZOOM_GAP, zoom_box, zoom_grid, zoom_layout, zoom_panels
 
     assert zoom_box((320, 320), (0.5, 0.5), 128) == (96, 96, 128)
     assert zoom_box((64, 64), (0.0, 1.0), 128) == (0, 0, 64)  # clamped to the image
@@ -216,7 +216,7 @@ def test_zoom_grid_layout():
 def test_cli_both_protocols_on_nih_writes_json_plot_and_figure(tiny_ckpt, fake_nih, tmp_path):
     from PIL import Image
 
-    from cxr_sr.train.evaluate import ZOOM_GAP
+    from cxr_sr.train.figures import ZOOM_GAP
 
     out = tmp_path / "eval_nih.json"
     rc = main(

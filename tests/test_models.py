@@ -31,6 +31,30 @@ def _rvae(**kw) -> ResidualVAE:
     return ResidualVAE(build_vae(cfg), 0.5, 4.0, True, build_lr_encoder(cfg))
 
 
+class Spy(torch.nn.Module):
+    """A denoiser that records its (x_t, t) inputs and returns its conditioning."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x_t, t, z_lr):
+        self.seen.append((x_t.detach().clone(), t.detach().clone()))
+        return self.w * z_lr
+
+
+def _diffusion_loss(denoiser, cfg, n: int):
+    from cxr_sr.train.losses import target_coefficients
+
+    abar = torch.from_numpy(cfg.schedule.alphas_cumprod())
+    tables = (abar, *target_coefficients(cfg.schedule))
+    hr = torch.rand(n, 1, 64, 64)
+    lr = bicubic(hr)[..., ::16, ::16]
+    gen = torch.Generator().manual_seed(0)
+    return diffusion_batch_loss(denoiser, _rvae(), hr, lr, gen, cfg, tables)
+
+
 def test_default_vae_has_no_attention_and_an_lr_encoder():
     rvae = _rvae()
     assert not any(isinstance(m, Attention) for m in rvae.modules())
@@ -95,26 +119,10 @@ def test_regression_baseline_sees_no_noise(tmp_path):
     cfg = load_config(
         DEBUG, ["unet.regression=true", "schedule.prediction=x0", "unet.patch_size=0"]
     )
-    seen = []
-
-    class Spy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, x_t, t, z_lr):
-            seen.append((x_t.detach().clone(), t.detach().clone()))
-            return self.w * z_lr
-
-    from cxr_sr.train.losses import target_coefficients
-
-    abar = torch.from_numpy(cfg.schedule.alphas_cumprod())
-    tables = (abar, *target_coefficients(cfg.schedule))
-    hr = torch.rand(3, 1, 64, 64)
-    lr = bicubic(hr)[..., ::16, ::16]
-    loss, _ = diffusion_batch_loss(Spy(), _rvae(), hr, lr, torch.Generator(), cfg, tables)
+    spy = Spy()
+    loss, _ = _diffusion_loss(spy, cfg, n=3)
     assert torch.isfinite(loss)
-    x_t, t = seen[0]
+    x_t, t = spy.seen[0]
     assert torch.count_nonzero(x_t) == 0
     assert torch.all(t == cfg.schedule.num_train_timesteps - 1)
     with pytest.raises(ValueError, match="regression needs"):
@@ -160,22 +168,7 @@ def test_init_from_fine_tunes_the_denoiser_only(tmp_path):
 
 def test_t_min_draws_training_timesteps_from_the_sampled_range():
     cfg = load_config(DEBUG, ["unet.t_min=90", "schedule.prediction=x0", "unet.patch_size=0"])
-    seen = []
-
-    class Spy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, x_t, t, z_lr):
-            seen.append(t.detach().clone())
-            return self.w * z_lr
-
-    from cxr_sr.train.losses import target_coefficients
-
-    abar = torch.from_numpy(cfg.schedule.alphas_cumprod())
-    tables = (abar, *target_coefficients(cfg.schedule))
-    hr = torch.rand(16, 1, 64, 64)
-    lr = bicubic(hr)[..., ::16, ::16]
-    diffusion_batch_loss(Spy(), _rvae(), hr, lr, torch.Generator().manual_seed(0), cfg, tables)
-    assert seen[0].min() >= 90 and seen[0].max() < cfg.schedule.num_train_timesteps
+    spy = Spy()
+    _diffusion_loss(spy, cfg, n=16)
+    t = spy.seen[0][1]
+    assert t.min() >= 90 and t.max() < cfg.schedule.num_train_timesteps
