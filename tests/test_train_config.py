@@ -93,7 +93,7 @@ def test_bad_values(bad):
         load_config(None, [bad])
 
 
-@pytest.mark.parametrize("name", ["debug", "demo", "full"])
+@pytest.mark.parametrize("name", ["debug", "demo", "full", "nih"])
 def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     again = config_from_dict(to_dict(cfg))
