@@ -17,10 +17,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr_sr.train.models import Denoiser, LREncoder, ResidualVAE
 from diffusers import AutoencoderKL, UNet2DModel
 
 from cxr_sr import SamplingOptions, Schedule
+from cxr_sr.train.models import Denoiser, LREncoder, ResidualVAE
 
 FORMAT = 1
 META = "cxr_sr.json"
@@ -104,6 +104,7 @@ def random_init(
 ) -> Path:
     """A random-weight checkpoint of the given geometry (tests, smoke builds)."""
     import torch
+
     from cxr_sr.train.models import (
         UNetConfig,
         VAEConfig,

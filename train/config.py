@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cxr_sr.train.data import DataConfig
-from cxr_sr.train.models import UNetConfig, VAEConfig
 
 from cxr_sr import SamplingOptions, Schedule
+from cxr_sr.train.data import DataConfig
+from cxr_sr.train.models import UNetConfig, VAEConfig
 
 AMP_MODES = ("no", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")

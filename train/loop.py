@@ -29,6 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
+
+from cxr_sr import Schedule
 from cxr_sr.train import checkpoint as ckpt
 from cxr_sr.train.config import TrainConfig, load_config, to_dict
 from cxr_sr.train.data import build_dataset
@@ -57,9 +60,6 @@ from cxr_sr.train.state import (
     set_rng_state,
 )
 from cxr_sr.train.trainer import Run, train_stage
-from torch.utils.data import Dataset
-
-from cxr_sr import Schedule
 
 
 @dataclasses.dataclass
