@@ -131,19 +131,18 @@ NIH_SET = [
 ]
 
 
+def _fake_nih_test(root):
+    """The test split of the fake NIH tree (a bare images/ folder, patient-wise hash split)."""
+    cfg = DataConfig(
+        source="nih", root=str(root), test_fraction=0.4, val_fraction=0.05, n_eval_images=None
+    )
+    return build_dataset(cfg, "test")
+
+
 def test_native_item_is_the_image_at_its_own_size(fake_nih):
     from cxr_sr.train.evaluate import NativeView, native_item
 
-    ds = build_dataset(
-        DataConfig(
-            source="nih",
-            root=str(fake_nih),
-            test_fraction=0.4,
-            val_fraction=0.05,
-            n_eval_images=None,
-        ),
-        "test",
-    )
+    ds = _fake_nih_test(fake_nih)
     hr, lr = native_item(ds, 0)
     assert hr.shape == (1, 320, 320) and lr.shape == (1, 80, 80)
     ref_hr, ref_lr = ds[0]
@@ -156,16 +155,7 @@ def test_native_item_is_the_image_at_its_own_size(fake_nih):
 
 
 def test_native_protocol_scores_full_size_images(tiny_ckpt, fake_nih):
-    ds = build_dataset(
-        DataConfig(
-            source="nih",
-            root=str(fake_nih),
-            test_fraction=0.4,
-            val_fraction=0.05,
-            n_eval_images=None,
-        ),
-        "test",
-    )
+    ds = _fake_nih_test(fake_nih)
     seen = []
     res = evaluate(
         tiny_ckpt,
