@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,7 +47,11 @@ def first_version_vae() -> ResidualVAE:
 
 def _session(module: torch.nn.Module, args: tuple, names: list[str], threads: int):
     path = Path(tempfile.mkdtemp()) / "graph.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the same harmless tracer notes as cxr_sr.builders.export silences
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")
         torch.onnx.export(
             module,
             args,
