@@ -40,7 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_sr.train.data.pairs import PairDataset, Region, random_box, reference_hr, resize
+from cxr_sr.train.data.pairs import (
+    SPLITS,
+    PairDataset,
+    Region,
+    random_box,
+    reference_hr,
+    resize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,6 @@ LAYOUT_HELP = (
     "<root>/images_001/images/ ... <root>/images_012/images/, optionally with "
     "<root>/Data_Entry_2017.csv and the official <root>/train_val_list.txt and <root>/test_list.txt"
 )
-SPLITS = ("train", "val", "test")
 
 
 def patient_from_name(name: str) -> str:
@@ -68,9 +74,11 @@ def patient_from_name(name: str) -> str:
     return patient
 
 
-def hash_split(patient: str, split_seed: int, val_fraction: float, test_fraction: float) -> str:
-    """The split of a patient when no official list exists (module docstring)."""
-    u = stable_fraction(patient, split_seed)
+def hash_split(key: str, split_seed: int, val_fraction: float, test_fraction: float) -> str:
+    """The split of a patient (or, for plain folders, a file) when no official list exists:
+    ``test`` below ``test_fraction`` of the stable hash, ``val`` below ``test_fraction +
+    val_fraction``, else ``train``."""
+    u = stable_fraction(key, split_seed)
     if u < test_fraction:
         return "test"
     return "val" if u < test_fraction + val_fraction else "train"
@@ -343,17 +351,11 @@ def files_dataset(
     kind = "DICOM files" if dicom else "PNG/JPEG/TIFF images"
     if not files:
         raise ValueError(f"{root}: no {kind} found (searched recursively)")
-    bounds = {
-        "test": (0.0, test_fraction),
-        "val": (test_fraction, test_fraction + val_fraction),
-        "train": (test_fraction + val_fraction, 1.0),
-    }
-    lo, hi = bounds[split]
     names = []
     for f in files:
         rel = f.relative_to(root).as_posix()
-        u = stable_fraction(_dicom_group(f) if dicom else rel, split_seed)
-        if lo <= u < hi:
+        key = _dicom_group(f) if dicom else rel
+        if hash_split(key, split_seed, val_fraction, test_fraction) == split:
             names.append(rel)
     if not names:
         raise ValueError(

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from cxr_sr.client.io import read_image
 from cxr_sr.imaging import area_downsample
-from cxr_sr.train.data.nih import SPLITS, nih_split_names
+from cxr_sr.train.data.nih import nih_split_names, patient_from_name
+from cxr_sr.train.data.pairs import SPLITS
 
 
 def _save(image: np.ndarray, path: Path) -> None:
@@ -64,7 +65,7 @@ def pack(
         image = read_image(paths[name])
         h, w = image.shape
         _save(area_downsample(image[: h - h % 2, : w - w % 2], 2), folder / name)
-        rng = np.random.default_rng([seed, int(Path(name).stem.split("_")[0])])
+        rng = np.random.default_rng([seed, int(patient_from_name(name))])
         y0, x0 = int(0.1 * h), int(0.1 * w)
         y = y0 + int(rng.integers(max(1, int(0.8 * h) - native + 1)))
         x = x0 + int(rng.integers(max(1, int(0.8 * w) - native + 1)))
