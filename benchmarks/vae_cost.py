@@ -30,7 +30,7 @@ import torch
 from benchmarks.common import describe, device_info, software_versions, table, write_json
 from cxr_sr.builders.export import GRAPHS
 from cxr_sr.train import checkpoint as ckpt_io
-from cxr_sr.train.models import ResidualVAE, VAEConfig, build_vae
+from cxr_sr.train.models import ResidualVAE, VAEConfig, build_vae, latent_shape
 
 # The first version's demo VAE: f=4, channels 24-48-48, mid-block self-attention over the
 # whole latent in encoder and decoder, z_lr = VAE encoder of bicubic(LR) at 4x the LR side.
@@ -79,14 +79,16 @@ def _median_ms(session, feeds: dict, repeats: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def attention_bytes(vae: ResidualVAE, unet_attention: bool, lr_side: int) -> dict[str, int]:
-    """fp32 bytes of the largest attention matrix per image (0 = no attention)."""
-    cfg = vae.vae.config
-    f = 2 ** (len(cfg.block_out_channels) - 1)
-    tokens = (4 * lr_side // f) ** 2
-    vae_bytes = 4 * tokens**2 if cfg.get("mid_block_add_attention", True) else 0
-    # the UNet's optional attention sits at its lowest level: latent / 2**(levels - 1)
-    return {"vae": vae_bytes, "unet": 4 * (tokens // 16) ** 2 if unet_attention else 0}
+def attention_bytes(vae: ResidualVAE, unet, lr_side: int) -> dict[str, int]:
+    """fp32 bytes of the largest attention matrix per image (0 = no attention); ``unet`` may
+    be None (not measured)."""
+    _, h, w = latent_shape(vae.vae, 4 * lr_side)
+    vae_bytes = 4 * (h * w) ** 2 if vae.vae.config.get("mid_block_add_attention", True) else 0
+    unet_bytes = 0
+    if unet is not None and any("Attn" in b for b in unet.config.down_block_types):
+        k = 2 ** (len(unet.config.block_out_channels) - 1)  # its lowest level
+        unet_bytes = 4 * ((h // k) * (w // k)) ** 2
+    return {"vae": vae_bytes, "unet": unet_bytes}
 
 
 def measure(vae: ResidualVAE, lr_side: int, threads: int, repeats: int) -> dict[str, float]:
@@ -122,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     ckpt = ckpt_io.load(args.checkpoint)
-    unet_attention = any("Attn" in b for b in ckpt.denoiser.unet.config.down_block_types)
     models = {"first version": first_version_vae(), str(args.checkpoint): ckpt.vae}
     rows, cases = [], []
     for side in sizes:
         for name, vae in models.items():
             m = measure(vae, side, args.threads, args.repeats)
-            att = attention_bytes(vae, unet_attention and name != "first version", side)
+            unet = None if name == "first version" else ckpt.denoiser.unet
+            att = attention_bytes(vae, unet, side)
             params = sum(p.numel() for p in vae.parameters())
             cases.append(
                 {"model": name, "lr_side": side, "params": params, **m, "attention_bytes": att}
@@ -171,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"LR {k}: {v:.2f}x" for k, v in ratios.items())
     )
     for side in (256, 512):
-        att = attention_bytes(ckpt.vae, unet_attention, side)
-        old = attention_bytes(models["first version"], False, side)
+        att = attention_bytes(ckpt.vae, ckpt.denoiser.unet, side)
+        old = attention_bytes(models["first version"], None, side)
         print(
             f"attention per image at LR {side}: first-version VAE {old['vae'] / 2**30:.1f} GiB; "
             f"new VAE {att['vae'] / 2**30:.1f} GiB; UNet {att['unet'] / 2**30:.2f} GiB"

@@ -8,12 +8,11 @@ import torch
 
 from cxr_sr import SamplingOptions
 from cxr_sr.train import checkpoint as ckpt_mod
-from cxr_sr.train.models import VAEConfig, build_vae
+from cxr_sr.train.models import VAEConfig, build_vae, latent_shape
 from cxr_sr.train.pipeline import (
     OnnxPipeline,
     TorchPipeline,
     find_graph,
-    latent_shape,
     super_resolve,
 )
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL, UNet2DModel
 
 from cxr_sr import SamplingOptions, Schedule
-from cxr_sr.train.models import Denoiser, LREncoder, ResidualVAE
+from cxr_sr.train.models import Denoiser, LREncoder, ResidualVAE, latent_shape
 
 FORMAT = 1
 META = "cxr_sr.json"
@@ -37,9 +37,7 @@ class Checkpoint:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of the latent for a 256x256 image."""
-        cfg = self.vae.vae.config
-        f = 2 ** (len(cfg.block_out_channels) - 1)
-        return (cfg.latent_channels, 256 // f, 256 // f)
+        return latent_shape(self.vae.vae)
 
 
 def save(
@@ -123,5 +121,6 @@ def random_init(
         vae_cfg.residual,
         build_lr_encoder(vae_cfg),
     )
-    denoiser = Denoiser(build_unet(unet_cfg, vae_cfg.latent_channels, 256 // vae_cfg.factor))
+    channels, size, _ = latent_shape(vae_cfg)
+    denoiser = Denoiser(build_unet(unet_cfg, channels, size))
     return save(folder, vae, denoiser, schedule or Schedule(), SamplingOptions())

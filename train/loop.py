@@ -43,6 +43,7 @@ from cxr_sr.train.models import (
     build_lr_encoder,
     build_unet,
     build_vae,
+    latent_shape,
 )
 from cxr_sr.train.objectives import (
     VAEObjective,
@@ -50,7 +51,6 @@ from cxr_sr.train.objectives import (
     measure_scaling,
     vae_batch_loss,
 )
-from cxr_sr.train.pipeline import latent_shape
 from cxr_sr.train.pretrained import load_pretrained_vae
 from cxr_sr.train.state import (
     check_resume_config,

@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from cxr_sr.imaging import SCALE
+from cxr_sr.imaging import HR_SIZE, SCALE
 
 
 @dataclass
@@ -59,6 +59,17 @@ class UNetConfig:
     layers_per_block: int = 1
     attention: bool = False
     norm_groups: int = 8
+
+
+def latent_shape(vae, size: int = HR_SIZE) -> tuple[int, int, int]:
+    """(C, h, w) of the VAE latent of a ``size`` x ``size`` image (factor 2 ** (levels - 1)).
+
+    ``vae``: an AutoencoderKL, its config, or a ``train.models.VAEConfig``.
+    """
+    cfg = getattr(vae, "config", vae)
+    levels = getattr(cfg, "block_out_channels", None) or cfg.channels
+    f = 2 ** (len(levels) - 1)
+    return (cfg.latent_channels, size // f, size // f)
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:

@@ -60,7 +60,7 @@ def vae_batch_loss(
 ):
     s = cfg.vae
     hr, lr = random_patch(hr, lr, s.patch_size, gen, cfg.data.scale)
-    f = HR_SIZE // latent_shape[1]  # latent_shape is of an HR_SIZE image (pipeline.latent_shape)
+    f = HR_SIZE // latent_shape[1]  # latent_shape is of an HR_SIZE image (models.latent_shape)
     noise = None
     if s.sample_posterior:
         shape = (hr.shape[0], latent_shape[0], hr.shape[-2] // f, hr.shape[-1] // f)

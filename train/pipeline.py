@@ -26,21 +26,9 @@ import torch
 
 from cxr_sr import SamplingOptions, Schedule, sample
 from cxr_sr.builders.specs import NETWORKS
-from cxr_sr.imaging import HR_SIZE
 from cxr_sr.sampling import generators
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-
-
-def latent_shape(vae, size: int = HR_SIZE) -> tuple[int, int, int]:
-    """(C, h, w) of the VAE latent of a ``size`` x ``size`` image (factor 2 ** (levels - 1)).
-
-    ``vae``: an AutoencoderKL, its config, or a ``train.models.VAEConfig``.
-    """
-    cfg = getattr(vae, "config", vae)
-    levels = getattr(cfg, "block_out_channels", None) or cfg.channels
-    f = 2 ** (len(levels) - 1)
-    return (cfg.latent_channels, size // f, size // f)
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
