@@ -208,12 +208,8 @@ def vae_stage(run: Run, state: dict, rvae: ResidualVAE, data: Data, latent_shape
 def init_from_checkpoint(run: Run, state: dict, rvae: ResidualVAE, denoiser: Denoiser) -> None:
     """Load ``cfg.init_from`` (same architecture) and start at stage 2 with its VAE frozen."""
     source = ckpt.load(run.cfg.init_from)
-    try:
-        rvae.vae.load_state_dict(source.vae.vae.state_dict())
-        if (rvae.lr_encoder is None) != (source.vae.lr_encoder is None):
-            raise RuntimeError("one of the two has an LR encoder and the other not")
-        if rvae.lr_encoder is not None:
-            rvae.lr_encoder.load_state_dict(source.vae.lr_encoder.state_dict())
+    try:  # strict loads: any missing, extra or reshaped weight (LR encoder included) refuses
+        rvae.load_state_dict(source.vae.state_dict())
         denoiser.load_state_dict(source.denoiser.state_dict())
     except RuntimeError as err:
         raise ValueError(

@@ -212,11 +212,11 @@ class ResidualVAE(torch.nn.Module):
             return self.encode_image(bicubic(lr))
         return self.lr_encoder(lr) * self.scaling
 
-    def lr_encoder_loss(self, lr: torch.Tensor) -> torch.Tensor:
+    def lr_encoder_loss(self, lr: torch.Tensor) -> torch.Tensor | None:
         """Distillation of the LR encoder: MSE to the (frozen) VAE encoder's latent mean of
-        bicubic(LR), in unscaled latent units; 0 without an LR encoder."""
+        bicubic(LR), in unscaled latent units; None without an LR encoder."""
         if self.lr_encoder is None:
-            return lr.new_zeros(())
+            return None
         with torch.no_grad():
             target = self.vae.encode(bicubic(lr) * 2.0 - 1.0).latent_dist.mean
         return F.mse_loss(self.lr_encoder(lr), target)

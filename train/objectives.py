@@ -36,7 +36,7 @@ class VAEObjective(torch.nn.Module):
 
     hr [N, 1, 256, 256], lr [N, 1, 64, 64] in [0, 1]; noise [N, C, h, w] (None = posterior mean).
     ``lr_encoder_mse`` trains the LR encoder (when the VAE has one) to reproduce the VAE
-    encoder's latent mean of bicubic(LR); 0 without one.
+    encoder's latent mean of bicubic(LR); None without one.
     """
 
     def __init__(self, rvae: ResidualVAE):
@@ -79,16 +79,10 @@ def vae_batch_loss(
         fft_high_weight=s.fft_high_weight,
         fft_cutoff=s.fft_cutoff,
     )
-    if model_has_lr_encoder(model):
+    if lr_encoder_mse is not None:
         loss = loss + lr_encoder_mse
         parts["lr_encoder_mse"] = float(lr_encoder_mse.detach())
     return loss, parts
-
-
-def model_has_lr_encoder(model: torch.nn.Module) -> bool:
-    """Whether the (possibly DDP-wrapped) VAE objective trains an LR encoder."""
-    inner = getattr(model, "module", model)
-    return getattr(inner.rvae, "lr_encoder", None) is not None
 
 
 # -- stage 2 -------------------------------------------------------------------------------
