@@ -24,13 +24,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from benchmarks.common import describe, device_info, software_versions, table, write_json
 from cxr_sr.builders.export import GRAPHS
 from cxr_sr.train import checkpoint as ckpt_io
 from cxr_sr.train.models import ResidualVAE, VAEConfig, build_vae, latent_shape
+from cxr_sr.train.pipeline import cpu_session
 
 # The first version's demo VAE: f=4, channels 24-48-48, mid-block self-attention over the
 # whole latent in encoder and decoder, z_lr = VAE encoder of bicubic(LR) at 4x the LR side.
@@ -61,11 +61,7 @@ def _session(module: torch.nn.Module, args: tuple, names: list[str], threads: in
             opset_version=17,
             dynamo=False,
         )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return cpu_session(path, threads, spinning=False)
 
 
 def _median_ms(session, feeds: dict, repeats: int) -> float:

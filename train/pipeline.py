@@ -121,25 +121,26 @@ def find_graph(folder: str | Path, name: str) -> Path:
     )
 
 
-class OnnxPipeline(Pipeline):
-    """onnxruntime CPU sessions of the three exported graphs in ``folder``.
+def cpu_session(path: str | Path, threads: int = 0, spinning: bool = True):
+    """An onnxruntime CPU session. ``threads``: intra-op threads (0 = onnxruntime's default,
+    as served); ``spinning=False`` stops idle intra-op threads from busy-waiting
+    (``session.intra_op.allow_spinning``), which matters when several sessions share a CPU."""
+    import onnxruntime as ort
 
-    ``threads``: intra-op threads (0 = onnxruntime's default, as served). ``spinning=False``
-    stops idle intra-op threads from busy-waiting (``session.intra_op.allow_spinning``): with
-    three sessions on a shared machine the idle sessions' spinning pools take CPU from the busy
-    one.
-    """
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or 0
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxPipeline(Pipeline):
+    """onnxruntime CPU sessions (:func:`cpu_session`) of the three exported graphs in
+    ``folder``; with three sessions on a shared machine, ``spinning=False`` keeps the idle
+    sessions' thread pools from taking CPU from the busy one."""
 
     def __init__(self, folder: str | Path, threads: int = 0, spinning: bool = True):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or 0
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        cpu = ["CPUExecutionProvider"]
         self.sessions = {
-            name: ort.InferenceSession(str(find_graph(folder, name)), opts, providers=cpu)
-            for name in NETWORKS
+            name: cpu_session(find_graph(folder, name), threads, spinning) for name in NETWORKS
         }
         self._names = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         t_input = self.sessions[NETWORKS[1]].get_inputs()[1]
