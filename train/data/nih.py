@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_sr.client.io import read_image
 from cxr_sr.train.data.pairs import (
     SPLITS,
     PairDataset,
@@ -244,8 +245,6 @@ class ImageFiles(PairDataset):
         self.repeats = int(repeats)
         self._decoded: dict[int, np.ndarray] = {}
         if keep_decoded:  # before any loader worker forks, so that they all share it
-            from cxr_sr.client.io import read_image
-
             for i in range(len(self.names)):
                 self._decoded[i] = read_image(self.path(i))
         reference_hr(np.zeros((2, 2), np.float32), 2, resize_mode)  # validates the mode
@@ -260,8 +259,6 @@ class ImageFiles(PairDataset):
         return self.root / self.name(index)
 
     def load_hr(self, index: int, rng: np.random.Generator) -> np.ndarray:
-        from cxr_sr.client.io import read_image
-
         image = self._decoded.get(index % len(self.names))
         if image is None:
             image = read_image(self.path(index))
