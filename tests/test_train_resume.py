@@ -37,14 +37,17 @@ def _same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.slow
-def test_resume_is_exact_in_both_stages(tmp_path):
+@pytest.mark.parametrize("pool", [(), ("--set", "device_items=24")], ids=["loader", "pool"])
+def test_resume_is_exact_in_both_stages(tmp_path, pool):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train(straight)  # 4 VAE + 4 UNet steps
-    out = _train(resumed, "--stop-after", "2")  # stops mid stage 1
+    _train(straight, *pool)  # 4 VAE + 4 UNet steps
+    out = _train(resumed, "--stop-after", "2", *pool)  # stops mid stage 1
     assert "stopped" in out and not (resumed / "checkpoint").exists()
-    out = _train(resumed, "--resume", "--stop-after", "4")  # finishes stage 1, 2 UNet steps
+    out = _train(resumed, "--resume", "--stop-after", "4", *pool)  # stage 1 done, 2 UNet steps
     assert "resuming vae at step 2" in out and "stopped" in out
-    out = _train(resumed, "--resume")
+    if pool:
+        assert "24 training pairs held on cpu" in out
+    out = _train(resumed, "--resume", *pool)
     assert "resuming unet at step 2" in out
 
     a, b = checkpoint.load(straight / "checkpoint"), checkpoint.load(resumed / "checkpoint")

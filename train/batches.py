@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -97,3 +98,48 @@ def random_patch(
         hr[..., y : y + size, x : x + size],
         lr[..., y // scale : y // scale + ls, x // scale : x // scale + ls],
     )
+
+
+class DevicePool:
+    """Training pairs drawn once through the loader and held on the training device.
+
+    For small data sets on a fast GPU, where the loader's workers (decoding, cropping,
+    resizing) and not the GPU set the pace: ``n`` pairs are drawn once (the dataset's own
+    crops, scales and flips, epochs 0, 1, ... in the loader's order), and every batch is then
+    a random draw of them, cut and downsampled on the device. Batch ``p`` is a pure function
+    of (pool, seed, salt, p), so resuming stays exact.
+    """
+
+    def __init__(self, hr: torch.Tensor, scale: int):
+        self.hr, self.scale = hr, int(scale)
+
+    @classmethod
+    def draw(
+        cls, dataset: Dataset, n: int, device: torch.device, seed: int, num_workers: int = 0
+    ) -> DevicePool:
+        per = max(1, min(64, len(dataset)))
+        loader = make_loader(dataset, per, seed, salt=200, num_workers=num_workers)
+        chunks, got = [], 0
+        while got < n:
+            hr, _ = next(loader)
+            chunks.append(hr.to(device))
+            got += hr.shape[0]
+        return cls(torch.cat(chunks)[:n], dataset.scale)
+
+    def __len__(self) -> int:
+        return self.hr.shape[0]
+
+    def batches(
+        self, batch_size: int, seed: int, salt: int, start: int = 0, rank: int = 0, world: int = 1
+    ) -> Iterator:
+        """Infinite iterator of (hr, lr) device batches from micro-batch ``start`` on; process
+        ``rank`` takes every ``world``-th pair of each global batch."""
+        position = start
+        while True:
+            gen = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([seed, salt, 300, position]).generate_state(1)[0])
+            )
+            idx = torch.randint(len(self), (batch_size * world,), generator=gen)[rank::world]
+            hr = self.hr[idx.to(self.hr.device)]
+            yield hr, F.avg_pool2d(hr, self.scale)
+            position += 1

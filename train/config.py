@@ -4,7 +4,7 @@
 
 Layout of the YAML (every key optional; an unknown key is a ``ValueError`` naming it):
 
-    seed, device, out, pretrained_vae, num_workers, scaling_batches, sample_count
+    seed, device, out, pretrained_vae, num_workers, scaling_batches, sample_count, device_items
     data:      train.data.DataConfig
     vae:       stage 1 (VAEStage): model (train.models.VAEConfig) + optimisation + loss weights
     unet:      stage 2 (UNetStage): model (train.models.UNetConfig) + optimisation + loss
@@ -170,6 +170,10 @@ class TrainConfig:
             continues training the denoiser (e.g. on your own data, or longer).
         scaling_batches: batches of HR images used to measure the latent std after stage 1.
         sample_count: validation images in the TensorBoard sample grids.
+        device_items: 0 = the loader feeds every batch; N > 0 = N training pairs are drawn
+            once through the loader and held on the training device, and every batch is a
+            random draw of them (``train.batches.DevicePool``): for small data sets on a fast
+            GPU, where the loader's workers set the pace. 16,000 pairs of 256x256 take 4 GiB.
     """
 
     seed: int = 0
@@ -181,6 +185,7 @@ class TrainConfig:
     num_workers: int = 0
     scaling_batches: int = 8
     sample_count: int = 4
+    device_items: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEStage = field(default_factory=VAEStage)
     unet: UNetStage = field(default_factory=lambda: UNetStage(lr=2e-4, ema_decay=0.999))

@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cxr_sr.train.batches import make_loader
+from cxr_sr.train.batches import DevicePool, make_loader
 from cxr_sr.train.config import StageConfig, TrainConfig
 from cxr_sr.train.state import STAGES, Optimization, atomic_save, autocast
 
@@ -38,6 +38,27 @@ class Run:
     progress: bool
     stop_after: int | None
     steps_taken: int = 0  # optimizer steps in this process (for stop_after)
+    pool: DevicePool | None = None  # cfg.device_items pairs on the device, shared by both stages
+
+    def batches(self, dataset: Dataset, batch_size: int, salt: int, start: int) -> Iterator:
+        """The training batches of a stage: from the loader, or (``device_items`` > 0) drawn
+        from the pairs held on the device."""
+        cfg, acc = self.cfg, self.accelerator
+        where = dict(start=start, rank=acc.process_index, world=acc.num_processes)
+        if not cfg.device_items:
+            return make_loader(
+                dataset, batch_size, cfg.seed, salt=salt, num_workers=cfg.num_workers, **where
+            )
+        if self.pool is None:
+            t0 = time.perf_counter()
+            self.pool = DevicePool.draw(
+                dataset, cfg.device_items, self.device, cfg.seed, cfg.num_workers
+            )
+            self.log(
+                f"{len(self.pool)} training pairs held on {self.device} "
+                f"({self.pool.hr.nbytes / 2**30:.2f} GiB, {time.perf_counter() - t0:.0f} s)"
+            )
+        return self.pool.batches(batch_size, cfg.seed, salt, **where)
 
     @property
     def state_path(self) -> Path:
@@ -84,16 +105,7 @@ class StageTrainer:
         if state.get("stage") == name and "optimizer" in state:  # resuming mid-stage
             self.step, self.position = self.opt.load(model, state, run.gen)
         self.model_p, self.optimizer_p = acc.prepare(model, self.opt.optimizer)
-        self.loader = make_loader(
-            dataset,
-            self.stage.batch_size,
-            cfg.seed,
-            salt=STAGES.index(name),
-            start=self.position,
-            rank=acc.process_index,
-            world=acc.num_processes,
-            num_workers=cfg.num_workers,
-        )
+        self.loader = run.batches(dataset, self.stage.batch_size, STAGES.index(name), self.position)
         self.bar = None
 
     def save(self) -> None:
