@@ -63,7 +63,7 @@ class DataConfig:
     train_crops: bool = False  # nih/dicom/folder train: random crops instead of whole images
     hflip: bool = True  # train split: left-right flip with probability 1/2
     holdout: str = "right:0.25"  # sample: "<left|right|top|bottom>:<fraction>" held out
-    sample_file: str = "RG1_UNCI.dcm"  # sample: file name in pydicom's test data
+    sample_file: str = "RG1_UNCI.dcm"  # sample: a file in pydicom-data, or a path to an image
     phantom_size: int = 512  # phantom: side at which phantoms are drawn
     resize_mode: str = "crop"  # non-square images: "crop" (centred square) or "stretch"
     cache_dir: str | None = None  # cache: folder given to prepare --out

@@ -27,6 +27,8 @@ gives an independent held-out chest image.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from cxr_sr.train.data.pairs import Box, PairDataset, Region, grid_boxes, random_box, resize
@@ -66,10 +68,13 @@ def split_regions(height: int, width: int, holdout: str) -> tuple[Region, Region
 
 
 def load_sample(name: str = SAMPLE_FILE) -> np.ndarray:
-    """Decode a radiograph shipped in ``pydicom-data``: float32 ``[H, W]`` in [0, 1]."""
-    from pydicom.data import get_testdata_file
-
+    """Decode a radiograph shipped in ``pydicom-data`` (a file name there), or any image file
+    (a path that exists: PNG, TIFF, DICOM...): float32 ``[H, W]`` in [0, 1]."""
     from cxr_sr.client.io import read_image
+
+    if Path(name).is_file():
+        return read_image(name)
+    from pydicom.data import get_testdata_file
 
     path = get_testdata_file(name)
     if path is None:
