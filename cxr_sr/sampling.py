@@ -2,7 +2,9 @@
 
 The loop :func:`sample` takes the denoiser as a callable, so one loop runs in the tests
 (torch), in offline evaluation (onnxruntime) and in the Triton ``sampler`` model (a BLS
-request to ``unet`` per step). Per-request state (seed, plan) is passed in, never stored.
+request to ``unet`` per step). Per-request state (plan, noise keys) is passed in, never
+stored. The noise is a function of (seed, row, global latent position) (``cxr_sr.noise``), so
+the tiles of one image draw the same noise where they overlap.
 
     denoise(x_t: float32[N, C, h, w], t: float32[N], z_lr: float32[N, C, h, w])
         -> float32[N, C, h, w]   (eps, v or x0, as ``schedule.prediction`` says)
@@ -18,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from cxr_sr.imaging import SCALE
+from cxr_sr.noise import SEED_LIMIT, NoiseKey, RowNoise, draw_noise
 from cxr_sr.schedule import Schedule
 
 SAMPLERS = ("ddim", "ddpm")
@@ -28,7 +32,7 @@ Denoiser = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 MAX_STEPS = 1000  # the server also caps steps at the plan's span (T * strength)
-SEED_LIMIT = 2**63  # seeds are int64 on the wire and PCG64 seeds here
+ORIGIN_LIMIT = 2**20  # LR pixels: the largest tile position a request may name
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean"}
 
@@ -40,7 +44,8 @@ class Param:
     ``kinds`` of value: ``int``, ``float``, ``str`` (one of ``choices``, case-insensitive)
     or ``bool``. ``low``/``high`` bound numbers (inclusive; ``low_open`` makes the lower
     bound exclusive). ``default`` None means "the checkpoint's value" (``sampling.json``
-    next to the served sampler); ``help`` is shown by the CLIs and the docs.
+    next to the served sampler); ``help`` is shown by the CLIs and the docs. ``flag``
+    False: a key that programs set (the tile position), not offered as a command-line flag.
     """
 
     name: str
@@ -51,6 +56,7 @@ class Param:
     high: float | None = None
     low_open: bool = False
     default: Any = None
+    flag: bool = True
 
     def expects(self) -> str:
         """What a valid value looks like, e.g. ``a number in (0, 1]``."""
@@ -160,7 +166,23 @@ SEED = Param(
     high=SEED_LIMIT - 1,
     default=0,
 )
-REQUEST_PARAMS = (*OPTION_PARAMS, SEED)
+# Where the request's LR sits in a larger image (a tile), in LR pixels from its top-left
+# corner: the sampling noise is a function of the global position (cxr_sr.noise), so
+# overlapping tiles draw the same noise where they overlap. Set by tiling clients.
+ORIGIN_PARAMS = tuple(
+    Param(
+        f"origin_{axis}",
+        int,
+        f"{name} of the LR's top-left pixel in the whole image it is a tile of (LR pixels); "
+        "the noise is keyed by global position, so overlapping tiles agree",
+        low=0,
+        high=ORIGIN_LIMIT,
+        default=0,
+        flag=False,
+    )
+    for axis, name in (("y", "row"), ("x", "column"))
+)
+REQUEST_PARAMS = (*OPTION_PARAMS, SEED, *ORIGIN_PARAMS)
 PARAMS_BY_NAME = {p.name: p for p in REQUEST_PARAMS}
 
 
@@ -244,21 +266,19 @@ def ddpm_step(x_t, x0, abar_t, abar_prev, noise):
     return mean + np.sqrt(var) * noise
 
 
-def generators(seeds: Sequence[int], sizes: Sequence[int]) -> list[np.random.Generator]:
-    """One PCG64 stream per row: row i of a request with seed s uses SeedSequence([s, i]).
-
-    Rows are independent of how requests are batched together, so the same seed and input
-    give the same output whatever else the server is doing.
-    """
-    rngs = []
-    for seed, n in zip(seeds, sizes, strict=True):
-        SEED.validate(seed)
-        rngs.extend(np.random.Generator(np.random.PCG64([int(seed), i])) for i in range(n))
-    return rngs
-
-
-def _noise(rngs: list[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:
-    return np.stack([r.standard_normal(shape, dtype=np.float32) for r in rngs])
+def latent_origin(origin: tuple[int, int], vae_factor: int) -> tuple[int, int]:
+    """A tile's origin in LR pixels -> its latent origin (the latent has ``SCALE / f`` pixels
+    per LR pixel for a VAE of factor f); ValueError when it falls between latent pixels."""
+    out = []
+    for axis, value in zip("yx", origin, strict=True):
+        if (value * SCALE) % vae_factor:
+            step = vae_factor // math.gcd(vae_factor, SCALE)
+            raise ValueError(
+                f"'origin_{axis}' must be a multiple of {step} for this model (VAE factor "
+                f"{vae_factor}), got {value}"
+            )
+        out.append(value * SCALE // vae_factor)
+    return out[0], out[1]
 
 
 def sample(
@@ -266,7 +286,7 @@ def sample(
     z_lr: np.ndarray,
     schedule: Schedule,
     options: SamplingOptions,
-    rngs: list[np.random.Generator],
+    keys: Sequence[NoiseKey],
 ) -> np.ndarray:
     """Run the reverse process; returns the predicted HR latent, float32 like ``z_lr``.
 
@@ -275,12 +295,13 @@ def sample(
         z_lr: conditioning latent of the LR image, float32[N, C, h, w].
         schedule: the training schedule (read from the checkpoint).
         options: the plan for this batch (all rows share it).
-        rngs: one generator per row (see :func:`generators`).
+        keys: one noise key per row (``cxr_sr.noise.noise_keys``); draw 0 is the start
+            noise, draw i the noise added after the i-th denoiser call.
     """
     if z_lr.ndim != 4:
         raise ValueError(f"z_lr must be [N, C, h, w], got shape {z_lr.shape}")
-    if len(rngs) != z_lr.shape[0]:
-        raise ValueError(f"need one generator per row: {len(rngs)} for {z_lr.shape[0]} rows")
+    if len(keys) != z_lr.shape[0]:
+        raise ValueError(f"need one noise key per row: {len(keys)} for {z_lr.shape[0]} rows")
     abar = schedule.alphas_cumprod()
     ts = timesteps(
         schedule.num_train_timesteps,
@@ -289,7 +310,9 @@ def sample(
         strength=options.strength,
     )
     n = z_lr.shape[0]
-    x = _noise(rngs, z_lr.shape[1:])
+    shape = z_lr.shape[1:]
+    rows = [RowNoise(k) for k in keys]  # this call's noise cursors
+    x = draw_noise(rows, 0, shape)
     if options.start == "lr":  # q(x_t0 | x_0 = z_lr)
         a0 = abar[ts[0]]
         x = schedule.q_sample(z_lr, x, a0).astype(np.float32)
@@ -303,9 +326,9 @@ def sample(
         if last:
             break
         if options.sampler == "ddim":
-            noise = _noise(rngs, z_lr.shape[1:]) if options.eta > 0 else None
+            noise = draw_noise(rows, i + 1, shape) if options.eta > 0 else None
             x = ddim_step(x, x0, eps, a_t, a_prev, options.eta, noise)
         else:
-            x = ddpm_step(x, x0, a_t, a_prev, _noise(rngs, z_lr.shape[1:]))
+            x = ddpm_step(x, x0, a_t, a_prev, draw_noise(rows, i + 1, shape))
         x = x.astype(np.float32)
     return np.asarray(x0, dtype=np.float32)

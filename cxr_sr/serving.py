@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from cxr_sr.sampling import MAX_STEPS, PARAMS_BY_NAME, REQUEST_PARAMS, SEED, Param, SamplingOptions
+from cxr_sr.sampling import (
+    MAX_STEPS,
+    ORIGIN_PARAMS,
+    PARAMS_BY_NAME,
+    REQUEST_PARAMS,
+    SEED,
+    Param,
+    SamplingOptions,
+)
 
 # consumed by Triton itself (never reach a model); ignored should a caller pass them anyway
 TRITON_RESERVED = (
@@ -36,6 +44,7 @@ TRITON_RESERVED = (
     "binary_data_output",
 )
 REQUEST_KEYS = tuple(p.name for p in REQUEST_PARAMS)
+FLAG_PARAMS = tuple(p for p in REQUEST_PARAMS if p.flag)  # the command-line flags
 
 
 def _unknown(keys: Iterable[str]) -> str | None:
@@ -61,16 +70,27 @@ def _load(raw: str | Mapping | None) -> dict:
     return dict(raw)
 
 
+class RequestSettings(NamedTuple):
+    """What one request asks of the sampler: the plan, the seed and the tile origin
+    ``(origin_y, origin_x)`` in LR pixels."""
+
+    options: SamplingOptions
+    seed: int
+    origin: tuple[int, int] = (0, 0)
+
+
 def parse_parameters(
     raw: str | Mapping | None,
     defaults: SamplingOptions,
     num_train_timesteps: int,
     ignore: Collection[str] = (),
-) -> tuple[SamplingOptions, int]:
-    """Request parameters -> (SamplingOptions, seed); ValueError naming the offending key.
+) -> RequestSettings:
+    """Request parameters -> (SamplingOptions, seed, origin); ValueError naming the offending
+    key.
 
-    Every key of the schema is honoured; absent ones take ``defaults`` (the checkpoint's)
-    and seed 0. Any other key is rejected, except Triton's reserved ones and ``ignore``.
+    Every key of the schema is honoured; absent ones take ``defaults`` (the checkpoint's),
+    seed 0 and origin (0, 0). Any other key is rejected, except Triton's reserved ones and
+    ``ignore``.
     """
     params = {
         k: v
@@ -82,6 +102,7 @@ def parse_parameters(
         raise ValueError(problem)
     values = {k: PARAMS_BY_NAME[k].parse(v) for k, v in params.items()}
     seed = values.pop(SEED.name, SEED.default)
+    origin = tuple(values.pop(p.name, p.default) for p in ORIGIN_PARAMS)
     options = defaults.replace(**values)
     limit = min(MAX_STEPS, int(round(num_train_timesteps * options.strength)))
     if options.steps > limit:
@@ -89,7 +110,7 @@ def parse_parameters(
             f"'steps' must be <= {limit} for this model ({num_train_timesteps} timesteps) "
             f"at strength {options.strength:g}, got {options.steps}"
         )
-    return options, seed
+    return RequestSettings(options, seed, origin)
 
 
 def request_parameters(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,7 +139,8 @@ def _argparse_type(param: Param):
 def add_arguments(
     parser: argparse.ArgumentParser, defaults: Mapping[str, Any] | None = None
 ) -> argparse._ArgumentGroup:
-    """One ``--<key>`` flag per schema key (help from the schema), in an argument group.
+    """One ``--<key>`` flag per schema key (help from the schema), in an argument group;
+    keys that programs set (``Param.flag`` False: the tile origin) get none.
 
     ``defaults`` gives flag defaults; keys without one default to None (not sent: the
     server's default applies, the checkpoint's or seed 0).
@@ -131,7 +153,7 @@ def add_arguments(
         "sampling (Triton request parameters)",
         "each flag given is sent as the request parameter of the same name",
     )
-    for p in REQUEST_PARAMS:
+    for p in FLAG_PARAMS:
         default = defaults.get(p.name)
         if default is not None:
             default = p.parse(default)
@@ -153,7 +175,7 @@ def add_arguments(
 
 def namespace_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The request parameters set in ``args`` (as parsed with :func:`add_arguments`)."""
-    return request_parameters({p.name: getattr(args, p.name, None) for p in REQUEST_PARAMS})
+    return request_parameters({p.name: getattr(args, p.name, None) for p in FLAG_PARAMS})
 
 
 def check_finite_range(
@@ -167,6 +189,24 @@ def check_finite_range(
         return (
             f"input '{name}' must hold intensities in [{low:g}, {high:g}]; "
             f"got values in [{lo:.4g}, {hi:.4g}]"
+        )
+    return None
+
+
+def check_image_shape(
+    name: str, shape: Sequence[int], min_side: int, max_side: int, channels: int = 1
+) -> str | None:
+    """None if ``shape`` is [N, channels, H, W] with H and W in [min_side, max_side], else
+    the reason, naming what was sent and what is accepted."""
+    shape = tuple(int(s) for s in shape)
+    want = f"[N, {channels}, H, W] with H and W in [{min_side}, {max_side}]"
+    if len(shape) != 4 or shape[0] < 1 or shape[1] != channels:
+        return f"input '{name}' must be {want}; got shape {list(shape)}"
+    h, w = shape[2:]
+    if not (min_side <= h <= max_side and min_side <= w <= max_side):
+        return (
+            f"input '{name}' is {h}x{w} (H x W): each side must be in [{min_side}, {max_side}] "
+            f"on this server (larger images are tiled by the client); got shape {list(shape)}"
         )
     return None
 

@@ -26,8 +26,9 @@ from benchmarks.perf import parse_args as perf_parse_args
 from cxr_sr import SamplingOptions, Schedule, serving
 from cxr_sr.client.cli import build_parser
 from cxr_sr.client.triton import SRClient, sampling_parameters
-from cxr_sr.sampling import OPTION_PARAMS, REQUEST_PARAMS, SEED, Param
+from cxr_sr.sampling import OPTION_PARAMS, ORIGIN_PARAMS, REQUEST_PARAMS, SEED, Param
 from cxr_sr.serving import (
+    FLAG_PARAMS,
     REQUEST_KEYS,
     TRITON_RESERVED,
     add_arguments,
@@ -60,7 +61,9 @@ def _parse(params: dict, **kwargs):
 
 def test_schema_covers_sampling_options_and_the_seed():
     assert [p.name for p in OPTION_PARAMS] == [f.name for f in fields(SamplingOptions)]
-    assert (*(f.name for f in fields(SamplingOptions)), "seed") == REQUEST_KEYS
+    options = tuple(f.name for f in fields(SamplingOptions))
+    assert (*options, "seed", "origin_y", "origin_x") == REQUEST_KEYS
+    assert [p.name for p in FLAG_PARAMS] == [*options, "seed"]  # the origin is set by tilers
     assert len(set(REQUEST_KEYS)) == len(REQUEST_KEYS)
     for p in REQUEST_PARAMS:
         assert p.help and p.kind in (int, float, str, bool)
@@ -85,26 +88,31 @@ def test_every_key_round_trips_client_to_server(param):
     value = _example(param)
     wire = sampling_parameters(**{param.name: value})
     assert wire == {param.name: value}
-    options, seed = _parse(wire)
+    options, seed, origin = _parse(wire)
     if param is SEED:
-        assert seed == value and options == DEFAULTS
+        assert seed == value and options == DEFAULTS and origin == (0, 0)
+    elif param in ORIGIN_PARAMS:
+        assert origin[ORIGIN_PARAMS.index(param)] == value and sum(origin) == value
+        assert options == DEFAULTS and seed == SEED.default
     else:
         assert getattr(options, param.name) == value and seed == SEED.default
-        assert options == DEFAULTS.replace(**{param.name: value})
+        assert options == DEFAULTS.replace(**{param.name: value}) and origin == (0, 0)
 
 
 def test_all_keys_together_round_trip():
     given = {p.name: _example(p) for p in REQUEST_PARAMS}
     given["steps"] = 3  # within T * strength for any example strength
-    options, seed = _parse(sampling_parameters(**given))
+    given["origin_x"] = 5
+    options, seed, origin = _parse(sampling_parameters(**given))
     assert seed == given.pop("seed")
+    assert origin == (given.pop("origin_y"), given.pop("origin_x")) == (2, 5)
     assert options == SamplingOptions(**given)
 
 
 def test_absent_keys_take_the_checkpoint_defaults_and_seed_0():
     ckpt = SamplingOptions(steps=2, sampler="ddpm", spacing="leading")
     for raw in (None, "", "{}"):
-        assert parse_parameters(raw, ckpt, T) == (ckpt, 0)
+        assert parse_parameters(raw, ckpt, T) == (ckpt, 0, (0, 0))
 
 
 def test_perf_analyzer_string_values_parse_like_the_numbers():
@@ -150,7 +158,7 @@ def test_unknown_key_is_rejected_with_its_name():
 
 def test_triton_reserved_and_ignored_keys_are_let_through():
     raw = {key: 1 for key in TRITON_RESERVED} | {"triton_x": 1, "x-request-id": "abc"}
-    assert _parse(raw, ignore=("x-request-id",)) == (DEFAULTS, 0)
+    assert _parse(raw, ignore=("x-request-id",)) == (DEFAULTS, 0, (0, 0))
     with pytest.raises(ValueError, match="x-request-id"):
         _parse(raw)
 
@@ -187,6 +195,10 @@ CLIENT_CANNOT_TELL = ({"steps": None}, {"steps": 300, "strength": 0.25})
         ({"seed": 2**63}, "seed"),
         ({"seed": "1e3"}, "seed"),
         ({"seed": 1.0}, "seed"),
+        ({"origin_y": -1}, "origin_y"),
+        ({"origin_x": 2**20 + 1}, "origin_x"),
+        ({"origin_x": "1.5"}, "origin_x"),
+        ({"origin_y": True}, "origin_y"),
     ],
 )
 def test_bad_values_are_rejected_naming_the_key(params, key):
@@ -237,9 +249,11 @@ def _sampling_flags(parser) -> dict[str, object]:
 
 
 def test_cli_flags_are_the_schema_keys():
+    """One flag per key a person sets; the tile origin is set by tiling code, not a flag."""
     flags = _sampling_flags(build_parser())
-    assert tuple(flags) == REQUEST_KEYS
-    for p in REQUEST_PARAMS:
+    assert tuple(flags) == tuple(p.name for p in FLAG_PARAMS)
+    assert not any(p.flag for p in ORIGIN_PARAMS)
+    for p in FLAG_PARAMS:
         action = flags[p.name]
         assert action.option_strings == [f"--{p.name}"]
         assert p.help in action.help and action.default is None
@@ -258,7 +272,7 @@ def test_cli_rejects_a_bad_value_with_the_schema_message(capsys):
 def test_perf_flags_and_settings_are_the_schema_keys():
     parser = argparse.ArgumentParser()
     add_arguments(parser, {"steps": 1, "seed": 0})
-    assert tuple(_sampling_flags(parser)) == REQUEST_KEYS
+    assert tuple(_sampling_flags(parser)) == tuple(p.name for p in FLAG_PARAMS)
     args = perf_parse_args(["--spacing", "leading", "--sampler", "ddpm"])
     settings = PerfSettings(parameters=namespace_parameters(args))
     assert settings.parameters == {"steps": 1, "sampler": "ddpm", "spacing": "leading", "seed": 0}

@@ -1,11 +1,13 @@
-"""The numpy sampler against diffusers' schedulers driving the same torch network."""
+"""The numpy sampler against diffusers' schedulers driving the same torch network, and the
+position-keyed noise (``cxr_sr.noise``): a window of the field is the field's window."""
 
 import numpy as np
 import pytest
 import torch
 
 from cxr_sr import SamplingOptions, Schedule, sample, timesteps
-from cxr_sr.sampling import generators
+from cxr_sr.noise import NoiseKey, RowNoise, draw_noise, noise_keys
+from cxr_sr.sampling import latent_origin
 from cxr_sr.train.models import Denoiser, UNetConfig, build_unet
 
 C, S = 4, 16
@@ -62,10 +64,10 @@ def test_ddim_loop_matches_diffusers(denoiser, prediction, kind):
     sched = Schedule(kind, 300, prediction=prediction)
     opts = SamplingOptions(steps=10, sampler="ddim", start="noise")
     z_lr = np.random.default_rng(1).standard_normal((2, C, S, S)).astype(np.float32)
-    rngs = generators([7], [2])
-    ours = sample(as_numpy_callable(denoiser), z_lr, sched, opts, rngs)
+    keys = noise_keys([7], [2])
+    ours = sample(as_numpy_callable(denoiser), z_lr, sched, opts, keys)
 
-    x_T = np.stack([r.standard_normal((C, S, S), dtype=np.float32) for r in generators([7], [2])])
+    x_T = draw_noise([RowNoise(k) for k in keys], 0, (C, S, S))
     cfg = sched.to_diffusers_config()
     cfg.update(timestep_spacing="trailing", set_alpha_to_one=True)
     ref = diffusers_loop(DDIMScheduler.from_config(cfg), denoiser, x_T, z_lr, 10)
@@ -132,9 +134,9 @@ def test_ddim_matches_independent_torch_loop(denoiser):
         z_lr,
         sched,
         SamplingOptions(steps=5, start="noise"),
-        generators([5], [3]),
+        noise_keys([5], [3]),
     )
-    x_T = np.stack([r.standard_normal((C, S, S), dtype=np.float32) for r in generators([5], [3])])
+    x_T = draw_noise([RowNoise(k) for k in noise_keys([5], [3])], 0, (C, S, S))
     np.testing.assert_allclose(
         ours, numpy_free_torch_ddim(denoiser, sched, z_lr, x_T, 5), atol=1e-4
     )
@@ -145,13 +147,13 @@ def test_seed_determinism_and_batch_independence(denoiser):
     f = as_numpy_callable(denoiser)
     z = np.random.default_rng(0).standard_normal((3, C, S, S)).astype(np.float32)
     opts = SamplingOptions(steps=3, sampler="ddpm")
-    a = sample(f, z, sched, opts, generators([42, 9], [2, 1]))
-    b = sample(f, z, sched, opts, generators([42, 9], [2, 1]))
+    a = sample(f, z, sched, opts, noise_keys([42, 9], [2, 1]))
+    b = sample(f, z, sched, opts, noise_keys([42, 9], [2, 1]))
     np.testing.assert_array_equal(a, b)
     # the third row alone, with its own seed, gives the same values as inside the batch
-    alone = sample(f, z[2:], sched, opts, generators([9], [1]))
+    alone = sample(f, z[2:], sched, opts, noise_keys([9], [1]))
     np.testing.assert_allclose(alone, a[2:], atol=1e-5)
-    c = sample(f, z, sched, opts, generators([43, 9], [2, 1]))
+    c = sample(f, z, sched, opts, noise_keys([43, 9], [2, 1]))
     assert not np.allclose(a[:2], c[:2])
 
 
@@ -165,7 +167,7 @@ def test_lr_start_at_low_strength_stays_near_lr(denoiser):
         z,
         sched,
         SamplingOptions(steps=2, start="lr", strength=0.05),
-        generators([0], [1]),
+        noise_keys([0], [1]),
     )
     np.testing.assert_allclose(out, z, atol=1e-6)
 
@@ -186,6 +188,111 @@ def test_bad_options_raise(kwargs):
         SamplingOptions(**kwargs)
 
 
-def test_bad_seed_raises():
+@pytest.mark.parametrize("key", [(-1, 0, 0, 0), (2**63, 0, 0, 0), (0, 0, -1, 0), (1.5, 0, 0, 0)])
+def test_bad_noise_keys_raise(key):
     with pytest.raises(ValueError):
-        generators([-1], [1])
+        NoiseKey(*key)
+    with pytest.raises(ValueError):
+        NoiseKey(0, block=0)
+    if key[0] == -1:
+        with pytest.raises(ValueError):
+            noise_keys([-1], [1])
+
+
+# --- position-keyed noise ------------------------------------------------------------------
+
+B = 16  # a small block side, so that small windows cross many blocks
+
+
+@pytest.mark.parametrize("draw", [0, 3])
+@pytest.mark.parametrize(
+    "origin,size",
+    [((0, 0), (16, 16)), ((37, 20), (40, 33)), ((B - 1, B), (2, 44)), ((64, 5), (36, 1))],
+)
+def test_noise_of_a_window_is_the_window_of_the_noise(origin, size, draw):
+    whole = NoiseKey(5, row=1, block=B).window(draw, (3, 100, 76))
+    (y, x), (h, w) = origin, size
+    tile = NoiseKey(5, 1, y, x, block=B).window(draw, (3, h, w))
+    np.testing.assert_array_equal(tile, whole[:, y : y + h, x : x + w])
+
+
+def test_tiles_cover_the_whole_field_and_overlaps_agree():
+    """Overlapping tiles of one image, laid back at their origins, rebuild the whole field."""
+    whole = NoiseKey(11).window(0, (4, 150, 130))
+    rebuilt = np.full_like(whole, np.nan)
+    for y in range(0, 150, 40):
+        for x in range(0, 130, 40):
+            h, w = min(56, 150 - y), min(56, 130 - x)
+            tile = NoiseKey(11, 0, y, x).window(0, (4, h, w))
+            seen = rebuilt[:, y : y + h, x : x + w]
+            overlap = ~np.isnan(seen)
+            np.testing.assert_array_equal(tile[overlap], seen[overlap])
+            rebuilt[:, y : y + h, x : x + w] = tile
+    np.testing.assert_array_equal(rebuilt, whole)
+
+
+def test_a_64x64_request_keeps_the_noise_it_had_before_positions():
+    """Block (0, 0) is the row stream every row drew before: PCG64([seed, row]), the k-th
+    standard_normal call being draw k. So 64x64 outputs (f = 4: latent 64) are unchanged."""
+    for seed, row in ((0, 0), (7, 2), (2**40 + 3, 1)):
+        legacy = np.random.Generator(np.random.PCG64([seed, row]))
+        stream = [legacy.standard_normal((4, 64, 64), dtype=np.float32) for _ in range(4)]
+        rows = RowNoise(NoiseKey(seed, row))
+        for k in range(4):  # in order, as the loop draws
+            np.testing.assert_array_equal(rows.window(k, (4, 64, 64)), stream[k])
+        np.testing.assert_array_equal(rows.window(1, (4, 64, 64)), stream[1])  # replayed
+        np.testing.assert_array_equal(NoiseKey(seed, row).window(2, (4, 64, 64)), stream[2])
+
+
+def test_noise_streams_are_distinct_and_standard_normal():
+    base = NoiseKey(3, 0, 64, 64).window(0, (4, 64, 64))
+    assert abs(base.mean()) < 0.03 and abs(base.std() - 1) < 0.02
+    for other in (
+        NoiseKey(4, 0, 64, 64),
+        NoiseKey(3, 1, 64, 64),
+        NoiseKey(3),
+        NoiseKey(3, 0, 0, 64),
+    ):
+        assert abs(np.corrcoef(base.ravel(), other.window(0, base.shape).ravel())[0, 1]) < 0.03
+    later = NoiseKey(3, 0, 64, 64).window(1, base.shape)
+    assert abs(np.corrcoef(base.ravel(), later.ravel())[0, 1]) < 0.03
+    # fixed-width keys: seed 2**32 is not seed 0 row 1 (a plain SeedSequence list would be)
+    assert not np.array_equal(
+        NoiseKey(2**32, 0, 64, 0).window(0, (1, 4, 4)), NoiseKey(0, 1, 64, 0).window(0, (1, 4, 4))
+    )
+    # neighbouring blocks are independent, not shifted copies
+    row = NoiseKey(3, block=B).window(0, (1, 1, 3 * B))[0, 0]
+    assert not np.allclose(row[B : 2 * B], row[2 * B :])
+
+
+def test_noise_is_pinned():
+    """Golden values: the same seed gives the same noise on every machine and version."""
+    got = NoiseKey(0, 0, 64, 0).window(0, (1, 1, 3))[0, 0]
+    np.testing.assert_allclose(got, GOLDEN_NOISE, rtol=0, atol=1e-6)
+
+
+GOLDEN_NOISE = np.array([0.31768098, -1.1183742, 0.17353241], dtype=np.float32)
+
+
+def test_a_tile_samples_the_window_of_the_whole_image():
+    """With a per-pixel denoiser the loop is local, so a tile's latent (origin given) equals
+    that window of the whole image's, for every sampler that draws noise."""
+    sched = Schedule(prediction="x0")
+    pointwise = lambda x_t, t, z_lr: 0.5 * x_t + 0.3 * z_lr + 1e-4 * t[:, None, None, None]
+    z = np.random.default_rng(0).standard_normal((1, C, 40, 36)).astype(np.float32)
+    for opts in (
+        SamplingOptions(steps=3, sampler="ddpm", start="noise"),
+        SamplingOptions(steps=3, sampler="ddim", eta=0.7, start="lr", strength=0.6),
+    ):
+        whole = sample(pointwise, z, sched, opts, noise_keys([8], [1]))
+        tile = z[:, :, 9:29, 17:36]
+        got = sample(pointwise, tile, sched, opts, noise_keys([8], [1], [(9, 17)]))
+        np.testing.assert_array_equal(got, whole[:, :, 9:29, 17:36])
+
+
+def test_latent_origin_follows_the_vae_factor():
+    assert latent_origin((37, 20), 4) == (37, 20)
+    assert latent_origin((10, 4), 8) == (5, 2)
+    assert latent_origin((3, 1), 2) == (6, 2)
+    with pytest.raises(ValueError, match="'origin_x' must be a multiple of 2"):
+        latent_origin((2, 3), 8)

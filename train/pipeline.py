@@ -1,8 +1,9 @@
 """The offline pipeline, once: LR -> vae_encoder -> ``cxr_sr.sample`` over the unet ->
 vae_decoder -> SR, with torch modules or with onnxruntime sessions on the exported graphs.
 
-It is the loop the Triton ``sampler`` model runs (``cxr_sr.sample``, per-row generators seeded
-by ``cxr_sr.sampling.generators``), so offline scores and timings describe the served model.
+It is the loop the Triton ``sampler`` model runs (``cxr_sr.sample``, per-row noise keyed by
+seed, row and latent position as ``cxr_sr.noise.noise_keys`` makes it), so offline scores and
+timings describe the served model.
 Used by ``train.evaluate`` (and through it ``train.ablate``), the training loop's validation
 samples and ``benchmarks.stages``.
 
@@ -26,7 +27,7 @@ import torch
 
 from cxr_sr import SamplingOptions, Schedule, sample
 from cxr_sr.builders.specs import NETWORKS
-from cxr_sr.sampling import generators
+from cxr_sr.noise import legacy_block, noise_keys
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -36,7 +37,10 @@ def _f32(x: np.ndarray) -> np.ndarray:
 
 
 class Pipeline:
-    """encoder -> sampling loop over the denoiser -> decoder; subclasses give the networks."""
+    """encoder -> sampling loop over the denoiser -> decoder; subclasses give the networks
+    and ``vae_factor`` (image pixels per latent pixel, which places a tile's noise)."""
+
+    vae_factor: int = 4
 
     def encode_lr(self, lr: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -52,7 +56,8 @@ class Pipeline:
     ) -> np.ndarray:
         """The sampled HR latent for ``lr`` (rows seeded as the server seeds them)."""
         z_lr = self.encode_lr(lr)
-        return sample(self.denoise, z_lr, schedule, options, generators([seed], [len(lr)]))
+        keys = noise_keys([seed], [len(lr)], [(0, 0)], legacy_block(self.vae_factor))
+        return sample(self.denoise, z_lr, schedule, options, keys)
 
     def super_resolve(
         self, lr: np.ndarray, schedule: Schedule, options: SamplingOptions, seed: int = 0

@@ -1,15 +1,20 @@
 """Triton Python-backend BLS model: the timestep loop over ``unet``.
 
-Input ``z_lr`` [N, C, h, w] (latent of the LR image), output ``z`` [N, C, h, w].
-Per-request parameters (JSON) are the request schema's keys (``cxr_sr.sampling.REQUEST_PARAMS``:
-steps, sampler, eta, start, strength, spacing, seed), parsed by ``cxr_sr.serving``; any
-other key gets that request an INVALID_ARG naming it (the optional config parameter
-``ignored_parameters``, comma-separated, lists keys to let through, e.g. forwarded headers).
-Defaults come from ``sampling.json`` next to this file, the schedule from
-``scheduler_config.json`` (both copied from the checkpoint by ``builders.build``).
-Requests with the same options are sampled in one loop, so the UNet sees the whole dynamic
-batch each step; every row has its own noise stream, so a result does not depend on what it
-was batched with.
+Input ``z_lr`` [N, C, h, w] (latent of the LR image, padded by the encoder graph to the
+sides the UNet needs), output ``z`` [N, C, h, w]. Per-request parameters (JSON) are the
+request schema's keys (``cxr_sr.sampling.REQUEST_PARAMS``: steps, sampler, eta, start,
+strength, spacing, seed, origin_y, origin_x), parsed by ``cxr_sr.serving``; any other key gets
+that request an INVALID_ARG naming it (the optional config parameter ``ignored_parameters``,
+comma-separated, lists keys to let through, e.g. forwarded headers). Defaults come from
+``sampling.json`` next to this file, the schedule from ``scheduler_config.json`` (both copied
+from the checkpoint by ``builders.build``); the config parameters ``vae_factor`` (LR pixel ->
+latent pixel, for the tile origin) and ``latent_sides`` ("min,max": what the UNet was built
+for; a request outside gets INVALID_ARG) come from the network specs.
+
+Requests with the same options and latent size are sampled in one loop, so the UNet sees the
+whole dynamic batch each step (Triton only batches requests of equal shapes anyway). Every
+row's noise is keyed by (seed, row, global latent position) (``cxr_sr.noise``), so a result
+does not depend on what it was batched with, and tiles of one image agree where they overlap.
 """
 
 import json
@@ -19,7 +24,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cxr_sr import SamplingOptions, Schedule, sample
-from cxr_sr.sampling import generators
+from cxr_sr.noise import legacy_block, noise_keys
+from cxr_sr.sampling import latent_origin
 from cxr_sr.serving import options_key, parse_parameters
 
 
@@ -40,6 +46,23 @@ class TritonPythonModel:
         self.max_batch = int(config["max_batch_size"])
         ignored = params.get("ignored_parameters", "").split(",")
         self.ignored = tuple(k.strip() for k in ignored if k.strip())
+        self.vae_factor = int(params.get("vae_factor", "4"))
+        self.noise_block = legacy_block(self.vae_factor)
+        sides = params.get("latent_sides", "")
+        self.latent_sides = tuple(int(v) for v in sides.split(",")) if sides else None
+
+    def _check_latent(self, z_lr):
+        """None, or why this latent is outside what the UNet was built for."""
+        if self.latent_sides is None:
+            return None
+        low, high = self.latent_sides
+        h, w = z_lr.shape[-2:]
+        if low <= h <= high and low <= w <= high:
+            return None
+        return (
+            f"latent 'z_lr' is {h}x{w}: this server takes LR images whose latent sides are in "
+            f"[{low}, {high}] (LR sides in the range its encoder accepts)"
+        )
 
     def _denoise(self, x_t, t, z_lr):
         """One UNet call over the loop's batch (chunked to the UNet's max batch)."""
@@ -65,24 +88,34 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         groups = {}
         for i, request in enumerate(requests):
+            z_lr = pb_utils.get_input_tensor_by_name(request, "z_lr").as_numpy()
             try:
-                options, seed = parse_parameters(
+                options, seed, origin = parse_parameters(
                     request.parameters(),
                     self.defaults,
                     self.schedule.num_train_timesteps,
                     ignore=self.ignored,
                 )
+                origin = latent_origin(origin, self.vae_factor)
+                problem = self._check_latent(z_lr)
+                if problem:
+                    raise ValueError(problem)
             except ValueError as err:
                 responses[i] = _error(str(err), pb_utils.TritonError.INVALID_ARG)
                 continue
-            z_lr = pb_utils.get_input_tensor_by_name(request, "z_lr").as_numpy()
-            groups.setdefault(options_key(options), (options, []))[1].append((i, z_lr, seed))
+            key = (options_key(options), z_lr.shape[1:])
+            groups.setdefault(key, (options, []))[1].append((i, z_lr, (seed, origin)))
 
         for options, items in groups.values():
             z_lr = np.concatenate([z for _, z, _ in items])
-            rngs = generators([s for _, _, s in items], [len(z) for _, z, _ in items])
+            keys = noise_keys(
+                [s for _, _, (s, _) in items],
+                [len(z) for _, z, _ in items],
+                [o for _, _, (_, o) in items],
+                self.noise_block,
+            )
             try:
-                z = sample(self._denoise, z_lr, self.schedule, options, rngs)
+                z = sample(self._denoise, z_lr, self.schedule, options, keys)
             except Exception as err:  # one failing group must not fail the others
                 for i, _, _ in items:
                     responses[i] = _error(f"sampling failed: {err}", pb_utils.TritonError.INTERNAL)
