@@ -61,26 +61,28 @@ def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
 
 
 def make_inputs(
-    tensors: Sequence[tuple[str, Sequence[int], type]],
+    tensors: Sequence[tuple[str, type]],
     lr: np.ndarray,
+    latent_shape: Sequence[int],
     num_train_timesteps: int = 1000,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Plausible inputs by name: ``LR`` = ``lr``, ``timestep`` mid-schedule, latents ~ N(0, 1).
+    """Plausible inputs by name: ``LR`` = ``lr``, ``timestep`` mid-schedule [N, 1], any other
+    (a latent) ~ N(0, 1) of ``latent_shape`` (what the encoder gives for ``lr``: the sides
+    are dynamic, so the graphs cannot say).
 
-    ``tensors``: (name, full shape with batch, numpy dtype); the batch is ``len(lr)``.
+    ``tensors``: (name, numpy dtype); the batch is ``len(lr)``.
     """
     rng = np.random.default_rng(seed)
     n = len(lr)
     out = {}
-    for name, shape, dtype in tensors:
-        full = (n, *shape[1:])
+    for name, dtype in tensors:
         if name == "LR":
             x = lr
         elif name == "timestep":
-            x = np.full(full, num_train_timesteps // 2)
+            x = np.full((n, 1), num_train_timesteps // 2)
         else:
-            x = rng.standard_normal(full)
+            x = rng.standard_normal((n, *latent_shape[1:]))
         out[name] = np.ascontiguousarray(x, dtype=dtype)
     return out
 
@@ -103,12 +105,13 @@ def bls_overhead(stage: dict[str, dict[str, float]], full: dict[int, dict[str, f
 # ----------------------------------------------------------------- through the server
 
 
-def _grpc_inputs(config: dict, lr: np.ndarray, timesteps: int) -> dict[str, np.ndarray]:
+def _grpc_inputs(
+    config: dict, lr: np.ndarray, latent_shape: Sequence[int], timesteps: int
+) -> dict[str, np.ndarray]:
     tensors = [
-        (t["name"], [-1, *map(int, t["dims"])], TRITON_DTYPES[t["data_type"].removeprefix("TYPE_")])
-        for t in config["input"]
+        (t["name"], TRITON_DTYPES[t["data_type"].removeprefix("TYPE_")]) for t in config["input"]
     ]
-    return make_inputs(tensors, lr, timesteps)
+    return make_inputs(tensors, lr, latent_shape, timesteps)
 
 
 def server_timings(
@@ -129,9 +132,11 @@ def server_timings(
         return lambda: client.infer(model, inputs, parameters=params)
 
     stage = {}
+    latent = call(NETWORKS[0], {"LR": lr})().as_numpy("z_lr").shape
     for name in NETWORKS:
         config = client.get_model_config(name, as_json=True)["config"]
-        stage[name] = timeit(call(name, _grpc_inputs(config, lr, 1000)), runs, warmup)
+        feeds = _grpc_inputs(config, lr, latent, 1000)
+        stage[name] = timeit(call(name, feeds), runs, warmup)
         print(f"[server] {name}: {stage[name]['median_ms']:.1f} ms", flush=True)
     full = {}
     for k in steps:
@@ -167,9 +172,11 @@ def offline_timings(
     pipe = OnnxPipeline(onnx_dir, threads=threads, spinning=spinning)
     sessions = pipe.sessions
 
+    latent = pipe.encode_lr(lr).shape
+
     def feeds(name: str) -> dict[str, np.ndarray]:
-        tensors = [(i.name, i.shape, ORT_DTYPES[i.type]) for i in sessions[name].get_inputs()]
-        return make_inputs(tensors, lr)
+        tensors = [(i.name, ORT_DTYPES[i.type]) for i in sessions[name].get_inputs()]
+        return make_inputs(tensors, lr, latent)
 
     stage, inputs = {}, {name: feeds(name) for name in NETWORKS}
     for name in NETWORKS:

@@ -21,15 +21,14 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from benchmarks.common import describe, device_info, software_versions, table, write_json
-from cxr_sr.builders.export import GRAPHS
+from cxr_sr.builders.graphs import DecoderGraph, EncoderGraph, attention_bytes
 from cxr_sr.train import checkpoint as ckpt_io
-from cxr_sr.train.models import ResidualVAE, VAEConfig, build_vae, latent_shape
+from cxr_sr.train.models import ResidualVAE, VAEConfig, build_vae
 from cxr_sr.train.pipeline import cpu_session
 
 # The first version's demo VAE: f=4, channels 24-48-48, mid-block self-attention over the
@@ -75,25 +74,12 @@ def _median_ms(session, feeds: dict, repeats: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def attention_bytes(vae: ResidualVAE, unet, lr_side: int) -> dict[str, int]:
-    """fp32 bytes of the largest attention matrix per image (0 = no attention); ``unet`` may
-    be None (not measured)."""
-    _, h, w = latent_shape(vae.vae, 4 * lr_side)
-    vae_bytes = 4 * (h * w) ** 2 if vae.vae.config.get("mid_block_add_attention", True) else 0
-    unet_bytes = 0
-    if unet is not None and any("Attn" in b for b in unet.config.down_block_types):
-        k = 2 ** (len(unet.config.block_out_channels) - 1)  # its lowest level
-        unet_bytes = 4 * ((h // k) * (w // k)) ** 2
-    return {"vae": vae_bytes, "unet": unet_bytes}
-
-
 def measure(vae: ResidualVAE, lr_side: int, threads: int, repeats: int) -> dict[str, float]:
-    holder = SimpleNamespace(vae=vae)
     lr = torch.from_numpy(np.random.default_rng(0).random((1, 1, lr_side, lr_side), np.float32))
     with torch.no_grad():
         z = vae.encode_lr(lr)
-    encoder = _session(GRAPHS["vae_encoder"](holder).eval(), (lr,), ["LR"], threads)
-    decoder = _session(GRAPHS["vae_decoder"](holder).eval(), (z, lr), ["z", "LR"], threads)
+    encoder = _session(EncoderGraph(vae).eval(), (lr,), ["LR"], threads)
+    decoder = _session(DecoderGraph(vae).eval(), (z, lr), ["z", "LR"], threads)
     enc = _median_ms(encoder, {"LR": lr.numpy()}, repeats)
     dec = _median_ms(decoder, {"z": z.numpy(), "LR": lr.numpy()}, repeats)
     mp = (4 * lr_side) ** 2 / 1e6
@@ -125,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for side in sizes:
         for name, vae in models.items():
             m = measure(vae, side, args.threads, args.repeats)
-            unet = None if name == "first version" else ckpt.denoiser.unet
+            unet = None if name == "first version" else ckpt.denoiser
             att = attention_bytes(vae, unet, side)
             params = sum(p.numel() for p in vae.parameters())
             cases.append(
@@ -169,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"LR {k}: {v:.2f}x" for k, v in ratios.items())
     )
     for side in (256, 512):
-        att = attention_bytes(ckpt.vae, ckpt.denoiser.unet, side)
+        att = attention_bytes(ckpt.vae, ckpt.denoiser, side)
         old = attention_bytes(models["first version"], None, side)
         print(
             f"attention per image at LR {side}: first-version VAE {old['vae'] / 2**30:.1f} GiB; "

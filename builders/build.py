@@ -4,10 +4,18 @@
         --out build/model_repository
 
 Stages, each cached by a key of its inputs (re-running with nothing changed does nothing):
-  1. ONNX export of vae_encoder, unet, vae_decoder (+ onnxruntime-vs-torch max abs diff)
-  2. TensorRT plan of the UNet (``--target gpu``, where TensorRT is importable)
+  1. ONNX export of vae_encoder, unet, vae_decoder with dynamic batch and sides
+     (+ onnxruntime-vs-torch max abs diff at several LR sizes)
+  2. TensorRT plan of the UNet (``--target gpu``, where TensorRT is importable), its profile
+     over batch and sides
   3. the repository: configs from the specs, model.py sources from ``model_repository/``,
      the schedule and sampling defaults for the sampler
+
+Served sizes: LR sides from 16 to ``--max-side`` (default 256, i.e. 1024x1024 out). A network
+with attention over a whole feature map costs memory quadratic in pixels; without
+``--max-side`` the build lowers the default until the largest attention matrix of one image
+fits ``--attention-budget-mib`` (the first-version demo VAE's mid-block attention needs
+16 GiB at LR 256, 1 GiB at 128), and says so.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from cxr_sr.builders.triton_config import (
 )
 from cxr_sr.model_repository import SOURCES
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: dynamic sides, padding encoder, cropping decoder
+ATTENTION_BUDGET_MIB = 1024
 
 
 def _digest(folder: Path, extra: dict) -> str:
@@ -42,16 +51,79 @@ def _digest(folder: Path, extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def served_geometry(
+    ckpt, max_side: int | None = None, budget_mib: float = ATTENTION_BUDGET_MIB
+) -> tuple[S.Geometry, str | None]:
+    """The LR sizes to serve for a checkpoint, and a note when the build had to say something.
+
+    ``max_side`` None: :data:`specs.MAX_SIDE`, lowered (in steps of 16) until the largest
+    attention matrix of one image fits ``budget_mib``; a given ``max_side`` is kept, with a
+    warning when it does not fit.
+    """
+    # torch (through builders.graphs) is imported where a checkpoint is loaded, as in
+    # export_all, so that assembling configs and --help do not need it
+    from cxr_sr.builders.graphs import attention_bytes, lr_multiple, unet_factor, vae_factor
+
+    f = vae_factor(ckpt.vae)
+    m = lr_multiple(f, unet_factor(ckpt.denoiser))
+    min_side = max(S.MIN_SIDE, m)
+    at_max = attention_bytes(ckpt.vae, ckpt.denoiser, S.MAX_SIDE)
+
+    def worst(side: int) -> tuple[float, str]:
+        name = max(at_max, key=at_max.get)
+        return at_max[name] * (side / S.MAX_SIDE) ** 4 / 2**20, name
+
+    budget, note = budget_mib, None
+    if max_side is None:
+        side = S.MAX_SIDE
+        while side - 16 >= min_side and worst(side)[0] > budget:
+            side -= 16
+        if side != S.MAX_SIDE:
+            mib, name = worst(S.MAX_SIDE)
+            note = (
+                f"max LR side {side} (not {S.MAX_SIDE}): the {name}'s attention over a whole "
+                f"feature map needs {mib:,.0f} MiB per image at LR {S.MAX_SIDE}, "
+                f"{worst(side)[0]:,.0f} MiB at {side} (budget {budget:g} MiB; "
+                "--max-side overrides)"
+            )
+    else:
+        side = max_side
+        mib, name = worst(side)
+        if mib > budget:
+            note = (
+                f"warning: at LR {side} the {name}'s attention needs {mib:,.0f} MiB per image "
+                f"(budget {budget:g} MiB): large requests may exhaust memory"
+            )
+    geometry = S.Geometry(f, m, min_side, side, min(max(min_side, S.OPT_SIDE), side))
+    return geometry, note
+
+
 def export_all(
-    checkpoint: Path, onnx_dir: Path, max_batch: int, *, dynamo: bool = False, force: bool = False
+    checkpoint: Path,
+    onnx_dir: Path,
+    max_batch: int,
+    *,
+    max_side: int | None = None,
+    budget_mib: float = ATTENTION_BUDGET_MIB,
+    dynamo: bool = False,
+    force: bool = False,
 ) -> tuple[dict[str, S.NetworkSpec], dict[str, Path]]:
-    """Stage 1: ONNX files for every network, reused when the checkpoint is unchanged."""
+    """Stage 1: ONNX files for every network, reused when the checkpoint is unchanged (the
+    files do not depend on the served sizes, only the specs' profiles and configs do)."""
+    from cxr_sr.builders.export import check_onnx, check_sizes, export_onnx
     from cxr_sr.train.checkpoint import load
 
     key = _digest(checkpoint, {"max_batch": max_batch, "dynamo": dynamo})
     stamp = onnx_dir / "export.json"
     ckpt = load(checkpoint)
-    specs = S.network_specs(ckpt.latent_shape, max_batch)
+    geometry, note = served_geometry(ckpt, max_side, budget_mib)
+    if note:
+        print(f"[geometry] {note}")
+    print(
+        f"[geometry] LR sides {geometry.min_side}-{geometry.max_side} (padded inside to "
+        f"multiples of {geometry.multiple}), VAE factor {geometry.vae_factor}"
+    )
+    specs = S.network_specs(ckpt.latent_shape[0], geometry, max_batch)
     paths = {name: onnx_dir / f"{name}.onnx" for name in S.NETWORKS}
     cached = stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
     if cached and not force and all(p.is_file() for p in paths.values()):
@@ -60,12 +132,13 @@ def export_all(
     rows = []
     for name in S.NETWORKS:
         t0 = time.perf_counter()
-        from cxr_sr.builders.export import check_onnx, export_onnx
-
         export_onnx(ckpt, specs[name], paths[name], dynamo=dynamo)
         diff = check_onnx(ckpt, specs[name], paths[name])
         rows.append((name, paths[name].stat().st_size / 2**20, diff, time.perf_counter() - t0))
-    print(f"{'network':<12} {'MiB':>6} {'max |onnx - torch|':>19} {'s':>6}")
+    print(
+        f"{'network':<12} {'MiB':>6} {'max |onnx - torch|':>19} {'s':>6}  (LR sizes checked:"
+        f" {', '.join(f'{b}x{h}x{w}' for b, (h, w) in check_sizes(specs['unet']))})"
+    )
     for name, mib, diff, sec in rows:
         print(f"{name:<12} {mib:6.2f} {diff:19.2e} {sec:6.1f}")
     stamp.write_text(
@@ -164,6 +237,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=8,
         help="max_batch_size of every model and the TensorRT max profile",
     )
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        help=f"largest LR side served (output 4x); default {S.MAX_SIDE}, lowered for networks "
+        "whose whole-feature-map attention would not fit --attention-budget-mib",
+    )
+    p.add_argument(
+        "--attention-budget-mib",
+        type=float,
+        default=ATTENTION_BUDGET_MIB,
+        help="largest attention matrix per image the default --max-side allows "
+        "(default: %(default)s)",
+    )
     p.add_argument("--instances", type=int, default=1, help="instances per model")
     p.add_argument(
         "--engine",
@@ -193,9 +280,21 @@ def main(argv=None) -> int:
     if not 1 <= args.max_batch <= 256:
         print(f"error: --max-batch must be in [1, 256], got {args.max_batch}", file=sys.stderr)
         return 2
+    if args.max_side is not None and not S.MIN_SIDE <= args.max_side <= 4096:
+        print(
+            f"error: --max-side must be in [{S.MIN_SIDE}, 4096], got {args.max_side}",
+            file=sys.stderr,
+        )
+        return 2
     out = args.out or Path(f"build/model_repository_{args.target}")
     specs, onnx = export_all(
-        args.checkpoint, args.onnx_dir, args.max_batch, dynamo=args.dynamo, force=args.force
+        args.checkpoint,
+        args.onnx_dir,
+        args.max_batch,
+        max_side=args.max_side,
+        budget_mib=args.attention_budget_mib,
+        dynamo=args.dynamo,
+        force=args.force,
     )
     assemble(
         args.checkpoint, out, args.target, specs, onnx, instances=args.instances, engine=args.engine

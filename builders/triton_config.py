@@ -1,4 +1,13 @@
-"""config.pbtxt from specs, through tritonclient's ``model_config_pb2`` and ``text_format``."""
+"""config.pbtxt from specs, through tritonclient's ``model_config_pb2`` and ``text_format``.
+
+Image sides are ``-1`` dims: Triton accepts any size there and its dynamic batcher only
+merges requests whose shapes are equal (no ``allow_ragged_batch``), so requests of one size
+share batches and requests of different sizes are never concatenated. The served range of
+LR sides is checked by the Python models (``input_sides`` on the networks that take ``LR``,
+``latent_sides`` on the sampler, which also covers the gpu target's ONNX Runtime encoder) and
+published as parameters of the ensemble (``lr_min_side``, ``lr_max_side``, ``lr_multiple``)
+for clients to read with ``get_model_config``.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +66,9 @@ def network_config(
             config.platform = "onnxruntime_onnx"
     params = dict(parameters or {})
     if config.backend == "python" and "LR" in spec.input_names:
+        g = spec.geometry
         params.setdefault("input_ranges", json.dumps({"LR": [0.0, 1.0]}))
+        params.setdefault("input_sides", json.dumps({"LR": [g.min_side, g.max_side]}))
     if env_path and config.backend == "python":
         params["EXECUTION_ENV_PATH"] = env_path
     for key, value in params.items():
@@ -77,7 +88,7 @@ def sampler_config(
     z_lr = next(t for t in unet.inputs if t.name == "z_lr")
     config = mc.ModelConfig(name=SAMPLER, backend="python")
     config.input.extend(_io(mc.ModelInput, (z_lr,)))
-    config.output.extend(_io(mc.ModelOutput, (TensorSpec("z", z_lr.shape),)))
+    config.output.extend(_io(mc.ModelOutput, (TensorSpec("z", z_lr.shape, grid=z_lr.grid),)))
     _batching(config, unet.max_batch, queue_delay_us)
     group = config.instance_group.add()
     group.count = instances
@@ -86,6 +97,8 @@ def sampler_config(
         "unet_model": unet.name,
         "unet_inputs": ",".join(unet.input_names),
         "unet_output": unet.output_names[0],
+        "vae_factor": str(unet.geometry.vae_factor),
+        "latent_sides": ",".join(map(str, unet.geometry.latent_sides())),
     }
     if env_path:
         params["EXECUTION_ENV_PATH"] = env_path
@@ -100,6 +113,10 @@ def ensemble_config(specs: dict[str, NetworkSpec]) -> mc.ModelConfig:
     config = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=enc.max_batch)
     config.input.extend(_io(mc.ModelInput, enc.inputs))
     config.output.extend(_io(mc.ModelOutput, dec.outputs))
+    g = enc.geometry
+    sizes = {"lr_min_side": g.min_side, "lr_max_side": g.max_side, "lr_multiple": g.multiple}
+    for key, value in sizes.items():
+        config.parameters[key].string_value = str(value)
     steps = [
         (enc.name, {"LR": "LR"}, {"z_lr": "z_lr"}),
         (SAMPLER, {"z_lr": "z_lr"}, {"z": "z"}),

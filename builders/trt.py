@@ -32,7 +32,10 @@ def tensorrt_version() -> str | None:
 
 
 def profile_shapes(spec: NetworkSpec) -> list[tuple[str, tuple, tuple, tuple]]:
-    """(input, min, opt, max) rows of the spec's optimisation profile."""
+    """(input, min, opt, max) rows of the spec's optimisation profile: batch and sides, e.g.
+    ``x_t`` (1, C, 16, 16), (4, C, 64, 64), (8, C, 256, 256) for LR sides 16-256 at f = 4
+    (``polygraphy``'s ``Profile.add(name, min=, opt=, max=)``, TensorRT's
+    ``IOptimizationProfile.set_shape``)."""
     return [(name, *shapes) for name, shapes in spec.profile().items()]
 
 
@@ -44,7 +47,8 @@ def build_engine(
     fp16: bool = True,
     workspace_gib: float = 4.0,
 ) -> Path:
-    """ONNX -> serialized TensorRT plan with the spec's min/opt/max profile."""
+    """ONNX -> serialized TensorRT plan with the spec's min/opt/max profile (dynamic batch
+    and sides: one engine serves every LR size of the repository's range)."""
     version = tensorrt_version()
     if version is None:
         raise RuntimeError(

@@ -1,13 +1,26 @@
-"""Builders: specs drive ONNX and configs; both targets; cached, idempotent stages."""
+"""Builders: specs drive ONNX and configs; both targets; cached, idempotent stages; any LR
+size inside the served range (dynamic sides, TensorRT profiles over them, -1 dims)."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
 from cxr_sr.builders import build
-from cxr_sr.builders.specs import NETWORKS, NetworkSpec, TensorSpec, network_specs
+from cxr_sr.builders.graphs import (
+    attention_bytes,
+    graphs,
+    lr_multiple,
+    pad_to_multiple,
+    unet_factor,
+    vae_factor,
+)
+from cxr_sr.builders.specs import NETWORKS, Geometry, NetworkSpec, TensorSpec, network_specs
 from cxr_sr.builders.triton_config import read_config
+from cxr_sr.builders.trt import profile_shapes
+from cxr_sr.train import checkpoint as ckpt_io
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +39,100 @@ def built(checkpoint, built_repository, tmp_path_factory):
 
 def test_onnx_io_matches_spec(built):
     root, _ = built
-    specs = network_specs((4, 64, 64), max_batch=4)  # f = 4 for the shared tiny VAE
+    specs = network_specs(4, max_batch=4)  # 4 latent channels in the shared tiny VAE
     for name in NETWORKS:
-        graph = onnx.load(root["onnx"] / f"{name}.onnx").graph
+        model = onnx.load(root["onnx"] / f"{name}.onnx")
         spec = specs[name]
-        assert [i.name for i in graph.input] == spec.input_names
-        assert [o.name for o in graph.output] == spec.output_names
-        for value, tensor in zip(graph.input, spec.inputs, strict=True):
+        assert [i.name for i in model.graph.input] == spec.input_names
+        assert [o.name for o in model.graph.output] == spec.output_names
+        for value, tensor in zip(model.graph.input, spec.inputs, strict=True):
             dims = value.type.tensor_type.shape.dim
             assert dims[0].dim_param == "batch"
-            assert tuple(d.dim_value for d in dims[1:]) == tensor.shape
+            want = list(tensor.shape)
+            if tensor.grid:
+                want[-2:] = [f"{tensor.grid}_height", f"{tensor.grid}_width"]
+            assert [d.dim_param or d.dim_value for d in dims[1:]] == want
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta == {"vae_factor": "4", "lr_multiple": "2"}  # tiny: f = 4, UNet 2 levels
+
+
+@pytest.mark.parametrize("size", [(16, 16), (17, 30), (64, 64), (41, 57)])
+def test_onnx_graphs_serve_any_size_like_torch(checkpoint, built, size):
+    """The exported graphs with dynamic sides equal the torch graphs at sizes they were not
+    traced at, non-multiples of the UNet's factor included (padding, cropping)."""
+    import onnxruntime as ort
+
+    root, _ = built
+    ck = ckpt_io.load(checkpoint)
+    nets = graphs(ck.vae, ck.denoiser)
+    lr = np.random.default_rng(1).random((2, 1, *size), dtype=np.float32)
+    sessions = {n: ort.InferenceSession(str(root["onnx"] / f"{n}.onnx")) for n in NETWORKS}
+    z = sessions["vae_encoder"].run(None, {"LR": lr})[0]
+    with torch.no_grad():
+        z_torch = nets["vae_encoder"](torch.from_numpy(lr)).numpy()
+    padded = [-(-s // 2) * 2 for s in size]
+    assert z.shape == (2, 4, *padded)
+    np.testing.assert_allclose(z, z_torch, atol=1e-4)
+    t = np.full((2, 1), 100, np.float32)
+    out = sessions["unet"].run(None, {"x_t": z, "timestep": t, "z_lr": z})[0]
+    assert out.shape == z.shape
+    sr = sessions["vae_decoder"].run(None, {"z": z, "LR": lr})[0]
+    with torch.no_grad():
+        sr_torch = nets["vae_decoder"](torch.from_numpy(z), torch.from_numpy(lr)).numpy()
+    assert sr.shape == (2, 1, 4 * size[0], 4 * size[1])
+    np.testing.assert_allclose(sr, sr_torch, atol=1e-4)
+
+
+def test_padding_and_cropping_leave_multiples_untouched(checkpoint):
+    """A 64x64 LR (a multiple) goes through zero padding and cropping: the graphs compute
+    exactly what the ResidualVAE does, so its output is the one it had before any size."""
+    ck = ckpt_io.load(checkpoint)
+    nets = graphs(ck.vae, ck.denoiser)
+    lr = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        z = nets["vae_encoder"](lr)
+        assert torch.equal(z, ck.vae.encode_lr(lr))
+        assert torch.equal(nets["vae_decoder"](z, lr), ck.vae.decode(z, lr))
+    x = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(1, 2, 5, 7)
+    padded = pad_to_multiple(x, 4)
+    assert padded.shape == (1, 2, 8, 8) and torch.equal(padded[..., :5, :7], x)
+    assert torch.equal(padded[..., 5, :7], x[..., 3, :])  # reflection, not replication
+    assert pad_to_multiple(x, 1) is x
+
+
+def test_geometry_of_the_networks(checkpoint):
+    ck = ckpt_io.load(checkpoint)
+    assert (vae_factor(ck.vae), unet_factor(ck.denoiser)) == (4, 2)
+    assert lr_multiple(4, 2) == 2 and lr_multiple(4, 4) == 4 and lr_multiple(8, 4) == 8
+    assert lr_multiple(8, 1) == 2 and lr_multiple(2, 4) == 2 and lr_multiple(4, 1) == 1
+    g = Geometry(vae_factor=8, multiple=8, min_side=16, max_side=256)
+    assert g.padded(41) == 48 and g.side("latent", 41) == 24 and g.side("sr", 41) == 164
+    assert g.latent_sides() == (8, 128)
+    with pytest.raises(ValueError):
+        Geometry(multiple=32, min_side=16)
+
+
+def test_attention_memory_is_measured_per_head(checkpoint):
+    """The tiny UNet's mid-block attention (4 heads of 32 channels at latent / 2) and no VAE
+    attention; the estimate grows with the fourth power of the side."""
+    ck = ckpt_io.load(checkpoint)
+    at64 = attention_bytes(ck.vae, ck.denoiser, 64)
+    assert at64 == {"vae": 0, "unet": 4 * 4 * (32 * 32) ** 2}
+    assert attention_bytes(ck.vae, ck.denoiser, 128)["unet"] == 16 * at64["unet"]
 
 
 def test_cpu_and_gpu_configs(built):
     root, _ = built
+    enc = read_config(root["cpu"] / "vae_encoder" / "config.pbtxt")
+    assert list(enc.input[0].dims) == [1, -1, -1] and list(enc.output[0].dims) == [4, -1, -1]
+    assert not enc.input[0].allow_ragged_batch  # the batcher merges equal shapes only
+    ens = read_config(root["cpu"] / "cxr_sr" / "config.pbtxt")
+    lo, hi = (int(ens.parameters[k].string_value) for k in ("lr_min_side", "lr_max_side"))
+    assert enc.parameters["input_sides"].string_value == f'{{"LR": [{lo}, {hi}]}}'
+    assert lo == 16 and ens.parameters["lr_multiple"].string_value == "2"
+    sampler = read_config(root["cpu"] / "sampler" / "config.pbtxt")
+    assert sampler.parameters["vae_factor"].string_value == "4"
+    assert sampler.parameters["latent_sides"].string_value == f"16,{-(-hi // 2) * 2}"
     for name in NETWORKS:
         cpu, gpu = (
             read_config(root["cpu"] / name / "config.pbtxt"),
@@ -82,14 +175,35 @@ def test_export_is_cached(built, capsys, tmp_path):
     assert (root["onnx"] / "unet.onnx").stat().st_mtime_ns == before
 
 
+def test_max_side_default_follows_the_attention_budget(checkpoint):
+    """The default max side is 256 unless one image's largest attention would exceed the
+    budget; an explicit --max-side is kept, with a warning."""
+    ck = ckpt_io.load(checkpoint)
+    g, note = build.served_geometry(ck, None, budget_mib=64)
+    at = attention_bytes(ck.vae, ck.denoiser, g.max_side)["unet"]
+    assert g.max_side < 256 and at <= 64 * 2**20 and "--max-side" in note
+    assert attention_bytes(ck.vae, ck.denoiser, g.max_side + 16)["unet"] > 64 * 2**20
+    g, note = build.served_geometry(ck, 256, budget_mib=64)
+    assert g.max_side == 256 and note.startswith("warning")
+    g, note = build.served_geometry(ck, 48, budget_mib=64)
+    assert (g.max_side, g.opt_side, note) == (48, 48, None)
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert build.main(["--checkpoint", str(tmp_path / "nope")]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
 
 
 def test_profile_and_bad_batches():
-    spec = network_specs((4, 32, 32), max_batch=8)["unet"]
-    assert spec.profile()["x_t"] == ((1, 4, 32, 32), (4, 4, 32, 32), (8, 4, 32, 32))
-    assert spec.profile()["timestep"][2] == (8, 1)
+    """TensorRT profiles span the batch and the served sides (min, opt = 64, max)."""
+    g = Geometry(vae_factor=8, multiple=8, min_side=16, max_side=256)
+    specs = network_specs(4, g, max_batch=8)
+    spec = specs["unet"]
+    assert spec.profile()["x_t"] == ((1, 4, 8, 8), (4, 4, 32, 32), (8, 4, 128, 128))
+    assert spec.profile()["timestep"] == ((1, 1), (4, 1), (8, 1))
+    dec = dict((name, (lo, opt, hi)) for name, lo, opt, hi in profile_shapes(specs["vae_decoder"]))
+    assert dec["LR"] == ((1, 1, 16, 16), (4, 1, 64, 64), (8, 1, 256, 256))
+    assert dec["z"][2] == (8, 4, 128, 128)
+    assert spec.dynamic_axes()["x_t"] == {0: "batch", 2: "latent_height", 3: "latent_width"}
     with pytest.raises(ValueError):
         NetworkSpec("x", (TensorSpec("a", (1,)),), (), min_batch=4, opt_batch=2, max_batch=8)

@@ -182,8 +182,10 @@ def test_bad_pixels_fail_only_their_request(server, lr, bad):
 
 
 def test_client_validates_before_sending(server):
-    with SRClient(server.http_url) as c, pytest.raises(ValueError):
-        c.super_resolve(np.zeros((1, 1, 32, 32), np.float32))
+    with SRClient(server.http_url) as c:
+        for bad in (np.zeros((1, 1, 8, 8), np.float32), np.full((1, 1, 32, 32), 2, np.float32)):
+            with pytest.raises(ValueError):
+                c.super_resolve(bad)
 
 
 def test_cli_end_to_end_with_reference(server, tmp_path):

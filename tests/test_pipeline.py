@@ -70,6 +70,37 @@ def test_torch_and_onnx_backends_agree(checkpoint, built_repository, plan):
     np.testing.assert_allclose(sr_onnx, sr_torch, atol=1e-3)
 
 
+@pytest.mark.parametrize("size,origin", [((16, 16), (0, 0)), ((41, 30), (7, 12))])
+def test_backends_agree_at_any_size_and_origin(checkpoint, built_repository, size, origin):
+    """Non-multiple sides (padding inside the graphs) and a tile origin (noise placed by
+    global position): onnxruntime and torch give the same SR of the LR's own size x4."""
+    _, onnx_dir = built_repository
+    ck = ckpt_mod.load(checkpoint)
+    torch_pipe, onnx_pipe = TorchPipeline(ck.vae, ck.denoiser), OnnxPipeline(onnx_dir)
+    assert torch_pipe.vae_factor == onnx_pipe.vae_factor == 4
+    lr = np.random.default_rng(3).random((2, 1, *size), dtype=np.float32)
+    plan = PLANS[1]
+    a = onnx_pipe.super_resolve(lr, ck.schedule, plan, seed=2, origin=origin)
+    b = torch_pipe.super_resolve(lr, ck.schedule, plan, seed=2, origin=origin)
+    assert a.shape == b.shape == (2, 1, 4 * size[0], 4 * size[1])
+    np.testing.assert_allclose(a, b, atol=1e-3)
+    if origin != (0, 0):  # the origin moves the noise, hence the sample
+        assert not np.allclose(b, torch_pipe.super_resolve(lr, ck.schedule, plan, seed=2))
+
+
+def test_onnx_pipeline_refuses_graphs_without_geometry(tmp_path, built_repository):
+    """Graphs exported before any-size serving carry no vae_factor: a clear error."""
+    import onnx
+
+    _, onnx_dir = built_repository
+    for name in ("vae_encoder", "unet", "vae_decoder"):
+        model = onnx.load(onnx_dir / f"{name}.onnx")
+        del model.metadata_props[:]
+        onnx.save(model, tmp_path / f"{name}.onnx")
+    with pytest.raises(ValueError, match="rebuild"):
+        OnnxPipeline(tmp_path)
+
+
 def test_onnx_pipeline_finds_graphs_in_a_repository(built_repository):
     repo, onnx_dir = built_repository
     assert find_graph(onnx_dir, "unet") == onnx_dir / "unet.onnx"

@@ -2,14 +2,15 @@
 vae_decoder -> SR, with torch modules or with onnxruntime sessions on the exported graphs.
 
 It is the loop the Triton ``sampler`` model runs (``cxr_sr.sample``, per-row noise keyed by
-seed, row and latent position as ``cxr_sr.noise.noise_keys`` makes it), so offline scores and
-timings describe the served model.
-Used by ``train.evaluate`` (and through it ``train.ablate``), the training loop's validation
-samples and ``benchmarks.stages``.
+seed, row and latent position as ``cxr_sr.noise.noise_keys`` makes it), on the graphs the
+server runs (``builders.graphs``: the encoder pads the LR to the multiple the networks need,
+the decoder crops back), so offline scores and timings describe the served model, at any
+size and for tiles (``origin``). Used by ``train.evaluate`` (and through it ``train.ablate``),
+the training loop's validation samples and ``benchmarks.stages``.
 
 Both backends take and return numpy float32 arrays:
 
-    encode_lr  LR [N, 1, H, W] in [0, 1]            -> z_lr [N, C, h, w]
+    encode_lr  LR [N, 1, H, W] in [0, 1]            -> z_lr [N, C, h, w] (padded sides)
     denoise    x_t [N, C, h, w], t [N], z_lr        -> model output [N, C, h, w]
     decode     z [N, C, h, w], LR [N, 1, H, W]      -> SR [N, 1, 4H, 4W] in [0, 1]
 
@@ -26,8 +27,10 @@ import numpy as np
 import torch
 
 from cxr_sr import SamplingOptions, Schedule, sample
+from cxr_sr.builders.graphs import graphs, vae_factor
 from cxr_sr.builders.specs import NETWORKS
 from cxr_sr.noise import legacy_block, noise_keys
+from cxr_sr.sampling import latent_origin
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -52,32 +55,49 @@ class Pipeline:
         raise NotImplementedError
 
     def latent(
-        self, lr: np.ndarray, schedule: Schedule, options: SamplingOptions, seed: int = 0
+        self,
+        lr: np.ndarray,
+        schedule: Schedule,
+        options: SamplingOptions,
+        seed: int = 0,
+        origin: tuple[int, int] = (0, 0),
     ) -> np.ndarray:
-        """The sampled HR latent for ``lr`` (rows seeded as the server seeds them)."""
+        """The sampled HR latent for ``lr`` (rows keyed as the server keys them; ``origin``:
+        the LR's top-left pixel in the image it is a tile of, as the request parameters
+        ``origin_y``, ``origin_x``)."""
         z_lr = self.encode_lr(lr)
-        keys = noise_keys([seed], [len(lr)], [(0, 0)], legacy_block(self.vae_factor))
+        f = self.vae_factor
+        keys = noise_keys([seed], [len(lr)], [latent_origin(origin, f)], legacy_block(f))
         return sample(self.denoise, z_lr, schedule, options, keys)
 
     def super_resolve(
-        self, lr: np.ndarray, schedule: Schedule, options: SamplingOptions, seed: int = 0
+        self,
+        lr: np.ndarray,
+        schedule: Schedule,
+        options: SamplingOptions,
+        seed: int = 0,
+        origin: tuple[int, int] = (0, 0),
     ) -> np.ndarray:
         """LR [N, 1, H, W] -> SR [N, 1, 4H, 4W] in [0, 1], float32."""
-        return self.decode(self.latent(lr, schedule, options, seed), lr)
+        return self.decode(self.latent(lr, schedule, options, seed, origin), lr)
 
 
 class TorchPipeline(Pipeline):
-    """A ``train.models.ResidualVAE`` and ``Denoiser`` on ``device`` (no gradients)."""
+    """A ``train.models.ResidualVAE`` and ``Denoiser`` on ``device`` (no gradients), run
+    through the served graphs' modules (``builders.graphs``)."""
 
     def __init__(self, rvae, denoiser: torch.nn.Module, device: torch.device | str = "cpu"):
         self.rvae, self.denoiser, self.device = rvae, denoiser, torch.device(device)
+        if rvae is not None:
+            self.vae_factor = vae_factor(rvae)
+            self._graphs = graphs(rvae, denoiser)
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
 
     @torch.no_grad()
     def encode_lr(self, lr: np.ndarray) -> np.ndarray:
-        return self.rvae.encode_lr(self._tensor(lr)).float().cpu().numpy()
+        return self._graphs["vae_encoder"](self._tensor(lr)).float().cpu().numpy()
 
     @torch.no_grad()
     def denoise(self, x_t: np.ndarray, t: np.ndarray, z_lr: np.ndarray) -> np.ndarray:
@@ -86,7 +106,8 @@ class TorchPipeline(Pipeline):
 
     @torch.no_grad()
     def decode(self, z: np.ndarray, lr: np.ndarray) -> np.ndarray:
-        return self.rvae.decode(self._tensor(z), self._tensor(lr)).float().cpu().numpy()
+        out = self._graphs["vae_decoder"](self._tensor(z), self._tensor(lr))
+        return out.float().cpu().numpy()
 
 
 def torch_denoiser(
@@ -141,12 +162,20 @@ def cpu_session(path: str | Path, threads: int = 0, spinning: bool = True):
 class OnnxPipeline(Pipeline):
     """onnxruntime CPU sessions (:func:`cpu_session`) of the three exported graphs in
     ``folder``; with three sessions on a shared machine, ``spinning=False`` keeps the idle
-    sessions' thread pools from taking CPU from the busy one."""
+    sessions' thread pools from taking CPU from the busy one. The VAE factor comes from the
+    encoder graph's metadata (``builders.export``)."""
 
     def __init__(self, folder: str | Path, threads: int = 0, spinning: bool = True):
         self.sessions = {
             name: cpu_session(find_graph(folder, name), threads, spinning) for name in NETWORKS
         }
+        meta = self.sessions[NETWORKS[0]].get_modelmeta().custom_metadata_map
+        if "vae_factor" not in meta:
+            raise ValueError(
+                f"{folder}: the ONNX graphs predate any-size serving (no vae_factor in their "
+                "metadata); rebuild them with `python -m cxr_sr.builders.build`"
+            )
+        self.vae_factor = int(meta["vae_factor"])
         self._names = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         t_input = self.sessions[NETWORKS[1]].get_inputs()[1]
         self._t_dtype = ORT_DTYPES.get(t_input.type, np.float32)

@@ -2,9 +2,12 @@
 
 Used for ``vae_encoder``, ``unet`` and ``vae_decoder``: ``builders.build`` copies this file
 next to each ``model.onnx``. Tensor names come from the model's config.pbtxt (written from
-the network spec). The dynamic batch is run as one session call. An input listed in the
-config parameter ``input_ranges`` (JSON ``{"LR": [0, 1]}``) is checked per request: a
-request with NaN or out-of-range values gets its own INVALID_ARG error, the rest are served.
+the network spec). The requests of a dynamic batch that have the same shapes (Triton only
+batches equal shapes; requests of other sizes come in other batches) are run as one session
+call. An input listed in the config parameter ``input_ranges`` (JSON ``{"LR": [0, 1]}``) or
+``input_sides`` (JSON ``{"LR": [16, 256]}``: [N, 1, H, W] with H, W in that range) is checked
+per request: a request with NaN, out-of-range values or sides gets its own INVALID_ARG error
+naming them, the rest are served.
 Request parameters are not read: the ensemble forwards the client's sampling parameters to
 every step, and only the ``sampler`` checks them.
 """
@@ -17,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from cxr_sr.serving import check_finite_range
+from cxr_sr.serving import check_finite_range, check_image_shape
 
 
 class TritonPythonModel:
@@ -27,29 +30,46 @@ class TritonPythonModel:
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
         self.ranges = json.loads(params.get("input_ranges", "{}"))
+        self.sides = json.loads(params.get("input_sides", "{}"))
         options = ort.SessionOptions()
         threads = int(params.get("intra_op_threads", os.environ.get("CXR_ORT_THREADS", "0")))
         options.intra_op_num_threads = threads
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
+    def _problem(self, feeds):
+        """None, or why a request's inputs are refused (sides first: they are cheap)."""
+        for name, (low, high) in self.sides.items():
+            problem = check_image_shape(name, feeds[name].shape, low, high)
+            if problem:
+                return problem
+        for name, limits in self.ranges.items():
+            problem = check_finite_range(name, feeds[name], *limits)
+            if problem:
+                return problem
+        return None
+
     def execute(self, requests):
         responses = [None] * len(requests)
-        batch = []  # (request index, {name: array})
+        batches = {}  # input shapes -> [(request index, {name: array})]
         for i, request in enumerate(requests):
             feeds = {
                 n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
             }
-            problems = (check_finite_range(n, feeds[n], *lim) for n, lim in self.ranges.items())
-            problem = next((p for p in problems if p), None)
+            problem = self._problem(feeds)
             if problem:
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG)
                 )
             else:
-                batch.append((i, feeds))
-        if not batch:
-            return responses
+                shapes = tuple(feeds[n].shape[1:] for n in self.inputs)
+                batches.setdefault(shapes, []).append((i, feeds))
+        for batch in batches.values():
+            self._run(batch, responses)
+        return responses
+
+    def _run(self, batch, responses):
+        """One session call for requests of equal shapes; fills their responses."""
         merged = {n: np.concatenate([f[n] for _, f in batch]) for n in self.inputs}
         try:
             results = self.session.run(self.outputs, merged)
@@ -60,7 +80,7 @@ class TritonPythonModel:
                         f"onnxruntime failed: {err}", pb_utils.TritonError.INTERNAL
                     )
                 )
-            return responses
+            return
         start = 0
         for i, feeds in batch:
             n = len(feeds[self.inputs[0]])
@@ -70,4 +90,3 @@ class TritonPythonModel:
             ]
             responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
             start += n
-        return responses

@@ -1,0 +1,141 @@
+"""The served stages as torch modules: what the exported graphs compute, and what the offline
+torch pipeline (``train.pipeline.TorchPipeline``) runs, so the two cannot drift.
+
+    vae_encoder  LR [N, 1, H, W] -> reflect-pad bottom/right to multiples of m
+                 -> z_lr [N, C, h, w], h = SCALE * ceil(H / m) * m / f
+    unet         (x_t, timestep [N, 1], z_lr) -> model_output, all [N, C, h, w]
+    vae_decoder  (z, LR) -> decoder residual cropped to [4H, 4W] + bicubic(LR), clipped to [0, 1]
+
+Any LR size is served: the UNet halves its input (levels - 1) times and the VAE (factor f)
+maps 4H pixels to 4H / f latent pixels, so the pipeline needs LR sides that are multiples of
+``m`` (:func:`lr_multiple`). The encoder pads the LR by reflection to the next multiple, the
+sampler runs on the padded latent, and the decoder, which receives the LR too, crops the
+residual back to 4x the LR's own size before adding bicubic(LR). A request whose sides are
+already multiples of ``m`` (64x64) goes through padding and cropping of zero: its output is
+exactly what it was before any-size serving. The noise of the padded margin is drawn at its
+global position like any other (``cxr_sr.noise``) and the margin is cropped away.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cxr_sr.imaging import LR_SIZE, SCALE
+
+
+def vae_factor(rvae) -> int:
+    """Image pixels per latent pixel (per side) of a ``train.models.ResidualVAE``."""
+    return 2 ** (len(rvae.vae.config.block_out_channels) - 1)
+
+
+def unet_factor(denoiser) -> int:
+    """How many times the denoiser's UNet halves its input, as a factor (2 ** (levels - 1))."""
+    return 2 ** (len(denoiser.unet.config.block_out_channels) - 1)
+
+
+def lr_multiple(f: int, unet: int) -> int:
+    """The LR side multiple the networks need: 4H must be a multiple of the VAE factor ``f``
+    and the latent side 4H / f a multiple of the UNet factor (all powers of two)."""
+    return max(1, f // SCALE, unet * f // SCALE)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Reflect-pad the bottom and right of [N, C, H, W] to sides that are multiples of
+    ``multiple`` (traced with the input's own sides, so one exported graph serves all)."""
+    if multiple == 1:
+        return x
+    h, w = x.shape[-2:]
+    pad_h = (multiple - h % multiple) % multiple
+    pad_w = (multiple - w % multiple) % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+
+
+class EncoderGraph(torch.nn.Module):
+    """LR [N, 1, H, W] -> z_lr of the LR padded to multiples of ``multiple``
+    (``ResidualVAE.encode_lr``: the LR encoder, or the VAE encoder of bicubic(LR))."""
+
+    def __init__(self, rvae, multiple: int = 1):
+        super().__init__()
+        self.vae = rvae
+        self.multiple = int(multiple)
+
+    def forward(self, LR):
+        return self.vae.encode_lr(pad_to_multiple(LR, self.multiple))
+
+
+class UNetGraph(torch.nn.Module):
+    """(x_t, timestep [N, 1], z_lr) -> model_output."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x_t, timestep, z_lr):
+        return self.denoiser(x_t, timestep[:, 0], z_lr)
+
+
+class DecoderGraph(torch.nn.Module):
+    """(z, LR) -> SR [N, 1, 4H, 4W] = clip(bicubic(LR) + residual(z)[:4H, :4W], 0, 1)."""
+
+    def __init__(self, rvae):
+        super().__init__()
+        self.vae = rvae
+
+    def forward(self, z, LR):
+        decoded = self.vae.vae.decode(z / self.vae.scaling).sample
+        h, w = LR.shape[-2:]
+        decoded = decoded[:, :, : SCALE * h, : SCALE * w]
+        return self.vae.image(decoded, LR).clamp(0.0, 1.0)
+
+
+def graphs(rvae, denoiser) -> dict[str, torch.nn.Module]:
+    """The three served networks of a checkpoint's modules, by network name, in eval mode."""
+    m = lr_multiple(vae_factor(rvae), unet_factor(denoiser))
+    return {
+        "vae_encoder": EncoderGraph(rvae, m).eval(),
+        "unet": UNetGraph(denoiser).eval(),
+        "vae_decoder": DecoderGraph(rvae).eval(),
+    }
+
+
+@torch.no_grad()
+def attention_bytes(
+    rvae, denoiser=None, lr_side: int = LR_SIZE, probe_side: int = LR_SIZE
+) -> dict[str, int]:
+    """fp32 bytes of the largest attention matrix (all heads) per image at an LR of
+    ``lr_side`` squared, per network (0 = no attention; ``denoiser`` None: the VAE only).
+    Measured, not assumed: one forward pass at ``probe_side`` records every attention
+    module's heads and token count, and token counts grow with the pixels:
+    tokens(s) = tokens(probe) * (s / probe) ** 2."""
+    from diffusers.models.attention_processor import Attention
+
+    found: dict[str, int] = {}
+
+    def hook(network: str):
+        def record(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            tokens = x.shape[2] * x.shape[3] if x.ndim == 4 else x.shape[1]
+            found[network] = max(found.get(network, 0), module.heads * tokens**2)
+
+        return record
+
+    f = vae_factor(rvae)
+    m = lr_multiple(f, unet_factor(denoiser) if denoiser is not None else 1)
+    encoder, decoder = EncoderGraph(rvae, m).eval(), DecoderGraph(rvae).eval()
+    handles = []
+    for network, module in (("vae", rvae), ("unet", denoiser)):
+        for sub in module.modules() if module is not None else ():
+            if isinstance(sub, Attention):
+                handles.append(sub.register_forward_hook(hook(network), with_kwargs=True))
+    try:
+        lr = torch.rand(1, 1, probe_side, probe_side)
+        z = encoder(lr)
+        if denoiser is not None:
+            UNetGraph(denoiser).eval()(z, torch.zeros(1, 1), z)
+        decoder(z, lr)
+    finally:
+        for h in handles:
+            h.remove()
+    ratio = (lr_side / probe_side) ** 2
+    return {n: int(4 * found.get(n, 0) * ratio**2) for n in ("vae", "unet")}
