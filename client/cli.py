@@ -1,13 +1,26 @@
 """``cxr-sr``: super-resolve radiographs (files, folders, DICOM studies) with a Triton server.
 
-    cxr-sr scans/ study/ one.png --out results/ --steps 4 --seed 0 --json report.json
+    cxr-sr scans/ study/ one.png --out results/                  # upscale: 4x each image
+    cxr-sr scans/ --out results/ --eval native --json report.json  # score at native scale
 
-For every input: read (``client.io.read_image``), prepare the 64 x 64 LR and, unless the
-input already is an LR, the 256 x 256 reference (``client.prepare``), send the LR in
-batches, write ``<stem>_sr.png`` (16-bit) under ``--out`` (folder inputs keep their
-sub-folder layout), and report PSNR/SSIM of SR and of bicubic against the reference.
-A bad input is reported and skipped (exit code 1 at the end); an unreachable server is one
-line on stderr and exit code 2.
+Default (upscale): every input is the LR. ``<stem>_sr.png`` is the 4x image at the input's
+own geometry (H x W -> 4H x 4W, odd sizes included) and bit depth (8-bit inputs give 8-bit
+PNGs, deeper ones and DICOM 16-bit); inputs larger than the server's maximum side are tiled
+(``SRClient.upscale``). Folder inputs keep their sub-folder layout under ``--out``.
+
+``--eval`` scores the model instead, on a degraded copy of each image with the image as
+reference (``cxr_sr.imaging``, the protocols training and evaluation use):
+
+- ``reference``: HR = the centred square resized to 256 x 256, LR = its 4x area downsample
+  (64 x 64); the output is the 256 x 256 SR;
+- ``native``: HR = the image at its own pixel size (cropped to a multiple of 4), LR = its 4x
+  area downsample; the output is the SR at the image's size, scored at full size.
+
+Both report PSNR/SSIM/MS-SSIM/HFEN of SR and of bicubic against the HR. Every mode reports
+each result's LR consistency: the PSNR of its 4x area downsample against the LR it was made
+from (``client.metrics.lr_psnr``), for the SR and for bicubic; an SR far below bicubic there
+has changed the image, not only sharpened it. A bad input is reported and skipped (exit
+code 1 at the end); an unreachable server is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,10 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from cxr_sr.client.io import is_dicom, iter_inputs, read_image, write_dicom_sc, write_png
-from cxr_sr.client.metrics import hfen, ms_ssim, psnr, ssim
-from cxr_sr.client.prepare import prepare
-from cxr_sr.client.report import bicubic_baseline, format_table, save_side_by_side
+from cxr_sr.client.io import (
+    image_bits,
+    is_dicom,
+    iter_inputs,
+    read_image,
+    write_dicom_sc,
+    write_png,
+)
+from cxr_sr.client.report import METRICS, bicubic_baseline, format_table, save_side_by_side, scores
 from cxr_sr.client.triton import (
     DEFAULT_MAX_BATCH,
     PROTOCOLS,
@@ -33,29 +51,45 @@ from cxr_sr.client.triton import (
     SRConnectionError,
     SRServerError,
 )
-from cxr_sr.imaging import HR_SIZE
+from cxr_sr.imaging import PROTOCOLS as IMAGE_PROTOCOLS
+from cxr_sr.imaging import SCALE, Pair, native_pair, reference_pair
 from cxr_sr.serving import add_arguments, namespace_parameters
 
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_SERVER = 0, 1, 2
 
-TABLE_COLUMNS = [
-    ("name", "image"),
-    ("size", "input"),
-    ("psnr_sr", "PSNR SR", ".2f"),
-    ("psnr_bicubic", "PSNR bicubic", ".2f"),
-    ("ssim_sr", "SSIM SR", ".4f"),
-    ("ssim_bicubic", "SSIM bicubic", ".4f"),
+UPSCALE = "upscale"
+EVAL_PROTOCOLS = ("reference", "native")
+MODES = {
+    UPSCALE: f"upscale: each input is the LR; SR = {SCALE}x its size (H x W -> "
+    f"{SCALE}H x {SCALE}W), tiled where larger than the server takes",
+    **{
+        name: f"{name} protocol: {text}; scored at the HR's size"
+        for name, text in IMAGE_PROTOCOLS.items()
+    },
+}
+_PAIRS = {"reference": reference_pair, "native": native_pair}
+
+LR_COLUMNS = [
+    ("lr_psnr_sr", "LR PSNR SR", ".2f"),
+    ("lr_psnr_bicubic", "LR PSNR bicubic", ".2f"),
+    ("tiles", "tiles"),
     ("seconds", "s/image", ".3f"),
 ]
+TABLE_COLUMNS = {
+    UPSCALE: [("name", "image"), ("size", "input"), ("out_size", "output"), *LR_COLUMNS],
+    "eval": [
+        ("name", "image"),
+        ("size", "input"),
+        ("scale", "HR / LR"),
+        ("psnr_sr", "PSNR SR", ".2f"),
+        ("psnr_bicubic", "PSNR bicubic", ".2f"),
+        ("ssim_sr", "SSIM SR", ".4f"),
+        ("ssim_bicubic", "SSIM bicubic", ".4f"),
+        *LR_COLUMNS,
+    ],
+}
 _MEAN_KEYS = (
-    "psnr_sr",
-    "psnr_bicubic",
-    "ssim_sr",
-    "ssim_bicubic",
-    "ms_ssim_sr",
-    "ms_ssim_bicubic",
-    "hfen_sr",
-    "hfen_bicubic",
+    *(f"{k}_{w}" for k in (*METRICS, "lr_psnr") for w in ("sr", "bicubic")),
     "seconds",
 )
 
@@ -64,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cxr-sr",
         description="4x super-resolution of chest radiographs through a Triton server "
-        "(ensemble cxr_sr). Inputs larger than 64x64 are centre-cropped, resized to the "
-        "256x256 reference and 4x area-downsampled to the LR; 64x64 inputs are used as LR.",
+        "(ensemble cxr_sr). By default every input is the LR and comes back 4x larger, at its "
+        "own geometry and bit depth; --eval scores the model on degraded copies instead.",
     )
     p.add_argument(
         "inputs",
@@ -85,15 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="cxr_sr", help="name of the served ensemble")
     add_arguments(p)  # --steps, --seed, ...: one flag per request-schema key
     p.add_argument(
-        "--lr-as-is",
-        action="store_true",
-        help="treat every input as the LR itself (must be 64x64); no reference metrics",
+        "--eval",
+        choices=EVAL_PROTOCOLS,
+        default=None,
+        help="score instead of upscaling: 'reference' (HR = centred square resized to "
+        "256x256, LR 64x64) or 'native' (HR = the image at its own size, LR = its 4x area "
+        "downsample); PSNR/SSIM of SR and bicubic against the HR",
     )
     p.add_argument(
         "--batch",
         type=int,
         default=DEFAULT_MAX_BATCH,
-        help="images per request (the server's max_batch_size is 8)",
+        help="tile requests in flight at once (the server batches them; its max_batch_size is 8)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="LR pixels shared by neighbouring tiles (default: a quarter of the tile side)",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per request")
     p.add_argument(
@@ -106,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--side-by-side",
         action="store_true",
-        help="also write <stem>_compare.png: LR | bicubic | SR | reference",
+        help="also write <stem>_compare.png: LR | bicubic | SR (| HR with --eval)",
     )
     p.add_argument(
         "--dicom",
@@ -114,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write <stem>_sr.dcm, a derived Secondary Capture; DICOM inputs lend it their "
         "patient/study attributes, and all outputs of a run form one new series",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -141,15 +184,8 @@ def _collect(inputs: Sequence[str], failed: list[dict[str, str]]) -> list[tuple[
     return jobs
 
 
-def _metrics(sr: np.ndarray, bic: np.ndarray, hr: np.ndarray | None) -> dict[str, float | None]:
-    keys = ("psnr", "ssim", "ms_ssim", "hfen")
-    if hr is None:
-        return {f"{k}_{w}": None for k in keys for w in ("sr", "bicubic")}
-    out: dict[str, float | None] = {}
-    for k, fn in zip(keys, (psnr, ssim, ms_ssim, hfen), strict=True):
-        out[f"{k}_sr"] = float(fn(sr, hr))
-        out[f"{k}_bicubic"] = float(fn(bic, hr))
-    return out
+def _size(x: np.ndarray) -> str:
+    return f"{x.shape[0]}x{x.shape[1]}"
 
 
 def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -160,78 +196,109 @@ def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return mean
 
 
-def _pixel_spacing(path: Path, side: int) -> tuple[float, float] | None:
-    """Output pixel spacing (mm) when the source DICOM gives one; ``side`` = input square."""
+def _pixel_spacing(path: Path, factor: float) -> tuple[float, float] | None:
+    """Output pixel spacing (mm) when the source DICOM gives one; ``factor`` = source pixels
+    per output pixel."""
     import pydicom
 
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     if not spacing or len(spacing) != 2 or min(float(v) for v in spacing) <= 0:
         return None
-    factor = side / HR_SIZE
     return float(spacing[0]) * factor, float(spacing[1]) * factor
 
 
-def _write_dicom(args: argparse.Namespace, item: dict[str, Any], sr: np.ndarray) -> None:
-    source = item["path"] if is_dicom(item["path"]) else None
+def _write_dicom(args: argparse.Namespace, job: dict[str, Any], sr: np.ndarray) -> None:
+    source = job["path"] if is_dicom(job["path"]) else None
     spacing = None
     if source is not None:
         try:
-            spacing = _pixel_spacing(source, item["side"])
+            spacing = _pixel_spacing(source, job["spacing_factor"])
         except Exception:
             source = None  # unreadable header: write without source attributes
     write_dicom_sc(
-        args.out / f"{item['stem']}_sr.dcm",
+        args.out / f"{job['stem']}_sr.dcm",
         sr,
         source,
         series_uid=args.series_uid,
-        instance_number=item["index"] + 1,
+        instance_number=job["index"] + 1,
         pixel_spacing=spacing,
     )
 
 
-def _flush(
-    batch: list[dict[str, Any]],
-    client: SRClient,
-    args: argparse.Namespace,
-    rows: list[dict[str, Any]],
-    failed: list[dict[str, str]],
-    log,
-) -> None:
-    """Send one batch, write its outputs and append its report rows."""
-    if not batch:
-        return
-    lr = np.stack([b["lr"] for b in batch])[:, None]
+class _TileBar:
+    """A progress bar over the tiles of one image, shown only when it has several."""
+
+    def __init__(self, disable: bool | None) -> None:
+        self.disable = disable
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if total <= 1:
+            return
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total, desc="tiles", unit="tile", leave=False, disable=self.disable
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _job(path: Path, stem: Path, index: int, mode: str) -> dict[str, Any]:
+    """Read one input and make its LR (and HR under --eval); ValueError for a bad input."""
+    image = read_image(path)
+    job: dict[str, Any] = {"path": path, "stem": stem, "index": index, "size": _size(image)}
+    job["bits"] = image_bits(path)
+    if mode == UPSCALE:
+        job.update(lr=image, hr=None, scale="", spacing_factor=1.0 / SCALE)
+        return job
+    pair: Pair = _PAIRS[mode](image)
+    per_pixel = f"1:{pair.downscale:.2f}" if pair.downscale != 1 else "native"
+    job.update(
+        lr=pair.lr,
+        hr=pair.hr,
+        scale=f"{_size(pair.hr)} / {_size(pair.lr)} ({per_pixel})",
+        spacing_factor=pair.downscale,
+    )
+    return job
+
+
+def _run_one(
+    client: SRClient, args: argparse.Namespace, job: dict[str, Any], disable: bool | None
+) -> dict[str, Any]:
+    """Super-resolve one prepared input, write its outputs and return its report row."""
+    lr = job["lr"]
+    bar = _TileBar(disable)
     t0 = time.perf_counter()
     try:
-        sr = client.super_resolve(lr, **args.sampling)
-    except SRConnectionError:
-        raise
-    except SRServerError as e:
-        for b in batch:
-            failed.append({"path": str(b["path"]), "error": str(e)})
-            log(f"failed: {b['path']}: {e}")
-        return
-    seconds = (time.perf_counter() - t0) / len(batch)
+        sr = client.upscale(lr, overlap=args.overlap, progress=bar, **args.sampling)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
     bic = bicubic_baseline(lr)
-    for i, b in enumerate(batch):
-        out = write_png(args.out / f"{b['stem']}_sr.png", sr[i, 0], bits=16)
-        if args.dicom:
-            _write_dicom(args, b, sr[i, 0])
-        if args.side_by_side:
-            save_side_by_side(
-                args.out / f"{b['stem']}_compare.png", b["lr"], bic[i, 0], sr[i, 0], b["hr"]
-            )
-        row = {
-            "name": str(b["stem"]),
-            "path": str(b["path"]),
-            "output": str(out),
-            "size": b["size"],
-            **_metrics(sr[i, 0], bic[i, 0], b["hr"]),
-            "seconds": seconds,
-        }
-        rows.append(row)
-    batch.clear()
+    out = write_png(args.out / f"{job['stem']}_sr.png", sr, bits=job["bits"])
+    if args.dicom:
+        _write_dicom(args, job, sr)
+    if args.side_by_side:
+        save_side_by_side(args.out / f"{job['stem']}_compare.png", lr, bic, sr, job["hr"])
+    tiles = len(client.tile_plan(*np.shape(lr), args.overlap))
+    return {
+        "name": str(job["stem"]),
+        "path": str(job["path"]),
+        "output": str(out),
+        "size": job["size"],
+        "out_size": _size(sr),
+        "bits": job["bits"],
+        "scale": job["scale"],
+        "tiles": tiles,
+        **scores(sr, bic, lr, job["hr"]),
+        "seconds": seconds,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     err = sys.stderr
+    mode = args.eval or UPSCALE
     if args.batch < 1:
         print("cxr-sr: error: --batch must be at least 1", file=err)
         return EXIT_SERVER
@@ -255,10 +323,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pydicom.uid import generate_uid
 
     args.series_uid = generate_uid()  # one derived series per run
+    disable = True if args.quiet else None  # None: tqdm shows bars on a terminal only
     with client:
         try:
             client.wait_ready(args.wait)
-        except SRConnectionError as e:
+            limits = client.limits()
+        except SRServerError as e:
             print(f"cxr-sr: error: {e}", file=err)
             return EXIT_SERVER
 
@@ -267,31 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for f in failed:
             print(f"failed: {f['path']}: {f['error']}", file=err)
         rows: list[dict[str, Any]] = []
-        batch: list[dict[str, Any]] = []
-        bar = tqdm(jobs, desc="cxr-sr", unit="image", disable=True if args.quiet else None)
+        bar = tqdm(jobs, desc="cxr-sr", unit="image", disable=disable)
         try:
             for index, (path, stem) in enumerate(bar):
                 try:
-                    image = read_image(path)
-                    lr, hr = prepare(image, lr_as_is=args.lr_as_is)
-                except ValueError as e:
+                    job = _job(path, stem, index, mode)
+                    rows.append(_run_one(client, args, job, disable))
+                except (ValueError, SRServerError) as e:
+                    if isinstance(e, SRConnectionError):
+                        raise
                     failed.append({"path": str(path), "error": str(e)})
                     tqdm.write(f"failed: {path}: {e}", file=err)
-                    continue
-                batch.append(
-                    {
-                        "path": path,
-                        "stem": stem,
-                        "lr": lr,
-                        "hr": hr,
-                        "size": f"{image.shape[0]}x{image.shape[1]}",
-                        "side": min(image.shape),
-                        "index": index,
-                    }
-                )
-                if len(batch) >= args.batch:
-                    _flush(batch, client, args, rows, failed, lambda m: tqdm.write(m, file=err))
-            _flush(batch, client, args, rows, failed, lambda m: tqdm.write(m, file=err))
         except SRConnectionError as e:
             bar.close()
             print(f"cxr-sr: error: {e}", file=err)
@@ -300,12 +356,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     mean = _mean_row(rows) if rows else None
     if rows:
-        print(format_table([*rows, mean], TABLE_COLUMNS))
-        print("(metrics against the 256x256 reference; s/image = request time / batch size)")
+        print(MODES[mode])
+        columns = TABLE_COLUMNS[UPSCALE if mode == UPSCALE else "eval"]
+        print(format_table([*rows, mean], columns))
+        print(
+            f"(PSNR in dB; LR PSNR = LR consistency, the {SCALE}x area downsample of the "
+            f"result against the LR; server takes LR {limits.describe()}, larger are tiled)"
+        )
     print(f"{len(rows)} written to {args.out}, {len(failed)} failed", file=err)
     if args.json:
         report = {
             "server": {"url": args.url, "protocol": args.protocol, "model": args.model},
+            "mode": {"name": mode, "description": MODES[mode]},
             "sampling": args.sampling,
             "images": rows,
             "mean": mean,

@@ -76,6 +76,25 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
 
+def image_bits(path: str | os.PathLike) -> int:
+    """Bits per sample to write a result of this input with: 8 for 8-bit images (PNG, JPEG,
+    BMP, 8-bit TIFF, palette and colour images), 16 for anything deeper (16-bit PNG/TIFF,
+    32-bit integer or float images, DICOM). Raises ``ValueError`` like ``read_image``."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if is_dicom(path):
+        return 16
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from e
+    return 16 if mode.startswith("I") or mode == "F" else 8
+
+
 def _minmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     lo, hi = float(x.min()), float(x.max())

@@ -10,20 +10,39 @@ from typing import Any
 
 import numpy as np
 
-from cxr_sr.imaging import HR_SIZE, LR_SIZE, SCALE
+from cxr_sr.client.metrics import hfen, lr_psnr, ms_ssim, psnr, ssim
+from cxr_sr.imaging import SCALE
 from cxr_sr.imaging import bicubic_baseline as bicubic_baseline  # the baseline, re-exported
 
 GAP = 4  # pixels between panels
+METRICS = {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim, "hfen": hfen}
 
 
-def _panel(x: np.ndarray | None, name: str, size: int) -> np.ndarray | None:
+def scores(
+    sr: np.ndarray, bicubic: np.ndarray, lr: np.ndarray, hr: np.ndarray | None
+) -> dict[str, float | None]:
+    """The report's figures for one result: :data:`METRICS` of SR and of bicubic against
+    ``hr`` (None without a reference) and the LR consistency of both (``lr_psnr``: their 4x
+    area downsample against ``lr``), keyed ``psnr_sr``, ``psnr_bicubic``, ...,
+    ``lr_psnr_bicubic``. ``lr`` is ``[h, w]``, the others ``[4h, 4w]``."""
+    out: dict[str, float | None] = {}
+    for key, fn in METRICS.items():
+        for who, x in (("sr", sr), ("bicubic", bicubic)):
+            out[f"{key}_{who}"] = None if hr is None else float(fn(x, hr))
+    for who, x in (("sr", sr), ("bicubic", bicubic)):
+        out[f"lr_psnr_{who}"] = float(lr_psnr(x, lr, SCALE))
+    return out
+
+
+def _panel(x: np.ndarray | None, name: str, shape: tuple[int, int] | None) -> np.ndarray | None:
     if x is None:
         return None
     x = np.asarray(x, dtype=np.float64)
     while x.ndim > 2 and x.shape[0] == 1:
         x = x[0]
-    if x.ndim != 2 or x.shape != (size, size):
-        raise ValueError(f"{name} must be [{size}, {size}], got {np.shape(x)}")
+    if x.ndim != 2 or (shape is not None and x.shape != shape):
+        want = "[H, W]" if shape is None else f"[{shape[0]}, {shape[1]}] ({SCALE}x the LR)"
+        raise ValueError(f"{name} must be {want}, got {np.shape(x)}")
     return np.clip(x, 0.0, 1.0)
 
 
@@ -34,26 +53,27 @@ def side_by_side(
     hr: np.ndarray | None = None,
     bits: int = 8,
 ) -> np.ndarray:
-    """One strip: LR (nearest-upsampled) | bicubic | SR | HR, 256 px panels, 4 px white gaps.
+    """One strip: LR (nearest-upsampled) | bicubic | SR | HR, 4 px white gaps.
 
-    Inputs are ``[64, 64]`` (LR) and ``[256, 256]`` (the others) in [0, 1]; leading
-    singleton axes are accepted. ``bicubic=None`` computes ``bicubic_baseline(lr)``; the HR
-    panel is left out when ``hr`` is None. Returns ``uint8`` (``bits=8``) or ``uint16``
-    (``bits=16``) of shape ``[256, 3 * 256 + 2 * 4]`` or ``[256, 4 * 256 + 3 * 4]``.
+    ``lr`` is ``[h, w]`` and the others ``[4h, 4w]``, in [0, 1]; leading singleton axes are
+    accepted. ``bicubic=None`` computes ``bicubic_baseline(lr)``; the HR panel is left out
+    when ``hr`` is None. Returns ``uint8`` (``bits=8``) or ``uint16`` (``bits=16``) of shape
+    ``[4h, 3 * 4w + 2 * 4]`` or ``[4h, 4 * 4w + 3 * 4]``.
     """
     if bits not in (8, 16):
         raise ValueError(f"bits must be 8 or 16, got {bits}")
-    lr2 = _panel(lr, "lr", LR_SIZE)
+    lr2 = _panel(lr, "lr", None)
+    shape = (SCALE * lr2.shape[0], SCALE * lr2.shape[1])
     if bicubic is None:
         bicubic = bicubic_baseline(lr2)
     panels = [
         np.repeat(np.repeat(lr2, SCALE, axis=0), SCALE, axis=1),
-        _panel(bicubic, "bicubic", HR_SIZE),
-        _panel(sr, "sr", HR_SIZE),
+        _panel(bicubic, "bicubic", shape),
+        _panel(sr, "sr", shape),
     ]
     if hr is not None:
-        panels.append(_panel(hr, "hr", HR_SIZE))
-    gap = np.ones((HR_SIZE, GAP))
+        panels.append(_panel(hr, "hr", shape))
+    gap = np.ones((shape[0], GAP))
     strip = [panels[0]]
     for p in panels[1:]:
         strip += [gap, p]

@@ -1,25 +1,37 @@
 """A thin tritonclient wrapper for the ``cxr_sr`` ensemble (HTTP or gRPC).
 
-Served contract: input ``LR`` FP32 ``[N, 1, 64, 64]`` in [0, 1], output ``SR`` FP32
-``[N, 1, 256, 256]``; sampling controls travel as Triton request parameters and only the
+Served contract: input ``LR`` FP32 ``[N, 1, H, W]`` in [0, 1] with H and W within the
+server's limits (:meth:`SRClient.limits`, read from the served config), output ``SR`` FP32
+``[N, 1, 4H, 4W]``; sampling controls travel as Triton request parameters and only the
 ones given are sent (the server's config holds the defaults). The keyword arguments are the
 request schema's keys (``cxr_sr.sampling.REQUEST_PARAMS``), nothing more.
 
     with SRClient("127.0.0.1:8000") as c:
         c.wait_ready(30)
-        sr = c.super_resolve(lr, steps=4, seed=0)
+        sr = c.super_resolve(lr, steps=4, seed=0)   # lr [N, 1, H, W] within the limits
+        big = c.upscale(image, steps=4)             # any [H, W] -> [4H, 4W], tiled if needed
+
+``upscale`` cuts an image larger than the server's maximum side into overlapping tiles
+(``client.tiling``), sends each tile as its own request with its position in the image
+(``origin_y``, ``origin_x``: the server keys the noise by global position, so overlapping
+tiles agree), up to ``max_batch`` requests in flight so the server's dynamic batcher merges
+them, and blends the results with feathered weights.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from cxr_sr.imaging import HR_SIZE, LR_SIZE
-from cxr_sr.sampling import REQUEST_PARAMS
+from cxr_sr.client.tiling import TilePlan, pad_to, plan_tiles, run_tiled
+from cxr_sr.imaging import SCALE, check_image
+from cxr_sr.sampling import ORIGIN_PARAMS, REQUEST_PARAMS
 from cxr_sr.serving import request_parameters
 
 PROTOCOLS = ("http", "grpc")
@@ -46,19 +58,82 @@ class SRConnectionError(SRServerError):
     """No server answered at the given address (refused, unreachable or timed out)."""
 
 
-def _check_lr(lr: np.ndarray) -> np.ndarray:
-    x = np.asarray(lr)
-    want = f"[N, 1, {LR_SIZE}, {LR_SIZE}]"
-    if x.ndim != 4 or x.shape[1:] != (1, LR_SIZE, LR_SIZE) or x.shape[0] < 1:
-        raise ValueError(f"LR must have shape {want}, got {x.shape} (use lr[None, None])")
+@dataclass(frozen=True)
+class SizeLimits:
+    """The LR sides (H and W) the served model accepts, inclusive."""
+
+    min_side: int
+    max_side: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_side <= self.max_side:
+            raise ValueError(f"need 1 <= min_side <= max_side, got {self}")
+
+    def describe(self) -> str:
+        if self.min_side == self.max_side:
+            return f"{self.min_side}x{self.min_side}"
+        return f"H and W in [{self.min_side}, {self.max_side}]"
+
+
+# The served contract's defaults, used when a dynamic-size config names no limits.
+DEFAULT_LIMITS = SizeLimits(16, 256)
+# the ensemble's config parameters that publish them (written by builders.triton_config)
+LIMIT_PARAMETERS = {"min_side": "lr_min_side", "max_side": "lr_max_side"}
+
+
+def limits_from_config(config: dict) -> SizeLimits:
+    """The LR size limits in a served model configuration (Triton's JSON form).
+
+    ``LR`` dims ``[1, H, W]`` with fixed H = W: exactly that size; ``-1`` (dynamic):
+    the config's ``lr_min_side`` / ``lr_max_side`` parameters, else :data:`DEFAULT_LIMITS`.
+    """
+    inputs = {i.get("name"): i for i in config.get("input", [])}
+    if INPUT_NAME not in inputs:
+        raise SRServerError(f"the served model has no input {INPUT_NAME!r}")
+    dims = [int(d) for d in inputs[INPUT_NAME].get("dims", [])]
+    if len(dims) == 4 and int(config.get("max_batch_size", 0)) == 0:
+        dims = dims[1:]  # no batching axis in the config: the batch is part of the dims
+    if len(dims) != 3:
+        raise SRServerError(f"input {INPUT_NAME!r} has dims {dims}, expected [1, H, W]")
+    h, w = dims[1:]
+    if h > 0 and w > 0:
+        if h != w:
+            raise SRServerError(f"input {INPUT_NAME!r} is fixed at {h}x{w}: not square")
+        return SizeLimits(h, h)
+    params = config.get("parameters") or {}
+    values = {}
+    for key, name in LIMIT_PARAMETERS.items():
+        raw = (params.get(name) or {}).get("string_value")
+        values[key] = int(raw) if raw not in (None, "") else getattr(DEFAULT_LIMITS, key)
+    return SizeLimits(values["min_side"], values["max_side"])
+
+
+def _check_values(x: np.ndarray, name: str = "LR") -> None:
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"LR must be floating point in [0, 1], got dtype {x.dtype}")
+        raise ValueError(f"{name} must be floating point in [0, 1], got dtype {x.dtype}")
     if not np.isfinite(x).all():
-        raise ValueError("LR contains NaN or infinite values")
+        raise ValueError(f"{name} contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"LR intensities must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        raise ValueError(f"{name} intensities must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+
+
+def _check_lr(lr: np.ndarray) -> np.ndarray:
+    """Shape [N, 1, H, W] (any H, W), floating point, finite, in [0, 1]."""
+    x = np.asarray(lr)
+    if x.ndim != 4 or x.shape[1] != 1 or x.shape[0] < 1 or min(x.shape[2:]) < 1:
+        raise ValueError(f"LR must have shape [N, 1, H, W], got {x.shape} (use lr[None, None])")
+    _check_values(x)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _check_size(x: np.ndarray, limits: SizeLimits) -> None:
+    h, w = x.shape[2:]
+    if not (limits.min_side <= h <= limits.max_side and limits.min_side <= w <= limits.max_side):
+        raise ValueError(
+            f"LR shape {x.shape}: this server takes {limits.describe()}; "
+            "SRClient.upscale tiles larger images and pads smaller ones"
+        )
 
 
 def _schema_keywords(fn):
@@ -107,7 +182,10 @@ class SRClient:
         protocol: ``"http"`` or ``"grpc"``.
         model: name of the ensemble.
         timeout_s: client-side limit for one request (connect and response), seconds.
-        max_batch: largest batch sent in one request; bigger inputs are split.
+        max_batch: largest batch sent in one request (bigger inputs are split), and the
+            most tile requests ``upscale`` keeps in flight.
+        limits: the LR sizes the server takes; None (default): read from the served config
+            on first use (:meth:`limits`).
         verbose: tritonclient's request logging.
     """
 
@@ -118,6 +196,7 @@ class SRClient:
         model: str = DEFAULT_MODEL,
         timeout_s: float = 300.0,
         max_batch: int = DEFAULT_MAX_BATCH,
+        limits: SizeLimits | None = None,
         verbose: bool = False,
     ) -> None:
         if protocol not in PROTOCOLS:
@@ -133,12 +212,14 @@ class SRClient:
         self.model = model
         self.timeout_s = float(timeout_s)
         self.max_batch = max_batch
+        self._limits = limits
         if protocol == "http":
             import tritonclient.http as tc
 
             self._client = tc.InferenceServerClient(
                 url,
                 verbose=verbose,
+                concurrency=max_batch,  # tile requests in flight (async_infer)
                 connection_timeout=self.timeout_s,
                 network_timeout=self.timeout_s,
             )
@@ -222,9 +303,16 @@ class SRClient:
             "get_model_config", self._client.get_model_config, self.model, as_json=True
         )["config"]
 
+    def limits(self) -> SizeLimits:
+        """The LR sizes the server accepts (from its config, asked once and remembered)."""
+        if self._limits is None:
+            self._limits = limits_from_config(self.model_config())
+        return self._limits
+
     @_schema_keywords
     def super_resolve(self, lr: np.ndarray, **params: Any) -> np.ndarray:
-        """Super-resolve float ``[N, 1, 64, 64]`` in [0, 1] to float32 ``[N, 1, 256, 256]``.
+        """Super-resolve float ``[N, 1, H, W]`` in [0, 1] to float32 ``[N, 1, 4H, 4W]``;
+        H and W must be within :meth:`limits` (:meth:`upscale` takes any size).
 
         Sampling controls left as None take the server's defaults. Batches larger than
         ``max_batch`` go out as several requests, each with the same parameters (so with a
@@ -234,13 +322,82 @@ class SRClient:
         """
         x = _check_lr(lr)
         params = sampling_parameters(**params)
+        _check_size(x, self.limits())
         chunks = [
             self._infer(x[i : i + self.max_batch], params)
             for i in range(0, x.shape[0], self.max_batch)
         ]
         return np.concatenate(chunks, axis=0)
 
-    def _infer(self, x: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    def tile_plan(
+        self, height: int, width: int, overlap: int | None = None, tile: int | None = None
+    ) -> TilePlan:
+        """How :meth:`upscale` cuts an ``height`` x ``width`` image for this server: tiles of
+        side ``tile`` (default: the server's maximum side; at most that, at least its
+        minimum); sides below the server's minimum are first mirrored out to it."""
+        limits = self.limits()
+        side = limits.max_side if tile is None else int(tile)
+        if not limits.min_side <= side <= limits.max_side:
+            raise ValueError(f"tile side {side} is outside the server's {limits.describe()}")
+        h, w = max(height, limits.min_side), max(width, limits.min_side)
+        return plan_tiles(h, w, side, overlap)
+
+    @_schema_keywords
+    def upscale(
+        self,
+        image: np.ndarray,
+        *,
+        overlap: int | None = None,
+        tile: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        **params: Any,
+    ) -> np.ndarray:
+        """Super-resolve one image of any size: float ``[H, W]`` in [0, 1] -> float32
+        ``[4H, 4W]``.
+
+        An image within :meth:`limits` is one request (the same result as
+        ``super_resolve(image[None, None])``). A larger one is cut into overlapping tiles
+        of side ``tile`` (default: the largest the server takes; :meth:`tile_plan`;
+        ``overlap`` in LR pixels, default a quarter of the tile; a smaller tile bounds the
+        server's memory where a network's cost grows faster than its pixels, as an
+        attention layer's does), each sent as its own request carrying its position
+        (``origin_y``, ``origin_x``), ``max_batch`` in flight, and blended back with
+        feathered weights (``client.tiling``). Sides below the server's minimum are mirrored
+        out and the result cropped. ``progress(done, total)`` is called as tiles come back.
+        The origin keys are set per tile and cannot be given.
+        """
+        x = check_image(image)
+        _check_values(x, "image")
+        fixed = [p.name for p in ORIGIN_PARAMS if params.get(p.name) is not None]
+        if fixed:
+            raise TypeError(f"upscale sets {', '.join(fixed)} per tile; do not pass them")
+        params = sampling_parameters(**params)
+        h, w = x.shape
+        plan = self.tile_plan(h, w, overlap, tile)
+        padded = pad_to(x, self.limits().min_side)
+        done = [0]
+
+        def advance(k: int) -> None:
+            done[0] += k
+            if progress is not None:
+                progress(done[0], len(plan))
+
+        if len(plan) == 1:
+            sr = self._infer(padded[None, None], params)[0, 0]
+            advance(1)
+        else:
+
+            def per_tile(tiles: np.ndarray, origins: Sequence[tuple[int, int]]) -> np.ndarray:
+                keyed = [
+                    {**params, **{p.name: int(v) for p, v in zip(ORIGIN_PARAMS, o, strict=True)}}
+                    for o in origins
+                ]
+                return np.concatenate(self._infer_many(list(tiles[:, None]), keyed))
+
+            sr = run_tiled(per_tile, padded, plan, batch=self.max_batch, progress=advance)
+        return sr[: SCALE * h, : SCALE * w]
+
+    def _request(self, x: np.ndarray):
         tc = self._tc
         inp = tc.InferInput(INPUT_NAME, list(x.shape), "FP32")
         if self.protocol == "http":
@@ -249,18 +406,80 @@ class SRClient:
         else:
             inp.set_data_from_numpy(x)
             out = tc.InferRequestedOutput(OUTPUT_NAME)
-        result = self._call(
-            "inference",
-            self._client.infer,
-            self.model,
-            [inp],
-            outputs=[out],
-            parameters=params or None,
-            **self._grpc_timeout(),
-        )
+        return [inp], [out]
+
+    def _output(self, result, x: np.ndarray) -> np.ndarray:
         sr = result.as_numpy(OUTPUT_NAME)
-        want = (x.shape[0], 1, HR_SIZE, HR_SIZE)
+        want = (x.shape[0], 1, SCALE * x.shape[2], SCALE * x.shape[3])
         if sr is None or sr.shape != want:
             got = None if sr is None else sr.shape
             raise SRServerError(f"server returned {OUTPUT_NAME} of shape {got}, expected {want}")
         return sr.astype(np.float32, copy=False)
+
+    def _infer(self, x: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+        inputs, outputs = self._request(x)
+        result = self._call(
+            "inference",
+            self._client.infer,
+            self.model,
+            inputs,
+            outputs=outputs,
+            parameters=params or None,
+            **self._grpc_timeout(),
+        )
+        return self._output(result, x)
+
+    def _infer_many(
+        self, xs: Sequence[np.ndarray], params: Sequence[dict[str, Any]]
+    ) -> list[np.ndarray]:
+        """One request per array, all in flight at once (the server batches them);
+        results in order. Callers keep ``len(xs) <= max_batch``."""
+        if self.protocol == "http":
+            handles = []
+            for x, p in zip(xs, params, strict=True):
+                inputs, outputs = self._request(x)
+                handles.append(
+                    self._call(
+                        "inference",
+                        self._client.async_infer,
+                        self.model,
+                        inputs,
+                        outputs=outputs,
+                        parameters=p or None,
+                    )
+                )
+            return [
+                self._output(self._call("inference", h.get_result), x)
+                for h, x in zip(handles, xs, strict=True)
+            ]
+        results: list[Any] = [None] * len(xs)
+        errors: list[BaseException | None] = [None] * len(xs)
+        left = [len(xs)]
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def finished(i: int, result, error) -> None:
+            results[i], errors[i] = result, error
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+        for i, (x, p) in enumerate(zip(xs, params, strict=True)):
+            inputs, outputs = self._request(x)
+            self._call(
+                "inference",
+                self._client.async_infer,
+                self.model,
+                inputs,
+                lambda result, error, i=i: finished(i, result, error),
+                outputs=outputs,
+                parameters=p or None,
+                client_timeout=self.timeout_s,
+            )
+        if not done.wait(self.timeout_s + 5.0):
+            raise SRConnectionError(f"no answer from {self.protocol}://{self.url} in time")
+        for error in errors:
+            if error is not None:
+                raise self._error(error, "inference") from error
+        return [self._output(r, x) for r, x in zip(results, xs, strict=True)]

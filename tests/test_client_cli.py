@@ -1,9 +1,11 @@
 """The cxr-sr CLI and SRClient: argparse, unreachable server, and runs against the real
 tritonserver of ``conftest.server`` (tiny random weights).
 
-What a real server cannot show is what the client put on the wire, so one test uses a tiny
-in-process recorder speaking the KServe v2 HTTP protocol (binary tensors): it checks how
-``SRClient`` splits batches, which request parameters it sends, and how a 400 is translated.
+What a real server cannot show is what the client put on the wire, so some tests use a tiny
+in-process recorder speaking the KServe v2 HTTP protocol (binary tensors; its "model" is
+bicubic upsampling, any size up to a configured maximum side): they check how ``SRClient``
+splits batches, which request parameters it sends, how a 400 is translated, and how
+``upscale`` tiles an image (bicubic is local, so the tiled result must equal the whole one).
 Everything else runs against tritonserver.
 """
 
@@ -24,7 +26,14 @@ import pytest
 from cxr_sr.client.cli import build_parser, main
 from cxr_sr.client.io import read_image, write_png
 from cxr_sr.client.report import bicubic_baseline, format_table, side_by_side
-from cxr_sr.client.triton import SRClient, SRConnectionError, SRServerError
+from cxr_sr.client.triton import (
+    DEFAULT_LIMITS,
+    SizeLimits,
+    SRClient,
+    SRConnectionError,
+    SRServerError,
+    limits_from_config,
+)
 
 
 def _free_port() -> int:
@@ -33,9 +42,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _config(min_side: int = 16, max_side: int = 64) -> dict:
+    return {
+        "name": "cxr_sr",
+        "max_batch_size": 8,
+        "input": [{"name": "LR", "data_type": "TYPE_FP32", "dims": [1, -1, -1]}],
+        "output": [{"name": "SR", "data_type": "TYPE_FP32", "dims": [1, -1, -1]}],
+        "parameters": {
+            "lr_min_side": {"string_value": str(min_side)},
+            "lr_max_side": {"string_value": str(max_side)},
+        },
+    }
+
+
 class _FakeTriton(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     requests: list[dict] = []  # replaced per server
+    config: dict = _config()
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
@@ -50,6 +73,9 @@ class _FakeTriton(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
+        if self.path == "/v2/models/cxr_sr/config":
+            self._send(200, json.dumps(type(self).config).encode())
+            return
         ok = self.path in ("/v2/health/live", "/v2/health/ready", "/v2/models/cxr_sr/ready")
         self._send(200 if ok else 404, b"")
 
@@ -63,7 +89,7 @@ class _FakeTriton(BaseHTTPRequestHandler):
         (inp,) = request["inputs"]
         lr = np.frombuffer(body[n_json:], dtype=np.float32).reshape(inp["shape"])
         params = request.get("parameters", {})
-        type(self).requests.append({"batch": lr.shape[0], "parameters": params})
+        type(self).requests.append({"batch": lr.shape[0], "shape": lr.shape, "parameters": params})
         if params.get("steps") == 999:
             msg = {"error": "steps (999) exceeds the 300 timesteps the plan covers"}
             self._send(400, json.dumps(msg).encode())
@@ -87,8 +113,9 @@ class _FakeTriton(BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def fake_server() -> Iterator[tuple[str, list[dict]]]:
-    handler = type("Handler", (_FakeTriton,), {"requests": []})
+def fake_server(request) -> Iterator[tuple[str, list[dict]]]:
+    config = getattr(request, "param", _config())
+    handler = type("Handler", (_FakeTriton,), {"requests": [], "config": config})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -116,7 +143,7 @@ def test_help_runs_as_a_module() -> None:
         text=True,
         check=True,
     )
-    assert "--out" in out.stdout and "--lr-as-is" in out.stdout and "--protocol" in out.stdout
+    assert "--out" in out.stdout and "--eval" in out.stdout and "--protocol" in out.stdout
 
 
 def test_missing_out_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -157,23 +184,41 @@ def test_srclient_validation_and_connection_error() -> None:
     assert not c.is_ready()
     ok = np.zeros((2, 1, 64, 64), np.float32)
     with pytest.raises(SRConnectionError, match="cannot reach"):
-        c.super_resolve(ok)
+        c.super_resolve(ok)  # the size limits come from the server
+    with pytest.raises(SRConnectionError, match="cannot reach"):
+        c.upscale(ok[0, 0])
     for bad, match in [
         (np.zeros((1, 64, 64), np.float32), "shape"),
-        (np.zeros((1, 1, 32, 32), np.float32), "shape"),
         (np.zeros((1, 1, 64, 64), np.uint8), "floating"),
         (np.full((1, 1, 64, 64), 1.5, np.float32), r"\[0, 1\]"),
     ]:
         with pytest.raises(ValueError, match=match):
             c.super_resolve(bad)
+    fixed = SRClient(f"127.0.0.1:{_free_port()}", limits=SizeLimits(64, 64))
+    with pytest.raises(ValueError, match="shape.*64x64.*upscale"):
+        fixed.super_resolve(np.zeros((1, 1, 32, 32), np.float32))
     with pytest.raises(ValueError, match="steps"):
         c.super_resolve(ok, steps=0)
     with pytest.raises(ValueError, match="sampler"):
         c.super_resolve(ok, sampler="euler")
+    with pytest.raises(ValueError, match="image"):
+        c.upscale(np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(TypeError, match="origin_y"):
+        c.upscale(ok[0, 0], origin_y=4)
     with pytest.raises(ValueError, match="protocol"):
         SRClient(protocol="websocket")
     with pytest.raises(ValueError, match="scheme"):
         SRClient("http://127.0.0.1:8000")
+
+
+def test_limits_from_config() -> None:
+    assert limits_from_config(_config(16, 256)) == SizeLimits(16, 256)
+    fixed = {"max_batch_size": 8, "input": [{"name": "LR", "dims": ["1", "64", "64"]}]}
+    assert limits_from_config(fixed) == SizeLimits(64, 64)  # gRPC's JSON has string dims
+    dynamic = {"max_batch_size": 8, "input": [{"name": "LR", "dims": [1, -1, -1]}]}
+    assert limits_from_config(dynamic) == DEFAULT_LIMITS
+    with pytest.raises(SRServerError, match="no input"):
+        limits_from_config({"input": [{"name": "x", "dims": [1, 64, 64]}]})
 
 
 # --- what goes on the wire (recorder) ----------------------------------------------------
@@ -196,20 +241,68 @@ def test_srclient_splits_batches_and_sends_only_given_parameters(fake_server) ->
         assert not isinstance(e.value, SRConnectionError)
 
 
+def test_upscale_tiles_send_their_origins_and_blend_seamlessly(fake_server) -> None:
+    """A 100x76 image on a server taking sides up to 64: tiles of 64x64, each its own
+    request with its origin, all sampling keywords on each; bicubic being local, the blend
+    is exactly the whole-image bicubic."""
+    url, requests = fake_server
+    image = np.random.default_rng(1).random((100, 76)).astype(np.float32)
+    seen = []
+    with SRClient(url, max_batch=3) as c:
+        assert c.limits() == SizeLimits(16, 64)
+        plan = c.tile_plan(100, 76)
+        sr = c.upscale(image, steps=2, seed=5, progress=lambda d, t: seen.append((d, t)))
+    assert sr.shape == (400, 304) and sr.dtype == np.float32
+    np.testing.assert_allclose(sr, bicubic_baseline(image), atol=1e-5)
+    assert len(requests) == len(plan) > 1
+    assert all(r["shape"] == (1, 1, 64, 64) for r in requests)
+    origins = sorted((r["parameters"]["origin_y"], r["parameters"]["origin_x"]) for r in requests)
+    assert origins == sorted(t.origin for t in plan.tiles)
+    assert all(r["parameters"]["steps"] == 2 and r["parameters"]["seed"] == 5 for r in requests)
+    assert seen[-1] == (len(plan), len(plan)) and all(0 < d <= t for d, t in seen)
+
+
+def test_upscale_small_images_are_one_request_or_padded(fake_server) -> None:
+    url, requests = fake_server
+    rng = np.random.default_rng(2)
+    with SRClient(url) as c:
+        image = rng.random((40, 23)).astype(np.float32)
+        sr = c.upscale(image, seed=1)
+        np.testing.assert_array_equal(sr, c.super_resolve(image[None, None], seed=1)[0, 0])
+        assert requests[-1]["parameters"] == {"seed": 1}  # a whole image names no origin
+        tiny = rng.random((5, 30)).astype(np.float32)  # below the server's 16: mirrored out
+        sr = c.upscale(tiny)
+        assert requests[-1]["shape"] == (1, 1, 16, 30) and sr.shape == (20, 120)
+        # away from the mirrored bottom edge it is the bicubic of the image itself
+        np.testing.assert_allclose(sr[:10], bicubic_baseline(tiny)[:10], atol=1e-5)
+
+
 # --- against the real server ------------------------------------------------------------
 
 
-def test_cli_end_to_end(server, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _bits(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode
+
+
+def test_cli_upscales_at_the_input_geometry_and_bit_depth(
+    server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Default mode: every input is the LR; 100x76 -> 400x304 (tiled where the server's
+    maximum side is smaller), 8-bit stays 8-bit, 16-bit stays 16-bit; LR consistency reported."""
+    from PIL import Image
+
     from cxr_sr.client import metrics
-    from cxr_sr.client.prepare import prepare
 
     rng = np.random.default_rng(1)
     inputs = tmp_path / "in"
     (inputs / "sub").mkdir(parents=True)
-    big = np.clip(np.add.outer(np.linspace(0, 1, 300), np.linspace(0, 0.5, 400)), 0, 1)
-    write_png(inputs / "big.png", big)
-    write_png(inputs / "sub" / "big.png", big[::-1])
-    write_png(inputs / "small.png", rng.random((64, 64)))
+    grad = np.clip(np.add.outer(np.linspace(0, 1, 100), np.linspace(0, 0.5, 76)), 0, 1)
+    write_png(inputs / "odd.png", grad, bits=8)
+    write_png(inputs / "sub" / "odd.png", grad[::-1], bits=16)
+    write_png(inputs / "small.png", rng.random((64, 64)), bits=16)
     (inputs / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     report = tmp_path / "report.json"
@@ -220,58 +313,96 @@ def test_cli_end_to_end(server, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert code == 1  # broken.png failed, the rest went through
     assert "broken.png" in captured.err
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*_sr.png")) == [
-        "big_sr.png",
+        "odd_sr.png",
         "small_sr.png",
-        "sub/big_sr.png",
+        "sub/odd_sr.png",
     ]
-    sr = read_image(out / "big_sr.png")
-    assert sr.shape == (256, 256)
-    assert (out / "big_compare.png").is_file()
-    assert "PSNR SR" in captured.out and "mean (3)" in captured.out
+    with Image.open(out / "odd_sr.png") as im:
+        assert im.size == (304, 400) and im.mode == "L"
+    with Image.open(out / "sub" / "odd_sr.png") as im:
+        assert im.size == (304, 400) and im.mode.startswith("I")
+    assert read_image(out / "small_sr.png").shape == (256, 256)
+    assert (out / "odd_compare.png").is_file()
+    assert "upscale" in captured.out and "LR PSNR SR" in captured.out
+    assert "mean (3)" in captured.out
 
     data = json.loads(report.read_text())
-    assert [f["path"].endswith("broken.png") for f in data["failed"]] == [True]
+    assert data["mode"]["name"] == "upscale"
     rows = {r["name"]: r for r in data["images"]}
-    assert set(rows) == {"big", "small", "sub/big"}
-    assert rows["small"]["psnr_sr"] is None  # a 64x64 input has no reference
-    # the reported figures are those of the written 16-bit PNG against the protocol's HR
-    lr, hr = prepare(read_image(inputs / "big.png"))
-    assert rows["big"]["psnr_sr"] == pytest.approx(metrics.psnr(sr, hr), abs=0.01)
-    assert rows["big"]["psnr_bicubic"] == pytest.approx(
-        metrics.psnr(bicubic_baseline(lr), hr), abs=0.01)  # fmt: skip
-    assert data["mean"]["psnr_sr"] == pytest.approx(
-        np.mean([rows["big"]["psnr_sr"], rows["sub/big"]["psnr_sr"]])
+    assert set(rows) == {"odd", "small", "sub/odd"}
+    assert rows["odd"]["out_size"] == "400x304" and rows["odd"]["bits"] == 8
+    assert rows["small"]["tiles"] == 1 and rows["odd"]["psnr_sr"] is None  # no reference
+    sr = read_image(out / "sub" / "odd_sr.png")
+    lr = read_image(inputs / "sub" / "odd.png")
+    assert rows["sub/odd"]["lr_psnr_sr"] == pytest.approx(metrics.lr_psnr(sr, lr), abs=0.02)
+    assert rows["sub/odd"]["lr_psnr_bicubic"] == pytest.approx(
+        metrics.lr_psnr(bicubic_baseline(lr), lr), abs=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("protocol", ["reference", "native"])
+def test_cli_eval_protocols(
+    server, tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str
+) -> None:
+    """--eval: the image is the HR of the protocol; metrics are those of the written SR
+    against it, and the scale is printed."""
+    from cxr_sr.client import metrics
+    from cxr_sr.imaging import native_pair, reference_pair
+
+    image = np.clip(np.add.outer(np.linspace(0, 1, 300), np.linspace(0, 0.5, 258)), 0, 1)
+    image = image + 0.05 * np.sin(np.arange(258) / 3.0)[None, :]
+    write_png(tmp_path / "in.png", np.clip(image, 0, 1), bits=16)
+    report = tmp_path / "report.json"
+    code = main([str(tmp_path / "in.png"), "--out", str(tmp_path / "o"), "--url",
+                 server.http_url, "--eval", protocol, "--json", str(report),
+                 "--quiet"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0
+    assert f"{protocol} protocol" in captured.out and "PSNR bicubic" in captured.out
+    (row,) = json.loads(report.read_text())["images"]
+    hr, lr = (reference_pair if protocol == "reference" else native_pair)(
+        read_image(tmp_path / "in.png")
     )
+    sr = read_image(tmp_path / "o" / "in_sr.png")
+    assert sr.shape == hr.shape == ((256, 256) if protocol == "reference" else (300, 256))
+    assert row["scale"].startswith(f"{hr.shape[0]}x{hr.shape[1]} / {lr.shape[0]}x{lr.shape[1]}")
+    assert row["psnr_sr"] == pytest.approx(metrics.psnr(sr, hr), abs=0.01)
+    assert row["ssim_bicubic"] == pytest.approx(metrics.ssim(bicubic_baseline(lr), hr), abs=1e-6)
+    assert row["lr_psnr_sr"] == pytest.approx(metrics.lr_psnr(sr, lr), abs=0.02)
 
 
-def test_cli_lr_as_is_rejects_other_sizes(server, tmp_path: Path) -> None:
+def test_cli_reference_protocol_needs_256_pixels(server, tmp_path: Path) -> None:
     write_png(tmp_path / "a.png", np.zeros((64, 64)))
-    write_png(tmp_path / "b.png", np.zeros((80, 80)))
-    code = main([str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--out", str(tmp_path / "o"),
-                 "--url", server.http_url, "--lr-as-is", "--quiet"])  # fmt: skip
+    code = main([str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--url",
+                 server.http_url, "--eval", "reference", "--quiet"])  # fmt: skip
     assert code == 1
-    assert (tmp_path / "o" / "a_sr.png").is_file()
-    assert not (tmp_path / "o" / "b_sr.png").exists()
+    assert not (tmp_path / "o" / "a_sr.png").exists()
 
 
 def test_cli_writes_derived_dicom_series(server, tmp_path: Path) -> None:
     import pydicom
     from pydicom.data import get_testdata_file
 
+    from cxr_sr.client.io import write_dicom_sc
+
     source = get_testdata_file("RG1_UNCI.dcm")
     if source is None:
         pytest.skip("pydicom-data not installed")
+    # a small DICOM of the same patient and study (the full radiograph belongs to the demo)
+    small = read_image(source)[800:880, 900:960]
+    write_dicom_sc(tmp_path / "study" / "small.dcm", small, source, pixel_spacing=(0.2, 0.2))
     lr = np.full((64, 64), 0.5)
     write_png(tmp_path / "lr.png", lr)
-    code = main([source, str(tmp_path / "lr.png"), "--out", str(tmp_path / "o"),
-                 "--url", server.grpc_url, "--protocol", "grpc", "--dicom", "--batch", "1",
-                 "--quiet"])  # fmt: skip
+    code = main([str(tmp_path / "study" / "small.dcm"), str(tmp_path / "lr.png"), "--out",
+                 str(tmp_path / "o"), "--url", server.grpc_url, "--protocol", "grpc",
+                 "--dicom", "--batch", "1", "--quiet"])  # fmt: skip
     assert code == 0
-    a = pydicom.dcmread(tmp_path / "o" / "RG1_UNCI_sr.dcm")
+    a = pydicom.dcmread(tmp_path / "o" / "small_sr.dcm")
     b = pydicom.dcmread(tmp_path / "o" / "lr_sr.dcm")
     assert a.PatientID == pydicom.dcmread(source, stop_before_pixels=True).PatientID
     assert a.SeriesInstanceUID == b.SeriesInstanceUID  # one derived series per run
     assert (a.InstanceNumber, b.InstanceNumber) == (1, 2)
+    assert (a.Rows, a.Columns) == (320, 240)
+    assert [float(v) for v in a.PixelSpacing] == pytest.approx([0.05, 0.05])  # 4x finer
     with SRClient(server.http_url) as c:
         want = c.super_resolve(read_image(tmp_path / "lr.png")[None, None])[0, 0]
     np.testing.assert_allclose(read_image(tmp_path / "o" / "lr_sr.dcm"), want, atol=2e-5)
@@ -299,6 +430,8 @@ def test_side_by_side_layout() -> None:
     assert side_by_side(lr, bic, bic, bits=16).shape == (256, 3 * 256 + 2 * 4)
     with pytest.raises(ValueError, match="sr"):
         side_by_side(lr, bic, lr)
+    odd = lr[:30, :17]  # any LR size: panels 4x it
+    assert side_by_side(odd, None, bicubic_baseline(odd)).shape == (120, 3 * 68 + 2 * 4)
 
 
 def test_format_table() -> None:

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_sr.client.io import is_dicom, iter_inputs, read_image, write_dicom_sc, write_png
+from cxr_sr.client.io import (
+    image_bits,
+    is_dicom,
+    iter_inputs,
+    read_image,
+    write_dicom_sc,
+    write_png,
+)
 from cxr_sr.client.prepare import make_lr, prepare, to_reference_hr
 from cxr_sr.imaging import area_downsample
 
@@ -45,6 +52,20 @@ def test_png_round_trip(tmp_path: Path, bits: int) -> None:
     y = read_image(path)
     assert y.dtype == np.float32 and y.shape == x.shape
     np.testing.assert_allclose(y, x, atol=0.5 / (2**bits - 1) + 1e-7)
+
+
+def test_image_bits_follow_the_container(tmp_path: Path) -> None:
+    x = _gradient()
+    assert image_bits(write_png(tmp_path / "a.png", x, bits=8)) == 8
+    assert image_bits(write_png(tmp_path / "b.png", x, bits=16)) == 16
+    Image.fromarray(np.uint8(x * 255)).convert("RGB").save(tmp_path / "c.jpg")
+    assert image_bits(tmp_path / "c.jpg") == 8
+    Image.fromarray(x.astype(np.float32)).save(tmp_path / "d.tif")
+    assert image_bits(tmp_path / "d.tif") == 16
+    assert image_bits(write_dicom_sc(tmp_path / "e.dcm", x)) == 16
+    (tmp_path / "f.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="f.png"):
+        image_bits(tmp_path / "f.png")
 
 
 def test_write_png_accepts_batched_singletons_and_rejects_bad_input(tmp_path: Path) -> None:
