@@ -62,13 +62,14 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def built_repository(checkpoint, tmp_path_factory):
-    """(repository, onnx folder) built from :func:`checkpoint` for the cpu target."""
+    """(repository, onnx folder) built from :func:`checkpoint` for the cpu target, serving
+    LR sides 16-128 (the tiny UNet's mid-block attention would take GBs at larger sides)."""
     from cxr_sr.builders import build
 
     root = tmp_path_factory.mktemp("build")
     repo, onnx = root / "repo", root / "onnx"
     args = ["--checkpoint", str(checkpoint), "--out", str(repo), "--onnx-dir", str(onnx)]
-    assert build.main([*args, "--max-batch", "4"]) == 0
+    assert build.main([*args, "--max-batch", "4", "--max-side", "128"]) == 0
     return repo, onnx
 
 
