@@ -121,6 +121,13 @@ class NetworkSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    def batch_pixels(self) -> int:
+        """Pixels of the first input's sides in a full batch at the opt size: the most one
+        session call takes (a dynamic batch of larger images runs in several calls, so a
+        model's memory stays bounded at every size; ``cxr_sr.serving.row_chunks``)."""
+        side = self.inputs[0].concrete(self.geometry, (self.geometry.opt_side,) * 2)
+        return self.max_batch * int(np.prod(side[-2:]))
+
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """``torch.onnx.export`` dynamic axes: the batch axis of every tensor and the sides
         of tensors on a grid (one symbol per grid: ``lr_height``, ``latent_width``, ...)."""

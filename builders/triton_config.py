@@ -6,7 +6,9 @@ share batches and requests of different sizes are never concatenated. The served
 LR sides is checked by the Python models (``input_sides`` on the networks that take ``LR``,
 ``latent_sides`` on the sampler, which also covers the gpu target's ONNX Runtime encoder) and
 published as parameters of the ensemble (``lr_min_side``, ``lr_max_side``, ``lr_multiple``)
-for clients to read with ``get_model_config``.
+for clients to read with ``get_model_config``. ``max_batch_pixels`` caps what one session (or
+UNet) call takes: a full batch at the opt size (64x64), one image at the largest sizes, so a
+model process's memory does not grow with batch x pixels.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def network_config(
         g = spec.geometry
         params.setdefault("input_ranges", json.dumps({"LR": [0.0, 1.0]}))
         params.setdefault("input_sides", json.dumps({"LR": [g.min_side, g.max_side]}))
+    if config.backend == "python":
+        params.setdefault("max_batch_pixels", str(spec.batch_pixels()))
     if env_path and config.backend == "python":
         params["EXECUTION_ENV_PATH"] = env_path
     for key, value in params.items():
@@ -99,6 +103,7 @@ def sampler_config(
         "unet_output": unet.output_names[0],
         "vae_factor": str(unet.geometry.vae_factor),
         "latent_sides": ",".join(map(str, unet.geometry.latent_sides())),
+        "max_batch_pixels": str(unet.batch_pixels()),
     }
     if env_path:
         params["EXECUTION_ENV_PATH"] = env_path

@@ -211,6 +211,15 @@ def check_image_shape(
     return None
 
 
+def row_chunks(rows: int, pixels_per_row: int, max_pixels: int | None) -> list[slice]:
+    """Split ``rows`` items into consecutive slices of at most ``max_pixels`` pixels (at
+    least one row each; ``max_pixels`` None: one slice). A dynamic batch of large images then
+    runs in several network calls, so memory stays bounded; rows are independent of their
+    batch, so results do not change."""
+    per = rows if not max_pixels else max(1, max_pixels // max(1, pixels_per_row))
+    return [slice(i, min(rows, i + per)) for i in range(0, rows, per)]
+
+
 def options_key(options: SamplingOptions) -> tuple:
     """Hashable key: requests with equal keys share one sampling loop."""
     return tuple(getattr(options, f.name) for f in fields(options))

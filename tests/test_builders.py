@@ -33,6 +33,7 @@ def built(checkpoint, built_repository, tmp_path_factory):
     cpu, onnx_dir = built_repository
     gpu = tmp_path_factory.mktemp("b") / "gpu"
     args = ["--checkpoint", str(checkpoint), "--onnx-dir", str(onnx_dir), "--max-batch", "4"]
+    args += ["--max-side", "128"]  # as conftest's cpu repository
     assert build.main([*args, "--out", str(gpu), "--target", "gpu", "--engine", "skip"]) == 0
     return {"cpu": cpu, "gpu": gpu, "onnx": onnx_dir}, args
 
@@ -129,10 +130,13 @@ def test_cpu_and_gpu_configs(built):
     ens = read_config(root["cpu"] / "cxr_sr" / "config.pbtxt")
     lo, hi = (int(ens.parameters[k].string_value) for k in ("lr_min_side", "lr_max_side"))
     assert enc.parameters["input_sides"].string_value == f'{{"LR": [{lo}, {hi}]}}'
-    assert lo == 16 and ens.parameters["lr_multiple"].string_value == "2"
+    assert (lo, hi) == (16, 128) and ens.parameters["lr_multiple"].string_value == "2"
+    # one session call takes at most a full batch at 64x64: one 128x128 image at a time
+    assert enc.parameters["max_batch_pixels"].string_value == str(4 * 64 * 64)
     sampler = read_config(root["cpu"] / "sampler" / "config.pbtxt")
     assert sampler.parameters["vae_factor"].string_value == "4"
-    assert sampler.parameters["latent_sides"].string_value == f"16,{-(-hi // 2) * 2}"
+    assert sampler.parameters["latent_sides"].string_value == "16,128"
+    assert sampler.parameters["max_batch_pixels"].string_value == str(4 * 64 * 64)
     for name in NETWORKS:
         cpu, gpu = (
             read_config(root["cpu"] / name / "config.pbtxt"),

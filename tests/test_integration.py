@@ -2,7 +2,8 @@
 
 A tiny random-weight checkpoint is built into a cpu-target repository, served on
 127.0.0.1 with free ports (fixtures in conftest.py), and exercised over HTTP and gRPC
-through ``cxr_sr.client.SRClient``.
+through ``cxr_sr.client.SRClient``, and through bare tritonclient where a test needs
+requests the client would refuse or the server's own answer to any size.
 """
 
 from __future__ import annotations
@@ -57,6 +58,140 @@ def test_served_loop_matches_offline_torch_pipeline(server, checkpoint, lr):
     with SRClient(server.http_url) as c:
         served = c.super_resolve(lr, steps=STEPS, sampler="ddpm", seed=5)
     np.testing.assert_allclose(served, offline, atol=1e-4)
+
+
+def _infer(server, lr: np.ndarray, **params) -> np.ndarray:
+    """One HTTP request to cxr_sr with bare tritonclient (no client-side checks)."""
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(server.http_url)
+    x = http.InferInput("LR", list(lr.shape), "FP32")
+    x.set_data_from_numpy(np.ascontiguousarray(lr, dtype=np.float32))
+    try:
+        return client.infer("cxr_sr", [x], parameters=params or None).as_numpy("SR")
+    finally:
+        client.close()
+
+
+def _limits(server) -> tuple[int, int]:
+    import tritonclient.http as http
+
+    config = http.InferenceServerClient(server.http_url).get_model_config("cxr_sr")
+    return tuple(
+        int(config["parameters"][k]["string_value"]) for k in ("lr_min_side", "lr_max_side")
+    )
+
+
+@pytest.mark.parametrize(
+    "size,origin",
+    [
+        ((16, 16), (0, 0)),
+        ((40, 56), (0, 0)),
+        ((64, 64), (0, 0)),
+        ((100, 76), (0, 0)),
+        ((41, 57), (13, 70)),
+    ],
+    ids=["16x16", "40x56", "64x64", "100x76", "41x57-origin"],
+)
+def test_any_size_served_equals_offline(server, checkpoint, size, origin):
+    """Every size in the served range (non-multiples of the UNet's factor included, padded
+    and cropped inside) and a tile origin: the served SR is [N, 1, 4H, 4W] and equals the
+    offline torch pipeline's with the same seed."""
+    ck = load(checkpoint)
+    lr = np.random.default_rng(sum(size)).random((2, 1, *size)).astype(np.float32)
+    opts = ck.sampling.replace(steps=STEPS, sampler="ddpm")
+    offline = TorchPipeline(ck.vae, ck.denoiser).super_resolve(lr, ck.schedule, opts, 5, origin)
+    served = _infer(
+        server, lr, steps=STEPS, sampler="ddpm", seed=5, origin_y=origin[0], origin_x=origin[1]
+    )
+    assert served.shape == (2, 1, 4 * size[0], 4 * size[1])
+    np.testing.assert_allclose(served, offline, atol=1e-4)
+
+
+def test_a_tile_request_draws_the_noise_of_its_place(server, checkpoint):
+    """origin_y/origin_x move the noise with the tile: an origin changes the output, the
+    same origin repeats it bit for bit."""
+    lr = np.random.default_rng(9).random((1, 1, 32, 48)).astype(np.float32)
+    params = {"steps": STEPS, "sampler": "ddpm", "seed": 3}
+    at = _infer(server, lr, origin_y=40, origin_x=8, **params)
+    np.testing.assert_array_equal(at, _infer(server, lr, origin_y=40, origin_x=8, **params))
+    assert not np.allclose(at, _infer(server, lr, **params))
+
+
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((1, 1, 15, 64), "must be in [16, "),
+        ((1, 1, 64, 8), "must be in [16, "),
+        ((1, 1, 64, None), "must be in [16, "),  # None: one more than the server's maximum
+        ((1, 2, 32, 32), "LR"),  # core Triton: dims [1, -1, -1]
+        ((1, 32, 32), "LR"),
+    ],
+    ids=["h15", "w8", "over-max", "2-channels", "rank-3"],
+)
+def test_sizes_outside_the_served_range_get_a_400(server, shape, message):
+    import tritonclient.http as http
+
+    hi = _limits(server)[1]
+    shape = tuple(hi + 1 if s is None else s for s in shape)
+    with pytest.raises(Exception) as err:
+        _infer(server, np.full(shape, 0.5, np.float32), steps=1)
+    assert "400" in str(err.value) and message in str(err.value)
+    if shape[1:2] == (1,) and len(shape) == 4:
+        assert f"{shape[2]}x{shape[3]}" in str(err.value)
+    assert http.InferenceServerClient(server.http_url).is_model_ready("cxr_sr")
+
+
+def _stats(server, model: str) -> tuple[int, int]:
+    """(inference count, execution count) of a model: executions < inferences = batching."""
+    import tritonclient.http as http
+
+    stats = http.InferenceServerClient(server.http_url).get_inference_statistics(model)
+    row = stats["model_stats"][0]
+    return int(row["inference_count"]), int(row["execution_count"])
+
+
+def test_equal_sizes_share_batches_and_other_sizes_wait_their_own(server):
+    """While one slow request holds the sampler, two 32x32 and two 48x40 requests queue up
+    behind it in that order: Triton's dynamic batcher merges each equal-shape pair and never
+    concatenates the two sizes (no ragged batching), so the sampler runs 3 executions for 5
+    inferences and every result equals the one it gets alone."""
+    import threading
+    import time
+
+    rng = np.random.default_rng(4)
+    small = [rng.random((1, 1, 32, 32)).astype(np.float32) for _ in range(2)]
+    wide = [rng.random((1, 1, 48, 40)).astype(np.float32) for _ in range(2)]
+    params = {"steps": STEPS, "seed": 1}
+    alone = [_infer(server, x, **params) for x in (*small, *wide)]
+    slow = np.random.default_rng(5).random((1, 1, 64, 64)).astype(np.float32)
+    t0 = time.perf_counter()
+    _infer(server, slow, steps=20)
+    per_step = (time.perf_counter() - t0) / 20
+    slow_steps = int(min(1000, max(20, 2.0 / per_step)))  # holds the sampler ~2 s
+    before = _stats(server, "sampler")
+    results: dict[int, np.ndarray] = {}
+
+    def send(i, x, **p):
+        results[i] = _infer(server, x, **p)
+
+    threads = [threading.Thread(target=send, args=(-1, slow), kwargs={"steps": slow_steps})]
+    threads += [
+        threading.Thread(target=send, args=(i, x), kwargs=params)
+        for i, x in enumerate((*small, *wide))
+    ]
+    threads[0].start()
+    time.sleep(0.5)  # the slow request is in the sampler's loop
+    for t in threads[1:]:
+        t.start()
+        time.sleep(0.1)  # queue in order: small, small, wide, wide
+    for t in threads:
+        t.join(120)
+    after = _stats(server, "sampler")
+    for i, want in enumerate(alone):
+        np.testing.assert_array_equal(results[i], want)
+    assert after[0] - before[0] == 5
+    assert after[1] - before[1] == 3, "equal sizes should share a batch, sizes never mix"
 
 
 def test_concurrent_requests_are_batched_without_changing_results(server, lr):

@@ -295,6 +295,22 @@ def test_client_keywords_are_the_schema_keys():
             assert f"{k}:" in fn.__doc__
 
 
+def test_row_chunks_bound_the_pixels_of_a_call():
+    """A dynamic batch of large images runs in several calls of at most max_pixels."""
+    assert serving.row_chunks(8, 64 * 64, 8 * 64 * 64) == [slice(0, 8)]
+    assert serving.row_chunks(3, 256 * 256, 8 * 64 * 64) == [slice(i, i + 1) for i in range(3)]
+    assert serving.row_chunks(5, 128 * 128, 8 * 64 * 64) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert serving.row_chunks(5, 10, None) == [slice(0, 5)]
+
+
+def test_image_shapes_outside_the_served_sides_are_named():
+    assert serving.check_image_shape("LR", (2, 1, 16, 256), 16, 256) is None
+    msg = serving.check_image_shape("LR", (1, 1, 15, 300), 16, 256)
+    assert "15x300" in msg and "[16, 256]" in msg and "tiled by the client" in msg
+    assert "[N, 1, H, W]" in serving.check_image_shape("LR", (1, 3, 32, 32), 16, 256)
+    assert "[N, 1, H, W]" in serving.check_image_shape("LR", (32, 32), 16, 256)
+
+
 # --- the sampler model: one bad request, the rest of the batch served --------------------
 
 
@@ -396,3 +412,35 @@ def test_sampler_honours_spacing(sampler_model):
     assert not np.array_equal(outs["trailing"], outs["leading"])
     again = sampler_model.execute([_Request(z, {"steps": 3, "seed": 2, "start": "noise"})])
     np.testing.assert_array_equal(again[0].outputs["z"], outs["trailing"])  # the default
+
+
+def test_sampler_places_a_tile_noise_by_its_origin(sampler_model):
+    """With the fixture's per-pixel denoiser the loop is local: a tile request (origin in LR
+    pixels; f = 4, so latent = LR pixels) returns that window of the whole image's latent."""
+    z = np.random.default_rng(2).standard_normal((1, 4, 12, 20)).astype(np.float32)
+    params = {"steps": 3, "seed": 5, "sampler": "ddpm", "start": "noise"}
+    whole, tile = sampler_model.execute(
+        [
+            _Request(z, params),
+            _Request(z[:, :, 4:12, 6:16], {**params, "origin_y": 4, "origin_x": 6}),
+        ]
+    )
+    np.testing.assert_array_equal(tile.outputs["z"], whole.outputs["z"][:, :, 4:12, 6:16])
+
+
+def test_sampler_refuses_latents_outside_its_sides_and_misaligned_origins(sampler_model):
+    sampler_model.latent_sides = (8, 16)
+    sampler_model.vae_factor = 8  # one latent pixel per 2 LR pixels
+    z = np.zeros((1, 4, 8, 8), np.float32)
+    ok, small, odd = sampler_model.execute(
+        [
+            _Request(z, {"steps": 1, "origin_y": 4}),
+            _Request(z[:, :, :4, :4], {"steps": 1}),
+            _Request(z, {"steps": 1, "origin_x": 3}),
+        ]
+    )
+    assert ok.error is None
+    assert small.error.code == "INVALID_ARG" and "4x4" in small.error.message()
+    assert odd.error.code == "INVALID_ARG" and "'origin_x' must be a multiple of 2" in (
+        odd.error.message()
+    )

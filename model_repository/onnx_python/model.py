@@ -4,10 +4,11 @@ Used for ``vae_encoder``, ``unet`` and ``vae_decoder``: ``builders.build`` copie
 next to each ``model.onnx``. Tensor names come from the model's config.pbtxt (written from
 the network spec). The requests of a dynamic batch that have the same shapes (Triton only
 batches equal shapes; requests of other sizes come in other batches) are run as one session
-call. An input listed in the config parameter ``input_ranges`` (JSON ``{"LR": [0, 1]}``) or
-``input_sides`` (JSON ``{"LR": [16, 256]}``: [N, 1, H, W] with H, W in that range) is checked
-per request: a request with NaN, out-of-range values or sides gets its own INVALID_ARG error
-naming them, the rest are served.
+call, or several when the batch holds more than ``max_batch_pixels`` pixels (a full batch at
+64x64, one image at the largest sizes). Inputs named in the config parameters
+``input_ranges`` (JSON ``{"LR": [0, 1]}``) and ``input_sides`` (JSON ``{"LR": [16, 256]}``:
+[N, 1, H, W] with H, W in that range) are checked per request: a request with NaN,
+out-of-range values or sides gets its own INVALID_ARG error naming them, the rest are served.
 Request parameters are not read: the ensemble forwards the client's sampling parameters to
 every step, and only the ``sampler`` checks them.
 """
@@ -20,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from cxr_sr.serving import check_finite_range, check_image_shape
+from cxr_sr.serving import check_finite_range, check_image_shape, row_chunks
 
 
 class TritonPythonModel:
@@ -31,6 +32,7 @@ class TritonPythonModel:
         self.outputs = [t["name"] for t in config["output"]]
         self.ranges = json.loads(params.get("input_ranges", "{}"))
         self.sides = json.loads(params.get("input_sides", "{}"))
+        self.max_pixels = int(params.get("max_batch_pixels", "0")) or None
         options = ort.SessionOptions()
         threads = int(params.get("intra_op_threads", os.environ.get("CXR_ORT_THREADS", "0")))
         options.intra_op_num_threads = threads
@@ -69,10 +71,17 @@ class TritonPythonModel:
         return responses
 
     def _run(self, batch, responses):
-        """One session call for requests of equal shapes; fills their responses."""
+        """Requests of equal shapes: session calls of at most ``max_batch_pixels`` (a full
+        batch of 64x64 LRs, one image at the largest sizes); fills their responses."""
         merged = {n: np.concatenate([f[n] for _, f in batch]) for n in self.inputs}
+        first = merged[self.inputs[0]]
+        pixels = int(np.prod(first.shape[2:]))
         try:
-            results = self.session.run(self.outputs, merged)
+            parts = [
+                self.session.run(self.outputs, {n: x[s] for n, x in merged.items()})
+                for s in row_chunks(len(first), pixels, self.max_pixels)
+            ]
+            results = [np.concatenate(r) if len(r) > 1 else r[0] for r in zip(*parts, strict=True)]
         except Exception as err:  # answer every request rather than failing the batch
             for i, _ in batch:
                 responses[i] = pb_utils.InferenceResponse(

@@ -26,7 +26,7 @@ import triton_python_backend_utils as pb_utils
 from cxr_sr import SamplingOptions, Schedule, sample
 from cxr_sr.noise import legacy_block, noise_keys
 from cxr_sr.sampling import latent_origin
-from cxr_sr.serving import options_key, parse_parameters
+from cxr_sr.serving import options_key, parse_parameters, row_chunks
 
 
 class UNetError(RuntimeError):
@@ -48,6 +48,7 @@ class TritonPythonModel:
         self.ignored = tuple(k.strip() for k in ignored if k.strip())
         self.vae_factor = int(params.get("vae_factor", "4"))
         self.noise_block = legacy_block(self.vae_factor)
+        self.max_pixels = int(params.get("max_batch_pixels", "0")) or None
         sides = params.get("latent_sides", "")
         self.latent_sides = tuple(int(v) for v in sides.split(",")) if sides else None
 
@@ -65,10 +66,12 @@ class TritonPythonModel:
         )
 
     def _denoise(self, x_t, t, z_lr):
-        """One UNet call over the loop's batch (chunked to the UNet's max batch)."""
+        """One UNet pass over the loop's batch, in requests of at most the UNet's max batch
+        and ``max_batch_pixels`` latent pixels (one image at the largest sizes)."""
         outs = []
-        for i in range(0, len(x_t), self.max_batch):
-            s = slice(i, i + self.max_batch)
+        pixels = int(np.prod(x_t.shape[2:]))
+        limit = min(self.max_pixels or pixels * self.max_batch, pixels * self.max_batch)
+        for s in row_chunks(len(x_t), pixels, limit):
             request = pb_utils.InferenceRequest(
                 model_name=self.unet,
                 requested_output_names=[self.out_name],
