@@ -69,7 +69,8 @@ eval: weights ## offline evaluation (reference + native scale) -> outputs/eval[_
 	    --plot outputs/quality_vs_steps_nih.png --figure outputs/eval_nih_zoom.png,\
 	  --out outputs/eval.json --plot outputs/quality_vs_steps.png --figure outputs/eval_zoom.png)
 
-bench: build install ## perf_analyzer sweep and stage timings -> outputs/bench_*.json
+bench: build install ## cost per megapixel by LR size, perf_analyzer sweep, stage timings -> outputs/bench*.json
+	$(BIN)/python -m benchmarks.cost --repository $(REPO) --out outputs/bench.json
 	$(BIN)/python -m benchmarks.perf --repository $(REPO)
 	$(BIN)/python -m benchmarks.stages --repository $(REPO)
 	$(BIN)/python -m benchmarks.vae_cost --checkpoint $(CKPT) --out outputs/vae_cost.json
