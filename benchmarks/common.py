@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr_sr.imaging import HR_SIZE, reference_pair
+from cxr_sr.imaging import HR_SIZE, SCALE, native_pair, reference_pair
 
 
 def cpu_model() -> str:
@@ -108,6 +108,45 @@ def describe(device: dict[str, Any], versions: dict[str, str | None]) -> str:
     )
 
 
+def _radiograph() -> np.ndarray | None:
+    """The bundled radiograph in [0, 1] (``RG1_UNCI.dcm``), or None where it is not installed."""
+    try:
+        from pydicom.data import get_testdata_file
+
+        from cxr_sr.client.io import read_image
+
+        path = get_testdata_file("RG1_UNCI.dcm")
+        return read_image(path) if path else None
+    except ImportError:
+        return None
+
+
+def lr_crops(side: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` real LR inputs of ``side`` x ``side``, float32 ``[count, 1, side, side]``.
+
+    The native-scale protocol (``cxr_sr.imaging.native_pair``: LR = 4x area downsample of the
+    image at its own pixels) on random ``4 * side`` squares of the bundled radiograph (chest
+    phantoms where it is absent), so every size is the same kind of picture.
+    """
+    if count < 1 or side < 1:
+        raise ValueError(f"need count >= 1 and side >= 1, got {count}, {side}")
+    rng = np.random.default_rng(seed)
+    image = _radiograph()
+    hr_side = SCALE * side
+    out = []
+    for _ in range(count):
+        if image is None or min(image.shape) < hr_side:
+            from cxr_sr.train.data.phantom import chest_phantom
+
+            crop = chest_phantom(hr_side, seed=int(rng.integers(1 << 31)))
+        else:
+            h, w = image.shape
+            top, left = int(rng.integers(0, h - hr_side + 1)), int(rng.integers(0, w - hr_side + 1))
+            crop = image[top : top + hr_side, left : left + hr_side]
+        out.append(native_pair(crop).lr)
+    return np.clip(np.stack(out)[:, None], 0.0, 1.0).astype(np.float32)
+
+
 def lr_images(count: int, seed: int = 0) -> np.ndarray:
     """``count`` real LR inputs, float32 ``[count, 1, 64, 64]`` in [0, 1].
 
@@ -119,15 +158,7 @@ def lr_images(count: int, seed: int = 0) -> np.ndarray:
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     rng = np.random.default_rng(seed)
-    try:
-        from pydicom.data import get_testdata_file
-
-        from cxr_sr.client.io import read_image
-
-        path = get_testdata_file("RG1_UNCI.dcm")
-        image = read_image(path) if path else None
-    except ImportError:
-        image = None
+    image = _radiograph()
     out = []
     for _ in range(count):
         if image is None:
