@@ -192,17 +192,12 @@ def process_memory(server_pid: int) -> list[dict[str, Any]]:
 def client_tiling_rows(
     url: str, params: Mapping[str, Any], runs: int, warmup: int
 ) -> list[dict[str, Any]]:
-    """Rows measured through the client (issue 9, item 5: a 512x512 input through the
-    client's tiling), owned by the client side. Time a case with :func:`time_case`, e.g.
+    """Rows measured through the client (issue 9, item 5): a 512x512 input through the
+    client's tiling, :func:`benchmarks.tiling.tiling_rows` (owned by the client side)."""
+    # imported here: benchmarks.tiling imports time_case from this module
+    from benchmarks.tiling import tiling_rows
 
-        image = lr_crops(512, 1)[0, 0]
-        with SRClient(url, protocol="grpc") as c:
-            return [time_case("512x512 via client tiling", lambda: c.upscale(image, **params),
-                              (4 * 512) ** 2, runs, warmup, lr_side=512, path="client")]
-
-    Returns no rows until the client side fills it in.
-    """
-    return []
+    return tiling_rows(url, params, runs, warmup)
 
 
 # ----------------------------------------------------------------- the benchmark
