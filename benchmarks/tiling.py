@@ -22,6 +22,11 @@ from cxr_sr.client import SRClient, read_image
 from cxr_sr.imaging import SCALE, center_square
 
 TILING_SIDE = 512  # issue 9: a 512x512 input through the client's tiling
+# Tile requests in flight: the cpu target computes one batch at a time on its cores, so more
+# only queue; and with the first-version weights (VAE attention, quadratic in pixels) eight
+# 128x128 tiles in flight grew a VAE model process to 9-18 GB until the OOM killer ended it
+# (24 GB machine, measured). Raise it for a GPU server.
+IN_FLIGHT = 2
 
 
 def input_image(side: int = TILING_SIDE) -> np.ndarray:
@@ -49,12 +54,13 @@ def tiling_rows(
     warmup: int,
     side: int = TILING_SIDE,
     protocol: str = "grpc",
+    in_flight: int = IN_FLIGHT,
 ) -> list[dict[str, Any]]:
     """One cost row: ``SRClient(url).upscale`` of a ``side`` x ``side`` image, timed by
     :func:`benchmarks.cost.time_case` (``warmup`` untimed, ``runs`` timed calls), with the
     tile plan (tiles, tile side, requests in flight) the client used."""
     image = input_image(side)
-    with SRClient(url, protocol=protocol) as client:
+    with SRClient(url, protocol=protocol, max_batch=in_flight) as client:
         plan = client.tile_plan(side, side)
         row = time_case(
             f"{side}x{side} via client tiling",
