@@ -56,6 +56,7 @@ from cxr_sr.imaging import SCALE, Pair, native_pair, reference_pair
 from cxr_sr.serving import add_arguments, namespace_parameters
 
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_SERVER = 0, 1, 2
+DEFAULT_IN_FLIGHT = 2
 
 UPSCALE = "upscale"
 EVAL_PROTOCOLS = ("reference", "native")
@@ -129,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch",
         type=int,
-        default=DEFAULT_MAX_BATCH,
-        help="tile requests in flight at once (the server batches them; its max_batch_size is 8)",
+        default=DEFAULT_IN_FLIGHT,
+        help=f"tile requests in flight at once (default {DEFAULT_IN_FLIGHT}: the cpu target "
+        "computes one batch at a time, and more only add memory; up to the server's "
+        f"max_batch_size, {DEFAULT_MAX_BATCH}, on a GPU server, whose dynamic batcher merges them)",
     )
     p.add_argument(
         "--overlap",
