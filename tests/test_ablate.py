@@ -21,31 +21,39 @@ def test_ablation_rows_share_the_vae_and_reuse_runs(tmp_path, capsys):
         "--out",
         str(out),
         "--only",
-        "plain_vae,pixel_v,pixel_lr05",
+        "plain_vae,regression,vae_attention,lr_start",
         "--vae-steps",
         "2",
         "--unet-steps",
         "2",
         "--steps",
         "1,2",
+        "--set",
+        "unet.batch_size=2",
         "--no-progress",
     ]
     assert ablate.main(args) == 0
     result = json.loads((out / "ablation.json").read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["plain_vae", "pixel_v", "pixel_lr05"]  # "pixel" trained, not scored
-    assert rows["plain_vae"]["sr"] == {} and set(rows["pixel_v"]["sr"]) == {"1", "2"}
-    assert rows["pixel_lr05"]["sampling"]["start"] == "lr"
-    assert rows["pixel_lr05"]["sampling"]["strength"] == 0.5
+    # "diffusion" is trained for lr_start, not scored
+    assert list(rows) == ["regression", "vae_attention", "lr_start", "plain_vae"]
+    assert result["overrides"] == ["unet.batch_size=2"]
+    assert rows["plain_vae"]["sr"] == {} and set(rows["regression"]["sr"]) == {"1", "2"}
+    assert rows["lr_start"]["sampling"]["start"] == "lr"
+    assert rows["lr_start"]["sampling"]["strength"] == 0.5
     assert not checkpoint.load(out / "plain_vae" / "checkpoint").vae.is_residual
-    # denoiser variants load the shared VAE: identical VAE weights, own denoisers
-    shared = checkpoint.load(out / "vae" / "checkpoint").vae.vae.state_dict()
-    for name in ("pixel", "pixel_v"):
-        got = checkpoint.load(out / name / "checkpoint").vae.vae.state_dict()
-        assert all((got[k] == shared[k]).all() for k in shared)
-    assert checkpoint.load(out / "pixel_v" / "checkpoint").schedule.prediction == "v"
+    # denoiser variants load the shared VAE and LR encoder: identical weights, own denoisers
+    shared = checkpoint.load(out / "vae" / "checkpoint").vae.state_dict()
+    for name in ("diffusion", "regression"):
+        got = checkpoint.load(out / name / "checkpoint")
+        assert got.vae.lr_encoder is not None
+        assert all((got.vae.state_dict()[k] == shared[k]).all() for k in shared)
+        assert got.meta["train"]["unet"]["batch_size"] == 2
+    own = checkpoint.load(out / "vae_attention" / "checkpoint").vae.vae
+    assert own.config.mid_block_add_attention and own.config.block_out_channels
+    assert checkpoint.load(out / "regression" / "checkpoint").meta["train"]["unet"]["regression"]
     table = (out / "ablation.md").read_text()
-    assert "| pixel_v |" in table and "| bicubic |" in table
+    assert "| regression |" in table and "| bicubic |" in table
     capsys.readouterr()
     assert ablate.main(args) == 0  # finished runs are re-used, same figures
     assert "re-using" in capsys.readouterr().out

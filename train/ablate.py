@@ -1,16 +1,20 @@
-"""Fidelity ablation: variants trained on the same data with the same budget, scored alike.
+"""Ablation: variants trained on the same data with the same budget, scored alike.
 
-    python -m cxr_sr.train.ablate --config train/configs/demo.yaml --out runs/ablation
-    python -m cxr_sr.train.ablate --only pixel,eps --unet-steps 100     # a subset, a smaller budget
+    python -m cxr_sr.train.ablate --config train/configs/nih.yaml --out runs/ablation \
+        --set data.root=<folder holding images/> --vae-steps 400 --unet-steps 500
+    python -m cxr_sr.train.ablate --only diffusion,regression --unet-steps 100   # a subset
 
-Every variant starts from ``--config`` with ``--vae-steps`` / ``--unet-steps`` and its own
-overrides. Variants that change only the denoiser share one VAE (the ``vae`` run, trained
-once and then loaded as ``pretrained_vae``), so their rows differ in the denoiser alone.
-Variants that change the VAE train their own and report its round-trip ceiling (the bound
-for any denoiser on top of it). Sampling variants re-use a trained denoiser and change only
-the sampling plan. Each row is scored by ``train.evaluate`` on the config's held-out test
-split with one seed; a finished run is re-used (delete its folder to redo it). Results go to
-``<out>/ablation.json`` and a Markdown table to stdout and ``<out>/ablation.md``.
+Every variant starts from ``--config`` with ``--vae-steps`` / ``--unet-steps``, the ``--set``
+overrides given to all (e.g. a smaller batch for a CPU budget) and its own overrides. The
+reference row, ``diffusion``, is the config as it is. Variants that change only the denoiser
+share one VAE and LR encoder (the ``vae`` run, trained once and loaded as ``pretrained_vae``),
+so their rows differ in the denoiser alone. Variants that change the data or the VAE train
+their own VAE and denoiser (``own_vae``); VAE-only variants report the VAE's round-trip
+ceiling (the bound for any denoiser on top of it). Sampling variants re-use a trained
+denoiser and change only the sampling plan. Each row is scored by ``train.evaluate`` on the
+config's held-out test split (reference protocol) with one seed, at every ``--steps``; a
+finished run is re-used (delete its folder to redo it). Results go to ``<out>/ablation.json``
+and a Markdown table to stdout and ``<out>/ablation.md``.
 """
 
 from __future__ import annotations
@@ -29,47 +33,44 @@ class Variant:
     name: str
     what: str
     overrides: tuple[str, ...] = ()
-    vae_only: bool = False  # a VAE change: own VAE, ceiling only; else a denoiser on the shared VAE
+    vae_only: bool = False  # a VAE change: own VAE, ceiling only
+    own_vae: bool = False  # a data or VAE change: own VAE and own denoiser
     sampling_of: str | None = None  # re-use this variant's denoiser; change only sampling
     sampling: dict = field(default_factory=dict)
 
 
 VARIANTS = (
+    Variant("diffusion", "the config as it is (latent diffusion, x0 prediction + pixel term)"),
     Variant(
-        "plain_vae",
-        "plain VAE (decoder predicts the image), f=4",
-        ("vae.model.residual=false", "vae.zero_init_decoder=false"),
-        vae_only=True,
+        "regression",
+        "same UNet, one pass from z_lr to the clean latent (no noise, no schedule)",
+        ("unet.regression=true", "schedule.prediction=x0"),
+    ),
+    Variant("unet_medium", "UNet channels [32, 64, 128]", ("unet.model.channels=[32,64,128]",)),
+    Variant("unet_small", "UNet channels [16, 32, 64]", ("unet.model.channels=[16,32,64]",)),
+    Variant(
+        "vae_attention",
+        "VAE with whole-latent mid-block self-attention (the first version's); own VAE",
+        ("vae.model.mid_attention=true",),
+        own_vae=True,
     ),
     Variant(
-        "residual_f8",
-        "residual VAE, f=8 (latent 4x32x32)",
-        ("vae.model.channels=[24,48,48,48]",),
-        vae_only=True,
-    ),
-    Variant("mse", "residual VAE f=4; x0 prediction, latent MSE only", ("unet.pixel_weight=0",)),
-    Variant(
-        "pixel", "+ pixel term through the decoder (pixel_weight 1)", ("unet.pixel_weight=1.0",)
+        "one_radiograph",
+        "trained on one radiograph (the bundled RG1, its left 75%) instead of the data set",
+        ("data.source=sample",),
+        own_vae=True,
     ),
     Variant(
-        "pixel_eps",
-        "+ pixel term, eps prediction",
-        ("unet.pixel_weight=1.0", "schedule.prediction=eps"),
-    ),
-    Variant(
-        "pixel_v", "+ pixel term, v prediction", ("unet.pixel_weight=1.0", "schedule.prediction=v")
-    ),
-    Variant(
-        "pixel_lr05",
-        "pixel, SDEdit from the LR latent noised to strength 0.5",
-        sampling_of="pixel",
+        "lr_start",
+        "diffusion, sampling from the LR latent noised to strength 0.5 (SDEdit)",
+        sampling_of="diffusion",
         sampling={"start": "lr", "strength": 0.5},
     ),
     Variant(
-        "pixel_lr02",
-        "pixel, from the LR latent noised to strength 0.2",
-        sampling_of="pixel",
-        sampling={"start": "lr", "strength": 0.2},
+        "plain_vae",
+        "plain VAE (decoder predicts the image, not the residual over bicubic)",
+        ("vae.model.residual=false", "vae.zero_init_decoder=false"),
+        vae_only=True,
     ),
 )
 NAMES = tuple(v.name for v in VARIANTS)
@@ -99,31 +100,35 @@ def run(
     steps: list[int],
     seed: int,
     progress: bool,
+    common: tuple[str, ...] = (),
 ) -> dict:
     from cxr_sr.train import checkpoint as ckpt
     from cxr_sr.train.config import load_config
     from cxr_sr.train.data import build_dataset
     from cxr_sr.train.evaluate import evaluate
 
-    budget = [f"vae.steps={vae_steps}", f"unet.steps={unet_steps}"]
-    base = load_config(config)
+    budget = [f"vae.steps={vae_steps}", f"unet.steps={unet_steps}", *common]
+    base = load_config(config, list(common))
     test_set = build_dataset(base.data, split="test")
     chosen = [v for v in VARIANTS if v.name in only]
     needs = {v.sampling_of for v in chosen if v.sampling_of}
     chosen = [v for v in VARIANTS if v.name in needs and v not in chosen] + chosen
 
-    shared_vae: list[str] = []  # overrides that load the shared VAE
-    if any(not v.vae_only and not v.sampling_of for v in chosen):
+    shared_vae: list[str] = []  # overrides that load the shared VAE and LR encoder
+    if any(not (v.vae_only or v.own_vae or v.sampling_of) for v in chosen):
         shared = _train(config, out / "vae", [*budget, "unet.steps=0"], progress)
         scaling = ckpt.load(shared).vae.scaling
-        shared_vae = [f"pretrained_vae={shared / 'vae'}", f"pretrained_scaling={scaling!r}"]
+        shared_vae = [f"pretrained_vae={shared}", f"pretrained_scaling={scaling!r}"]
     rows, trained = [], {}
     for v in chosen:
         if v.sampling_of:
             folder = trained[v.sampling_of]
         else:
             extra = list(budget) + list(v.overrides)
-            extra += ["unet.steps=0"] if v.vae_only else shared_vae
+            if v.vae_only:
+                extra.append("unet.steps=0")
+            elif not v.own_vae:
+                extra += shared_vae
             folder = trained[v.name] = _train(config, out / v.name, extra, progress)
         if v.name not in only:
             continue
@@ -162,6 +167,7 @@ def run(
         )
     return {
         "config": config,
+        "overrides": list(common),
         "vae_steps": vae_steps,
         "unet_steps": unet_steps,
         "seed": seed,
@@ -206,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-steps", type=int, default=300, help="denoiser steps of every variant")
     p.add_argument("--steps", default="1,2,4", help="comma-separated sampling step counts")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every variant, e.g. --set unet.batch_size=16 (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -225,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         steps,
         args.seed,
         not args.no_progress,
+        tuple(args.set),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "ablation.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -233,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{result['dataset']}; n = {result['n_images']}; VAE {args.vae_steps} + UNet "
         f"{args.unet_steps} steps per variant"
+        + (f"; every variant with {' '.join(args.set)}" if args.set else "")
     )
     print(table)
     return 0

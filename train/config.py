@@ -161,7 +161,8 @@ class TrainConfig:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         out: run folder (``state/`` for resumable state, ``checkpoint/`` for the final one).
         pretrained_vae: local folder of a trained AutoencoderKL (``save_pretrained`` layout or a
-            checkpoint folder with ``vae/``); stage 1 is then skipped. A 3-channel (SD) VAE is
+            checkpoint folder with ``vae/``, whose ``lr_encoder/`` comes along when it has one);
+            stage 1 is then skipped. A 3-channel (SD) VAE is
             folded into an exact 1-channel one (gray replicated to RGB, output averaged). An
             image VAE (SD) decodes images, not residuals: set ``vae.model.residual: false``.
         pretrained_scaling: latent scaling of the pretrained VAE (0 = measure it).
