@@ -19,14 +19,10 @@ import numpy as np
 from benchmarks.common import lr_crops
 from benchmarks.cost import time_case
 from cxr_sr.client import SRClient, read_image
+from cxr_sr.client.triton import DEFAULT_IN_FLIGHT
 from cxr_sr.imaging import SCALE, center_square
 
 TILING_SIDE = 512  # issue 9: a 512x512 input through the client's tiling
-# Tile requests in flight: the cpu target computes one batch at a time on its cores, so more
-# only queue; and with the first-version weights (VAE attention, quadratic in pixels) eight
-# 128x128 tiles in flight grew a VAE model process to 9-18 GB until the OOM killer ended it
-# (24 GB machine, measured). Raise it for a GPU server.
-IN_FLIGHT = 2
 
 
 def input_image(side: int = TILING_SIDE) -> np.ndarray:
@@ -54,13 +50,14 @@ def tiling_rows(
     warmup: int,
     side: int = TILING_SIDE,
     protocol: str = "grpc",
-    in_flight: int = IN_FLIGHT,
+    in_flight: int = DEFAULT_IN_FLIGHT,
 ) -> list[dict[str, Any]]:
     """One cost row: ``SRClient(url).upscale`` of a ``side`` x ``side`` image, timed by
     :func:`benchmarks.cost.time_case` (``warmup`` untimed, ``runs`` timed calls), with the
-    tile plan (tiles, tile side, requests in flight) the client used."""
+    tile plan (tiles, tile side) and the requests in flight (the client's default: see
+    ``cxr_sr.client.triton.DEFAULT_IN_FLIGHT``)."""
     image = input_image(side)
-    with SRClient(url, protocol=protocol, max_batch=in_flight) as client:
+    with SRClient(url, protocol=protocol, in_flight=in_flight) as client:
         plan = client.tile_plan(side, side)
         row = time_case(
             f"{side}x{side} via client tiling",
@@ -72,7 +69,7 @@ def tiling_rows(
             path="client",
             tiles=len(plan),
             tile_side=plan.tile_h,
-            in_flight=client.max_batch,
+            in_flight=client.in_flight,
         )
     print(
         f"[cost] {side}x{side} via client tiling ({len(plan)} tiles of {plan.tile_h}): "

@@ -35,6 +35,7 @@ import numpy as np
 from cxr_sr.builders.serve import TritonServer
 from cxr_sr.client import SRClient, format_table, read_image, save_side_by_side, write_png
 from cxr_sr.client.report import scores
+from cxr_sr.client.triton import DEFAULT_IN_FLIGHT
 from cxr_sr.imaging import PROTOCOLS, SCALE, bicubic_baseline, native_pair, reference_pair
 
 # The zoom of the side-by-side, in LR pixels of the native protocol (top, left, side): ribs
@@ -138,11 +139,11 @@ def main(argv=None) -> int:
         help="LR tile side for the whole radiograph (default: the server's maximum side)",
     )
     p.add_argument(
-        "--batch",
+        "--in-flight",
         type=int,
-        default=2,
-        help="tile requests in flight (default %(default)s: the CPU target computes one batch "
-        "at a time, and more in flight only adds memory)",
+        default=DEFAULT_IN_FLIGHT,
+        help="tile requests in flight (default %(default)s: the cpu target computes one batch "
+        "at a time, and more in flight only add memory)",
     )
     p.add_argument(
         "--out",
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     sampling = {"steps": args.steps, "seed": args.seed}
     with (
         TritonServer(args.repository, log_file=args.out / "triton.log") as server,
-        SRClient(server.http_url, max_batch=args.batch) as client,
+        SRClient(server.http_url, in_flight=args.in_flight) as client,
     ):
         client.wait_ready(60)
         limits = client.limits()
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
         "seed": args.seed,
         "server_lr_sides": [limits.min_side, limits.max_side],
         "tile": [plan.tile_h, plan.tile_w],
-        "requests_in_flight": args.batch,
+        "requests_in_flight": args.in_flight,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "python": platform.python_version(),

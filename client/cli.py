@@ -45,6 +45,7 @@ from cxr_sr.client.io import (
 )
 from cxr_sr.client.report import METRICS, bicubic_baseline, format_table, save_side_by_side, scores
 from cxr_sr.client.triton import (
+    DEFAULT_IN_FLIGHT,
     DEFAULT_MAX_BATCH,
     PROTOCOLS,
     SRClient,
@@ -56,7 +57,6 @@ from cxr_sr.imaging import SCALE, Pair, native_pair, reference_pair
 from cxr_sr.serving import add_arguments, namespace_parameters
 
 EXIT_OK, EXIT_INPUT_FAILED, EXIT_SERVER = 0, 1, 2
-DEFAULT_IN_FLIGHT = 2
 
 UPSCALE = "upscale"
 EVAL_PROTOCOLS = ("reference", "native")
@@ -128,12 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
         "downsample); PSNR/SSIM of SR and bicubic against the HR",
     )
     p.add_argument(
-        "--batch",
+        "--in-flight",
         type=int,
         default=DEFAULT_IN_FLIGHT,
         help=f"tile requests in flight at once (default {DEFAULT_IN_FLIGHT}: the cpu target "
         "computes one batch at a time, and more only add memory; up to the server's "
         f"max_batch_size, {DEFAULT_MAX_BATCH}, on a GPU server, whose dynamic batcher merges them)",
+    )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="LR tile side for images larger than it (default: the largest side the server takes)",
     )
     p.add_argument(
         "--overlap",
@@ -279,7 +285,7 @@ def _run_one(
     bar = _TileBar(disable)
     t0 = time.perf_counter()
     try:
-        sr = client.upscale(lr, overlap=args.overlap, progress=bar, **args.sampling)
+        sr = client.upscale(lr, overlap=args.overlap, tile=args.tile, progress=bar, **args.sampling)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -289,7 +295,7 @@ def _run_one(
         _write_dicom(args, job, sr)
     if args.side_by_side:
         save_side_by_side(args.out / f"{job['stem']}_compare.png", lr, bic, sr, job["hr"])
-    tiles = len(client.tile_plan(*np.shape(lr), args.overlap))
+    tiles = len(client.tile_plan(*np.shape(lr), args.overlap, args.tile))
     return {
         "name": str(job["stem"]),
         "path": str(job["path"]),
@@ -311,13 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     err = sys.stderr
     mode = args.eval or UPSCALE
-    if args.batch < 1:
-        print("cxr-sr: error: --batch must be at least 1", file=err)
-        return EXIT_SERVER
     try:
         args.sampling = namespace_parameters(args)
         client = SRClient(
-            args.url, args.protocol, args.model, timeout_s=args.timeout, max_batch=args.batch
+            args.url, args.protocol, args.model, timeout_s=args.timeout, in_flight=args.in_flight
         )
     except ValueError as e:
         print(f"cxr-sr: error: {e}", file=err)

@@ -14,8 +14,8 @@ request schema's keys (``cxr_sr.sampling.REQUEST_PARAMS``), nothing more.
 ``upscale`` cuts an image larger than the server's maximum side into overlapping tiles
 (``client.tiling``), sends each tile as its own request with its position in the image
 (``origin_y``, ``origin_x``: the server keys the noise by global position, so overlapping
-tiles agree), up to ``max_batch`` requests in flight so the server's dynamic batcher merges
-them, and blends the results with feathered weights.
+tiles agree), ``in_flight`` requests at a time (the server's dynamic batcher merges
+concurrent ones), and blends the results with feathered weights.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ INPUT_NAME = "LR"
 OUTPUT_NAME = "SR"
 DEFAULT_MODEL = "cxr_sr"
 DEFAULT_MAX_BATCH = 8  # the ensemble's max_batch_size
+# Tile requests in flight by default. The cpu target computes one batch at a time, so more
+# only queue; and with the first-version demo weights (VAE attention, quadratic in pixels) at
+# LR 128, 2 in flight grew a VAE model process to 9 GB and the OOM killer ended it on a
+# 24 GB machine (measured), while 1 peaked at 2.6 GB. Raise it for a GPU server.
+DEFAULT_IN_FLIGHT = 1
 _UNREACHABLE_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
 
 
@@ -182,8 +187,10 @@ class SRClient:
         protocol: ``"http"`` or ``"grpc"``.
         model: name of the ensemble.
         timeout_s: client-side limit for one request (connect and response), seconds.
-        max_batch: largest batch sent in one request (bigger inputs are split), and the
-            most tile requests ``upscale`` keeps in flight.
+        max_batch: largest batch sent in one request by ``super_resolve`` (bigger inputs
+            are split).
+        in_flight: tile requests ``upscale`` keeps in flight at once (see
+            :data:`DEFAULT_IN_FLIGHT`).
         limits: the LR sizes the server takes; None (default): read from the served config
             on first use (:meth:`limits`).
         verbose: tritonclient's request logging.
@@ -196,6 +203,7 @@ class SRClient:
         model: str = DEFAULT_MODEL,
         timeout_s: float = 300.0,
         max_batch: int = DEFAULT_MAX_BATCH,
+        in_flight: int = DEFAULT_IN_FLIGHT,
         limits: SizeLimits | None = None,
         verbose: bool = False,
     ) -> None:
@@ -207,11 +215,14 @@ class SRClient:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
+            raise ValueError(f"in_flight must be a positive integer, got {in_flight!r}")
         self.url = url
         self.protocol = protocol
         self.model = model
         self.timeout_s = float(timeout_s)
         self.max_batch = max_batch
+        self.in_flight = in_flight
         self._limits = limits
         if protocol == "http":
             import tritonclient.http as tc
@@ -219,7 +230,7 @@ class SRClient:
             self._client = tc.InferenceServerClient(
                 url,
                 verbose=verbose,
-                concurrency=max_batch,  # tile requests in flight (async_infer)
+                concurrency=in_flight,  # tile requests in flight (async_infer)
                 connection_timeout=self.timeout_s,
                 network_timeout=self.timeout_s,
             )
@@ -361,7 +372,7 @@ class SRClient:
         ``overlap`` in LR pixels, default a quarter of the tile; a smaller tile bounds the
         server's memory where a network's cost grows faster than its pixels, as an
         attention layer's does), each sent as its own request carrying its position
-        (``origin_y``, ``origin_x``), ``max_batch`` in flight, and blended back with
+        (``origin_y``, ``origin_x``), ``in_flight`` at a time, and blended back with
         feathered weights (``client.tiling``). Sides below the server's minimum are mirrored
         out and the result cropped. ``progress(done, total)`` is called as tiles come back.
         The origin keys are set per tile and cannot be given.
@@ -394,7 +405,7 @@ class SRClient:
                 ]
                 return np.concatenate(self._infer_many(list(tiles[:, None]), keyed))
 
-            sr = run_tiled(per_tile, padded, plan, batch=self.max_batch, progress=advance)
+            sr = run_tiled(per_tile, padded, plan, batch=self.in_flight, progress=advance)
         return sr[: SCALE * h, : SCALE * w]
 
     def _request(self, x: np.ndarray):
@@ -433,7 +444,7 @@ class SRClient:
         self, xs: Sequence[np.ndarray], params: Sequence[dict[str, Any]]
     ) -> list[np.ndarray]:
         """One request per array, all in flight at once (the server batches them);
-        results in order. Callers keep ``len(xs) <= max_batch``."""
+        results in order. Callers keep ``len(xs) <= in_flight``."""
         if self.protocol == "http":
             handles = []
             for x, p in zip(xs, params, strict=True):

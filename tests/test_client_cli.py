@@ -248,7 +248,7 @@ def test_upscale_tiles_send_their_origins_and_blend_seamlessly(fake_server) -> N
     url, requests = fake_server
     image = np.random.default_rng(1).random((100, 76)).astype(np.float32)
     seen = []
-    with SRClient(url, max_batch=3) as c:
+    with SRClient(url, in_flight=3) as c:
         assert c.limits() == SizeLimits(16, 64)
         plan = c.tile_plan(100, 76)
         sr = c.upscale(image, steps=2, seed=5, progress=lambda d, t: seen.append((d, t)))
@@ -307,7 +307,7 @@ def test_cli_upscales_at_the_input_geometry_and_bit_depth(
     out = tmp_path / "out"
     report = tmp_path / "report.json"
     code = main([str(inputs), "--out", str(out), "--url", server.http_url, "--steps", "2",
-                 "--seed", "1", "--batch", "2", "--json", str(report), "--side-by-side",
+                 "--seed", "1", "--in-flight", "2", "--json", str(report), "--side-by-side",
                  "--quiet"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 1  # broken.png failed, the rest went through
@@ -394,7 +394,7 @@ def test_cli_writes_derived_dicom_series(server, tmp_path: Path) -> None:
     write_png(tmp_path / "lr.png", lr)
     code = main([str(tmp_path / "study" / "small.dcm"), str(tmp_path / "lr.png"), "--out",
                  str(tmp_path / "o"), "--url", server.grpc_url, "--protocol", "grpc",
-                 "--dicom", "--batch", "1", "--quiet"])  # fmt: skip
+                 "--dicom", "--quiet"])  # fmt: skip
     assert code == 0
     a = pydicom.dcmread(tmp_path / "o" / "small_sr.dcm")
     b = pydicom.dcmread(tmp_path / "o" / "lr_sr.dcm")

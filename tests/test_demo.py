@@ -21,7 +21,7 @@ def test_demo_reports_both_protocols_and_writes_the_zoom(
     monkeypatch.setattr(demo, "radiograph", lambda: full[600:1002, 1000:1350])  # 402 x 350
     repo, _ = built_repository
     out = tmp_path / "out"
-    args = ["--repository", str(repo), "--out", str(out), "--tile", "48", "--steps", "1"]
+    args = ["--repository", str(repo), "--out", str(out), "--tile", "48", "--in-flight", "2"]
     assert demo.main(args) == 0
     text = capsys.readouterr().out
     assert "Native scale" in text and "400x348" in text and "Reference protocol" in text
