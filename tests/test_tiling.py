@@ -186,8 +186,9 @@ def _border_energy(x: np.ndarray, plan) -> np.ndarray:
 def test_tiles_through_the_model_match_the_whole_image_without_seams():
     """The demo model (offline torch pipeline, the served graphs and noise) on an LR of
     96 x 96 (under the served maximum), whole and as 2 x 2 tiles of 64 with their origins:
-    the tiling changes the image far less than the model changes bicubic, and the gradient
-    energy across the tile borders is that of the whole image there. Pasting the same tiles
+    the tiling changes the image by under half an 8-bit grey level (rms) and by less than half
+    of what the model changes in bicubic, and the gradient energy across the tile borders is
+    that of the whole image there. Pasting the same tiles
     without feathering puts a visible step there (the measure can see a seam)."""
     from pydicom.data import get_testdata_file
 
@@ -220,7 +221,9 @@ def test_tiles_through_the_model_match_the_whole_image_without_seams():
 
     tiled = run_tiled(per_tile, lr, plan, batch=2)
     rms = lambda x: float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-    assert rms(tiled - whole) < 0.25 * rms(whole - bicubic_baseline(lr))
+    # under half an 8-bit grey level (about 54 dB), and well inside what the model changes
+    assert rms(tiled - whole) < 0.5 / 255
+    assert rms(tiled - whole) < 0.5 * rms(whole - bicubic_baseline(lr))
     excess = _border_energy(tiled, plan) / _border_energy(whole, plan)
     assert (excess < 1.15).all(), excess
 
