@@ -65,7 +65,7 @@ NIH ?=
 eval: weights ## offline evaluation (reference + native scale) -> outputs/eval[_nih].json, plots
 	$(BIN)/python -m cxr_sr.train.evaluate --checkpoint $(CKPT) --steps 1,2,4,8 --protocol both \
 	  $(if $(NIH),--data nih --root $(NIH) --set val_fraction=0.05 --set test_fraction=0.1 \
-	    --set n_eval_images=null --out outputs/eval_nih.json \
+	    --set n_eval_images=null --native-steps 1 --native-limit 0 --out outputs/eval_nih.json \
 	    --plot outputs/quality_vs_steps_nih.png --figure outputs/eval_nih_zoom.png,\
 	  --out outputs/eval.json --plot outputs/quality_vs_steps.png --figure outputs/eval_zoom.png)
 

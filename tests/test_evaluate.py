@@ -302,6 +302,7 @@ def test_make_eval_command_line_parses(tiny_ckpt, tmp_path):
     assert args.data == "nih" and args.root == "/data/nih" and args.steps == "1,2,4,8"
     assert args.out == "outputs/eval_nih.json" and args.figure == "outputs/eval_nih_zoom.png"
     assert "n_eval_images=null" in args.set and "test_fraction=0.1" in args.set
+    assert args.native_steps == "1" and args.native_limit == 0  # all 40 NIH images, one step
 
 
 @pytest.mark.slow
@@ -320,13 +321,16 @@ def test_make_eval_nih_runs_on_a_fake_tree(tiny_ckpt, fake_nih, tmp_path):
         "--limit",
         "1",
         "--steps",
-        "1",
+        "1,2",
         "--no-lpips",
     ]
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert res["protocols"]["reference"]["n_images"] == 1
     assert res["protocols"]["native"]["n_images"] == 1
+    ref, native = (res["protocols"][p]["methods"] for p in ("reference", "native"))
+    assert {"sr_1steps", "sr_2steps"} <= set(ref)  # the sweep at the reference protocol
+    assert "sr_1steps" in native and "sr_2steps" not in native  # --native-steps 1
     assert (tmp_path / "z.png").is_file()
 
 
