@@ -101,13 +101,17 @@ def graphs(rvae, denoiser) -> dict[str, torch.nn.Module]:
 
 @torch.no_grad()
 def attention_bytes(
-    rvae, denoiser=None, lr_side: int = LR_SIZE, probe_side: int = LR_SIZE
+    rvae,
+    denoiser=None,
+    lr_side: int = LR_SIZE,
+    probe_side: int = LR_SIZE,
+    per_head: bool = False,
 ) -> dict[str, int]:
-    """fp32 bytes of the largest attention matrix (all heads) per image at an LR of
-    ``lr_side`` squared, per network (0 = no attention; ``denoiser`` None: the VAE only).
-    Measured, not assumed: one forward pass at ``probe_side`` records every attention
-    module's heads and token count, and token counts grow with the pixels:
-    tokens(s) = tokens(probe) * (s / probe) ** 2."""
+    """fp32 bytes of the largest attention matrix per image at an LR of ``lr_side`` squared,
+    all heads together (``per_head``: one head's), per network (0 = no attention;
+    ``denoiser`` None: the VAE only). Measured, not assumed: one forward pass at
+    ``probe_side`` records every attention module's heads and token count, and token counts
+    grow with the pixels: tokens(s) = tokens(probe) * (s / probe) ** 2."""
     from diffusers.models.attention_processor import Attention
 
     found: dict[str, int] = {}
@@ -116,7 +120,8 @@ def attention_bytes(
         def record(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
             tokens = x.shape[2] * x.shape[3] if x.ndim == 4 else x.shape[1]
-            found[network] = max(found.get(network, 0), module.heads * tokens**2)
+            heads = 1 if per_head else module.heads
+            found[network] = max(found.get(network, 0), heads * tokens**2)
 
         return record
 

@@ -122,11 +122,16 @@ class NetworkSpec:
         return [t.name for t in self.outputs]
 
     def batch_pixels(self) -> int:
-        """Pixels of the first input's sides in a full batch at the opt size: the most one
-        session call takes (a dynamic batch of larger images runs in several calls, so a
-        model's memory stays bounded at every size; ``cxr_sr.serving.row_chunks``)."""
-        side = self.inputs[0].concrete(self.geometry, (self.geometry.opt_side,) * 2)
-        return self.max_batch * int(np.prod(side[-2:]))
+        """The most pixels (of the first input's sides) one session call takes: a full batch
+        at the opt size, but never more than one image of the largest size. A dynamic batch
+        of larger images runs in several calls (``cxr_sr.serving.row_chunks``), so a model's
+        memory stays bounded at every size, and at the largest size it is one image's."""
+        g = self.geometry
+
+        def pixels(side: int) -> int:
+            return int(np.prod(self.inputs[0].concrete(g, (side, side))[-2:]))
+
+        return min(self.max_batch * pixels(g.opt_side), pixels(g.max_side))
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """``torch.onnx.export`` dynamic axes: the batch axis of every tensor and the sides

@@ -131,12 +131,15 @@ def test_cpu_and_gpu_configs(built):
     lo, hi = (int(ens.parameters[k].string_value) for k in ("lr_min_side", "lr_max_side"))
     assert enc.parameters["input_sides"].string_value == f'{{"LR": [{lo}, {hi}]}}'
     assert (lo, hi) == (16, 128) and ens.parameters["lr_multiple"].string_value == "2"
-    # one session call takes at most a full batch at 64x64: one 128x128 image at a time
-    assert enc.parameters["max_batch_pixels"].string_value == str(4 * 64 * 64)
+    # one session call takes a full batch at 64x64 but at most one image of the largest size
+    assert enc.parameters["max_batch_pixels"].string_value == str(min(4 * 64 * 64, 128 * 128))
     sampler = read_config(root["cpu"] / "sampler" / "config.pbtxt")
     assert sampler.parameters["vae_factor"].string_value == "4"
     assert sampler.parameters["latent_sides"].string_value == "16,128"
-    assert sampler.parameters["max_batch_pixels"].string_value == str(4 * 64 * 64)
+    assert sampler.parameters["max_batch_pixels"].string_value == str(min(4 * 64 * 64, 128 * 128))
+    g = Geometry(max_side=128)
+    assert network_specs(4, g, max_batch=8)["vae_encoder"].batch_pixels() == 128 * 128
+    assert network_specs(4, Geometry(), max_batch=8)["unet"].batch_pixels() == 8 * 64 * 64
     for name in NETWORKS:
         cpu, gpu = (
             read_config(root["cpu"] / name / "config.pbtxt"),
@@ -180,17 +183,27 @@ def test_export_is_cached(built, capsys, tmp_path):
 
 
 def test_max_side_default_follows_the_attention_budget(checkpoint):
-    """The default max side is 256 unless one image's largest attention would exceed the
-    budget; an explicit --max-side is kept, with a warning."""
+    """The default max side is 256 unless one image's attention would exceed the budget (all
+    heads) or a quarter of it (one head); an explicit --max-side is kept, with a warning."""
     ck = ckpt_io.load(checkpoint)
+
+    def fits(side: int, budget_mib: float) -> bool:
+        total = attention_bytes(ck.vae, ck.denoiser, side)["unet"]
+        head = attention_bytes(ck.vae, ck.denoiser, side, per_head=True)["unet"]
+        return total <= budget_mib * 2**20 and head <= budget_mib * 2**20 / 4
+
     g, note = build.served_geometry(ck, None, budget_mib=64)
-    at = attention_bytes(ck.vae, ck.denoiser, g.max_side)["unet"]
-    assert g.max_side < 256 and at <= 64 * 2**20 and "--max-side" in note
-    assert attention_bytes(ck.vae, ck.denoiser, g.max_side + 16)["unet"] > 64 * 2**20
+    assert g.max_side < 256 and fits(g.max_side, 64) and not fits(g.max_side + 16, 64)
+    assert "--max-side overrides" in note
     g, note = build.served_geometry(ck, 256, budget_mib=64)
     assert g.max_side == 256 and note.startswith("warning")
     g, note = build.served_geometry(ck, 48, budget_mib=64)
     assert (g.max_side, g.opt_side, note) == (48, 48, None)
+    # the tiny UNet's 4 heads of 32 channels: one head is a quarter of the whole
+    assert (
+        4 * attention_bytes(ck.vae, ck.denoiser, 64, per_head=True)["unet"]
+        == (attention_bytes(ck.vae, ck.denoiser, 64)["unet"])
+    )
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
