@@ -64,6 +64,23 @@ def test_default_vae_has_no_attention_and_an_lr_encoder():
     assert first.lr_encoder is None
 
 
+def test_unet_mid_attention_is_a_switch():
+    from cxr_sr.builders.graphs import attention_bytes
+    from cxr_sr.train.models import Denoiser, build_unet
+
+    cfg = UNetConfig(channels=[8, 16], norm_groups=4)
+    with_att = Denoiser(build_unet(cfg, 2, 16)).eval()
+    linear = Denoiser(
+        build_unet(UNetConfig(channels=[8, 16], norm_groups=4, mid_attention=False), 2, 16)
+    )
+    assert any(isinstance(m, Attention) for m in with_att.modules())
+    assert not any(isinstance(m, Attention) for m in linear.modules())
+    rvae = _rvae().eval()
+    small, large = (attention_bytes(rvae, with_att, s)["unet"] for s in (32, 64))
+    assert large == 16 * small > 0  # quadratic: 4x the pixels, 16x the matrix
+    assert attention_bytes(rvae, linear.eval(), 64)["unet"] == 0
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 16, 16), (2, 1, 20, 36), (1, 1, 33, 17)])
 def test_any_size_shapes(shape):
     rvae = _rvae().eval()

@@ -49,6 +49,11 @@ VARIANTS = (
     Variant("unet_medium", "UNet channels [32, 64, 128]", ("unet.model.channels=[32,64,128]",)),
     Variant("unet_small", "UNet channels [16, 32, 64]", ("unet.model.channels=[16,32,64]",)),
     Variant(
+        "unet_linear",
+        "UNet without its mid-block attention (every network linear in pixels)",
+        ("unet.model.mid_attention=false",),
+    ),
+    Variant(
         "vae_attention",
         "VAE with whole-latent mid-block self-attention (the first version's); own VAE",
         ("vae.model.mid_attention=true",),
