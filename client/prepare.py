@@ -56,7 +56,7 @@ def prepare(image: np.ndarray, lr_as_is: bool = False) -> tuple[np.ndarray, np.n
         return np.clip(x, 0.0, 1.0), None
     if lr_as_is:
         raise ValueError(
-            f"--lr-as-is needs {LR_SIZE}x{LR_SIZE} images, got {x.shape[0]}x{x.shape[1]}"
+            f"lr_as_is needs a {LR_SIZE}x{LR_SIZE} image, got {x.shape[0]}x{x.shape[1]}"
         )
     try:
         hr, lr = reference_pair(x, HR_SIZE, SCALE)
