@@ -14,10 +14,10 @@ Stages, each cached by a key of its inputs (re-running with nothing changed does
 Served sizes: LR sides from 16 to ``--max-side`` (default 256, i.e. 1024x1024 out). A network
 with attention over a whole feature map costs memory quadratic in pixels; without
 ``--max-side`` the build lowers the default (in steps of 16) until one image's largest
-attention fits ``--attention-budget-mib`` for all heads together and a quarter of it for a
-single head, and says so. Measured on onnxruntime CPU: the first-version demo VAE's one-head
-mid-block attention (1 GiB at LR 128) took a 9 GB process and was OOM-killed, the NIH
-architecture UNet's 16-head one (1 GiB in all at LR 256) a 2.4 GB process.
+attention fits ``--attention-budget-mib`` (2 GiB) for all heads together and an eighth of it
+(256 MiB) for a single head, and says so. Measured on onnxruntime CPU: the first-version VAE's
+one-head mid-block attention (1 GiB at LR 128) took a 9 GB process and was OOM-killed; a
+UNet mid-block attention of 16 heads (1 GiB in all at LR 256) a 2.4 GB process.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from cxr_sr.builders.triton_config import (
 from cxr_sr.model_repository import SOURCES
 
 CACHE_VERSION = 2  # 2: dynamic sides, padding encoder, cropping decoder
-ATTENTION_BUDGET_MIB = 1024
+ATTENTION_BUDGET_MIB = 2048  # per image, all heads; one head: an eighth (HEAD_SHARE)
+HEAD_SHARE = 8
 
 
 def _digest(folder: Path, extra: dict) -> str:
@@ -59,8 +60,8 @@ def served_geometry(
     """The LR sizes to serve for a checkpoint, and a note when the build had to say something.
 
     ``max_side`` None: :data:`specs.MAX_SIDE`, lowered in steps of 16 until one image's
-    largest attention fits ``budget_mib`` (all heads) and ``budget_mib / 4`` (one head); a
-    given ``max_side`` is kept, with a warning when it does not fit.
+    largest attention fits ``budget_mib`` (all heads) and ``budget_mib / HEAD_SHARE`` (one
+    head); a given ``max_side`` is kept, with a warning when it does not fit.
     """
     # torch (through builders.graphs) is imported where a checkpoint is loaded, as in
     # export_all, so that assembling configs and --help do not need it
@@ -69,7 +70,7 @@ def served_geometry(
     f = vae_factor(ckpt.vae)
     m = lr_multiple(f, unet_factor(ckpt.denoiser))
     min_side = max(S.MIN_SIDE, m)
-    limits = {False: budget_mib, True: budget_mib / 4}  # per_head -> MiB
+    limits = {False: budget_mib, True: budget_mib / HEAD_SHARE}  # per_head -> MiB
     at_max = {h: attention_bytes(ckpt.vae, ckpt.denoiser, S.MAX_SIDE, per_head=h) for h in limits}
 
     def excess(side: int) -> str | None:
@@ -253,7 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=ATTENTION_BUDGET_MIB,
         help="attention memory per image the default --max-side allows: all heads together, "
-        "a quarter of it for one head (default: %(default)s)",
+        f"1/{HEAD_SHARE} of it for one head (default: %(default)s)",
     )
     p.add_argument("--instances", type=int, default=1, help="instances per model")
     p.add_argument(

@@ -184,13 +184,13 @@ def test_export_is_cached(built, capsys, tmp_path):
 
 def test_max_side_default_follows_the_attention_budget(checkpoint):
     """The default max side is 256 unless one image's attention would exceed the budget (all
-    heads) or a quarter of it (one head); an explicit --max-side is kept, with a warning."""
+    heads) or an eighth of it (one head); an explicit --max-side is kept, with a warning."""
     ck = ckpt_io.load(checkpoint)
 
     def fits(side: int, budget_mib: float) -> bool:
         total = attention_bytes(ck.vae, ck.denoiser, side)["unet"]
         head = attention_bytes(ck.vae, ck.denoiser, side, per_head=True)["unet"]
-        return total <= budget_mib * 2**20 and head <= budget_mib * 2**20 / 4
+        return total <= budget_mib * 2**20 and head <= budget_mib * 2**20 / build.HEAD_SHARE
 
     g, note = build.served_geometry(ck, None, budget_mib=64)
     assert g.max_side < 256 and fits(g.max_side, 64) and not fits(g.max_side + 16, 64)
