@@ -5,10 +5,10 @@ Pure numpy; the network is a callable, so the same driver runs against the serve
 
 Geometry (all plans are in LR pixels; the SR is ``scale`` times larger):
 
-- each axis of length ``n`` is covered by ``k`` tiles of one length ``t = min(n, max_side)``
-  whose starts are spread evenly from 0 to ``n - t``, ``k`` being the fewest tiles that
-  overlap their neighbours by at least ``overlap`` pixels. Every tile of a plan has the same
-  size, so all tiles can share one batch;
+- each axis of length ``n`` is covered by the fewest tiles ``k`` of at most ``max_side``
+  that overlap their neighbours by at least ``overlap`` pixels, all of one length ``t``
+  (the least that covers ``n`` with ``k`` of them), their starts spread evenly from 0 to
+  ``n - t``. Every tile of a plan has the same size, so all tiles can share one batch;
 - a tile's output is trusted only ``margin`` LR pixels away from an edge it shares with a
   neighbour (near a tile edge the network sees padding, not the image). Between two
   neighbours the weights cross-fade linearly over what is left of their overlap
@@ -120,20 +120,34 @@ class TilePlan:
         return [np.outer(r, c).astype(np.float32) for r in wr for c in wc]
 
 
+def fitted_tile(n: int, tile: int, overlap: int, min_side: int = 1) -> int:
+    """The least window length (at least ``min_side``, at most ``tile``) that covers ``n``
+    with as few windows as ``tile`` needs: spread evenly, ``k`` windows of ``tile`` may
+    overlap far more than ``overlap`` (512 in windows of 256 with overlap 64: 3 windows
+    overlapping by 128), and shrinking them to ``ceil((n + (k - 1) * overlap) / k)`` (214)
+    leaves the same count and overlap with fewer pixels to compute."""
+    if n <= tile:
+        return n
+    k = len(axis_starts(n, tile, overlap))
+    return min(tile, max(min_side, -(-(n + (k - 1) * overlap) // k)))
+
+
 def plan_tiles(
     height: int,
     width: int,
     max_side: int,
     overlap: int | None = None,
     margin: int | None = None,
+    min_side: int = 1,
 ) -> TilePlan:
-    """The tiling of an LR image ``height`` x ``width`` for a server taking sides up to
-    ``max_side``. An image that fits is one tile. ``overlap`` (default
-    :func:`default_overlap`) must leave room for the ``margin`` on both sides:
-    ``2 * margin < overlap < tile side``. Raises ``ValueError`` otherwise."""
+    """The tiling of an LR image ``height`` x ``width`` for a server taking sides from
+    ``min_side`` to ``max_side``. An image that fits is one tile; a larger one gets the
+    fewest tiles of at most ``max_side`` per axis, shrunk to the least side that still
+    covers it with that count (:func:`fitted_tile`). ``overlap`` (default
+    :func:`default_overlap` of ``max_side``) must leave room for the ``margin`` on both
+    sides: ``2 * margin < overlap < tile side``. Raises ``ValueError`` otherwise."""
     if min(height, width, max_side) < 1:
         raise ValueError(f"sizes must be positive, got {height}x{width}, max side {max_side}")
-    tile_h, tile_w = min(height, max_side), min(width, max_side)
     overlap = default_overlap(max_side) if overlap is None else int(overlap)
     margin = default_margin(overlap) if margin is None else int(margin)
     if margin < 0 or overlap <= 2 * margin:
@@ -141,9 +155,10 @@ def plan_tiles(
             f"overlap ({overlap}) must exceed twice the margin ({margin}): the tiles need "
             "pixels to cross-fade in"
         )
-    tiled = [t for n, t in ((height, tile_h), (width, tile_w)) if n > t]
-    if tiled and overlap >= min(tiled):
-        raise ValueError(f"overlap ({overlap}) must be smaller than the tile side ({min(tiled)})")
+    if max(height, width) > max_side and overlap >= max_side:
+        raise ValueError(f"overlap ({overlap}) must be smaller than the tile side ({max_side})")
+    tile_h = fitted_tile(height, max_side, overlap, min_side)
+    tile_w = fitted_tile(width, max_side, overlap, min_side)
     return TilePlan(
         height,
         width,

@@ -343,15 +343,16 @@ class SRClient:
     def tile_plan(
         self, height: int, width: int, overlap: int | None = None, tile: int | None = None
     ) -> TilePlan:
-        """How :meth:`upscale` cuts an ``height`` x ``width`` image for this server: tiles of
-        side ``tile`` (default: the server's maximum side; at most that, at least its
-        minimum); sides below the server's minimum are first mirrored out to it."""
+        """How :meth:`upscale` cuts an ``height`` x ``width`` image for this server
+        (``client.tiling.plan_tiles``): tiles of at most ``tile`` per side (default: the
+        server's maximum side; within the server's sides); sides below the server's minimum
+        are first mirrored out to it."""
         limits = self.limits()
         side = limits.max_side if tile is None else int(tile)
         if not limits.min_side <= side <= limits.max_side:
             raise ValueError(f"tile side {side} is outside the server's {limits.describe()}")
         h, w = max(height, limits.min_side), max(width, limits.min_side)
-        return plan_tiles(h, w, side, overlap)
+        return plan_tiles(h, w, side, overlap, min_side=limits.min_side)
 
     @_schema_keywords
     def upscale(
@@ -368,7 +369,7 @@ class SRClient:
 
         An image within :meth:`limits` is one request (the same result as
         ``super_resolve(image[None, None])``). A larger one is cut into overlapping tiles
-        of side ``tile`` (default: the largest the server takes; :meth:`tile_plan`;
+        of at most ``tile`` per side (default: the largest the server takes; :meth:`tile_plan`;
         ``overlap`` in LR pixels, default a quarter of the tile; a smaller tile bounds the
         server's memory where a network's cost grows faster than its pixels, as an
         attention layer's does), each sent as its own request carrying its position

@@ -29,7 +29,7 @@ def test_demo_reports_both_protocols_and_writes_the_zoom(
     report = json.loads((out / "demo.json").read_text())
     native = report["protocols"]["native"]
     (row,) = native["images"]
-    assert row["tiles"] > 1 and report["tile"] == [48, 48]
+    assert row["tiles"] > 1 and max(report["tile"]) <= 48  # tiles of at most --tile
     for key in ("psnr_sr", "psnr_bicubic", "ssim_sr", "ssim_bicubic", "lr_psnr_sr"):
         assert np.isfinite(row[key])
     reference = report["protocols"]["reference"]

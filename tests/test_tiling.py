@@ -13,7 +13,9 @@ from cxr_sr.client.tiling import (
     axis_starts,
     blend,
     cut,
+    default_overlap,
     feather_weights,
+    fitted_tile,
     pad_to,
     plan_tiles,
     run_tiled,
@@ -43,17 +45,29 @@ def test_plan_covers_the_image_with_equal_tiles(h, w, max_side):
     plan = plan_tiles(h, w, max_side)
     covered = np.zeros((h, w), dtype=int)
     for t in plan.tiles:
-        assert (
-            (t.height, t.width)
-            == (plan.tile_h, plan.tile_w)
-            == (min(h, max_side), min(w, max_side))
-        )
+        assert (t.height, t.width) == (plan.tile_h, plan.tile_w)
         assert t.top >= 0 and t.left >= 0 and t.top + t.height <= h and t.left + t.width <= w
         covered[t.slices()] += 1
     assert (covered >= 1).all()
     assert len(plan) == len(plan.tiles) == len(plan.rows) * len(plan.cols)
+    overlap = default_overlap(max_side)
+    for n, tile, starts in ((h, plan.tile_h, plan.rows), (w, plan.tile_w, plan.cols)):
+        assert tile <= max_side
+        # as few tiles as max_side allows, each as small as that count allows
+        assert len(starts) == len(axis_starts(n, min(n, max_side), overlap))
+        if len(starts) > 1:
+            assert len(axis_starts(n, tile - 1, overlap)) > len(starts)
     if max(h, w) <= max_side:
         assert len(plan) == 1
+
+
+def test_fitted_tiles_respect_the_server_minimum():
+    assert fitted_tile(512, 256, 64) == 214  # 3 tiles of 214 instead of 3 of 256
+    assert fitted_tile(100, 64, 16) == 58
+    assert fitted_tile(100, 64, 16, min_side=64) == 64  # a fixed-size server
+    assert fitted_tile(40, 64, 16) == 40
+    plan = plan_tiles(100, 76, 64, min_side=64)
+    assert (plan.tile_h, plan.tile_w) == (64, 64)
 
 
 @pytest.mark.parametrize("h,w", SIZES)
@@ -133,7 +147,7 @@ def test_a_local_function_comes_back_exactly(h, w):
 def test_cut_and_blend_check_shapes():
     plan = plan_tiles(50, 40, 32)
     tiles = cut(_image(50, 40), plan)
-    assert tiles.shape == (len(plan), 1, 32, 32)
+    assert tiles.shape == (len(plan), 1, plan.tile_h, plan.tile_w)
     with pytest.raises(ValueError, match="plan"):
         cut(_image(40, 50), plan)
     with pytest.raises(ValueError, match="expected"):
