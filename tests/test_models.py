@@ -3,6 +3,7 @@ and the direct-regression baseline of the ablation."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,31 @@ def test_regression_baseline_sees_no_noise(tmp_path):
     assert torch.all(t == cfg.schedule.num_train_timesteps - 1)
     with pytest.raises(ValueError, match="regression needs"):
         load_config(DEBUG, ["unet.regression=true", "schedule.prediction=v"])
+
+
+def test_regression_checkpoint_is_sampled_as_trained(tmp_path):
+    """A regression checkpoint loads behind the denoiser interface with its training input
+    (x_t = 0, t = T - 1), so samplers and exports see what it learned, whatever noise they
+    pass."""
+    from cxr_sr.train.models import RegressionDenoiser
+
+    folder = checkpoint.random_init(tmp_path / "ck")
+    meta_path = folder / checkpoint.META
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("train", {})["unet"] = {"regression": True}
+    meta_path.write_text(json.dumps(meta))
+    ck = checkpoint.load(folder)
+    assert isinstance(ck.denoiser, RegressionDenoiser)
+    c, h, w = ck.latent_shape
+    z_lr = torch.randn(1, c, h // 4, w // 4)
+    with torch.no_grad():
+        a = ck.denoiser(torch.randn_like(z_lr), torch.tensor([3.0]), z_lr)
+        b = ck.denoiser(torch.randn_like(z_lr), torch.tensor([250.0]), z_lr)
+        plain = ck.denoiser.unet(
+            torch.cat([torch.zeros_like(z_lr), z_lr], 1),
+            torch.tensor([float(ck.schedule.num_train_timesteps - 1)]),
+        ).sample
+    assert torch.equal(a, b) and torch.allclose(a, plain)
 
 
 def test_checkpoint_round_trips_the_lr_encoder(tmp_path):

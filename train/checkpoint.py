@@ -20,7 +20,13 @@ from pathlib import Path
 from diffusers import AutoencoderKL, UNet2DModel
 
 from cxr_sr import SamplingOptions, Schedule
-from cxr_sr.train.models import Denoiser, LREncoder, ResidualVAE, latent_shape
+from cxr_sr.train.models import (
+    Denoiser,
+    LREncoder,
+    RegressionDenoiser,
+    ResidualVAE,
+    latent_shape,
+)
 
 FORMAT = 1
 META = "cxr_sr.json"
@@ -87,11 +93,16 @@ def load(folder: str | Path) -> Checkpoint:
         meta.get("residual", True),
         lr_encoder,
     ).eval()
-    denoiser = Denoiser(UNet2DModel.from_pretrained(folder / "unet")).eval()
+    unet = UNet2DModel.from_pretrained(folder / "unet")
+    schedule = Schedule.load(folder / "scheduler")
+    if meta.get("train", {}).get("unet", {}).get("regression"):
+        denoiser = RegressionDenoiser(unet, schedule.num_train_timesteps - 1).eval()
+    else:
+        denoiser = Denoiser(unet).eval()
     return Checkpoint(
         vae,
         denoiser,
-        Schedule.load(folder / "scheduler"),
+        schedule,
         SamplingOptions(**meta["sampling"]),
         meta,
     )

@@ -245,3 +245,20 @@ class Denoiser(torch.nn.Module):
         self, x_t: torch.Tensor, timestep: torch.Tensor, z_lr: torch.Tensor
     ) -> torch.Tensor:
         return self.unet(torch.cat([x_t, z_lr], dim=1), timestep).sample
+
+
+class RegressionDenoiser(Denoiser):
+    """The ablation's direct-regression baseline (``unet.regression``) behind the denoiser's
+    interface: it was trained on x_t = 0 at t = T - 1, so it ignores (x_t, t) and predicts the
+    clean latent from z_lr alone; a 1-step x0 sampler then returns exactly that prediction."""
+
+    def __init__(self, unet: UNet2DModel, timestep: int):
+        super().__init__(unet)
+        self.timestep = int(timestep)
+
+    def forward(
+        self, x_t: torch.Tensor, timestep: torch.Tensor, z_lr: torch.Tensor
+    ) -> torch.Tensor:
+        t = torch.full_like(timestep, float(self.timestep))
+        return self.unet(torch.cat([torch.zeros_like(x_t), z_lr], dim=1), t).sample
+
