@@ -324,35 +324,27 @@ def test_client_validates_before_sending(server):
 
 
 def test_cli_end_to_end_with_reference(server, tmp_path):
-    """cxr-sr on a 256 PNG (reference protocol: HR known, metrics) and a 64x64 LR as is."""
+    """cxr-sr --eval reference on a phantom (HR known: metrics, SR at 256) and the default
+    upscale of a 64x64 image (4x at its own geometry, LR consistency, no HR)."""
+    from PIL import Image
+
     from cxr_sr.client.cli import main
     from cxr_sr.train.data.phantom import chest_phantom
 
-    write_png(tmp_path / "in" / "phantom.png", chest_phantom(512, seed=1))
-    write_png(tmp_path / "in" / "small.png", chest_phantom(64, seed=2))
-    report = tmp_path / "report.json"
-    code = main(
-        [
-            str(tmp_path / "in"),
-            "--out",
-            str(tmp_path / "out"),
-            "--url",
-            server.http_url,
-            "--steps",
-            str(STEPS),
-            "--seed",
-            "1",
-            "--json",
-            str(report),
-            "--quiet",
-        ]
-    )
-    assert code == 0
-    assert (tmp_path / "out" / "phantom_sr.png").is_file()
-    assert (tmp_path / "out" / "small_sr.png").is_file()
-    rows = json.loads(report.read_text())
-    text = json.dumps(rows)
-    assert "psnr" in text.lower()
+    write_png(tmp_path / "ref" / "phantom.png", chest_phantom(512, seed=1))
+    write_png(tmp_path / "up" / "small.png", chest_phantom(64, seed=2))
+    common = ["--url", server.http_url, "--steps", str(STEPS), "--seed", "1", "--quiet"]
+    for folder, extra in (("ref", ["--eval", "reference"]), ("up", [])):
+        report = tmp_path / f"{folder}.json"
+        args = [str(tmp_path / folder), "--out", str(tmp_path / f"out_{folder}")]
+        assert main(args + ["--json", str(report)] + common + extra) == 0
+        rows = json.loads(report.read_text())
+        rows = rows if isinstance(rows, list) else rows.get("rows", rows)
+        assert "psnr" in json.dumps(rows).lower()
+    with Image.open(tmp_path / "out_ref" / "phantom_sr.png") as im:
+        assert im.size == (256, 256)  # the reference protocol's HR size
+    with Image.open(tmp_path / "out_up" / "small_sr.png") as im:
+        assert im.size == (256, 256)  # 4x the 64x64 input
 
 
 def test_defaults_come_from_the_checkpoint(server, checkpoint, lr):
