@@ -261,4 +261,3 @@ class RegressionDenoiser(Denoiser):
     ) -> torch.Tensor:
         t = torch.full_like(timestep, float(self.timestep))
         return self.unet(torch.cat([torch.zeros_like(x_t), z_lr], dim=1), t).sample
-
