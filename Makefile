@@ -30,7 +30,7 @@ constraints: venv ## regenerate constraints.txt from the working venv
 	{ sed -n '1,3p' constraints.txt; $(BIN)/pip freeze --exclude-editable \
 	  | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
-weights: venv ## the committed demo checkpoint (trained by train/configs/demo.yaml); stops if CKPT is absent
+weights: venv ## the committed checkpoint (weights/demo: the NIH model of train/configs/nih.yaml); stops if CKPT is absent
 	@if [ ! -f $(CKPT)/cxr_sr.json ]; then \
 	  echo "no checkpoint in $(CKPT). The committed one is weights/demo; to train one on"; \
 	  echo "NIH ChestX-ray14: $(BIN)/python -m cxr_sr.train.loop --config train/configs/nih.yaml \\"; \
