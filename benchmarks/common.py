@@ -7,6 +7,7 @@ never separated from the machine that produced it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -199,3 +200,14 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers ("64,128,256")."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers: {text!r}")
+    return values

@@ -39,6 +39,7 @@ from benchmarks.common import (
     describe,
     device_info,
     lr_crops,
+    positive_ints,
     server_version,
     software_versions,
     table,
@@ -290,16 +291,6 @@ def cost_rows(report: Mapping[str, Any], concurrency: int) -> list[list[Any]]:
     ]
 
 
-def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated LR sides: {text!r}")
-    return sizes
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.cost",
@@ -318,7 +309,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--sizes",
-        type=parse_sizes,
+        type=positive_ints,
         default=list(DEFAULT_SIZES),
         help="LR sides, comma-separated (default: 64,128,256; output is 4x)",
     )

@@ -32,6 +32,7 @@ from benchmarks.common import (
     describe,
     device_info,
     lr_images,
+    positive_ints,
     server_version,
     software_versions,
     table,
@@ -233,16 +234,6 @@ def overhead_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
     return rows
 
 
-def parse_steps(text: str) -> list[int]:
-    try:
-        steps = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        steps = []
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers: {text!r}")
-    return steps
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -263,7 +254,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", default=None, help="gRPC host:port of a running server to time")
     p.add_argument(
         "--steps",
-        type=parse_steps,
+        type=positive_ints,
         default=[1, 2, 4, 8],
         help="step counts for the full cxr_sr timing (default: 1,2,4,8)",
     )
