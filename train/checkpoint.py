@@ -73,6 +73,13 @@ def save(
     return folder
 
 
+def load_lr_encoder(folder: str | Path) -> LREncoder | None:
+    """The checkpoint folder's ``lr_encoder/``, or None when it has none (first-version
+    checkpoints and bare VAE folders: z_lr is then the VAE's latent of bicubic(LR))."""
+    sub = Path(folder) / "lr_encoder"
+    return LREncoder.from_pretrained(sub) if (sub / "config.json").is_file() else None
+
+
 def load(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
     meta_path = folder / META
@@ -81,11 +88,7 @@ def load(folder: str | Path) -> Checkpoint:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: checkpoint format {meta.get('format')} != {FORMAT}")
-    lr_encoder = (
-        LREncoder.from_pretrained(folder / "lr_encoder")
-        if (folder / "lr_encoder").is_dir()
-        else None
-    )
+    lr_encoder = load_lr_encoder(folder)
     vae = ResidualVAE(
         AutoencoderKL.from_pretrained(folder / "vae"),
         meta["latent_scaling"],

@@ -51,7 +51,7 @@ from cxr_sr.train.objectives import (
     measure_scaling,
     vae_batch_loss,
 )
-from cxr_sr.train.pretrained import load_pretrained_lr_encoder, load_pretrained_vae
+from cxr_sr.train.pretrained import load_pretrained_vae
 from cxr_sr.train.state import (
     check_resume_config,
     resolve_device,
@@ -130,7 +130,7 @@ def build_models(cfg: TrainConfig, device: torch.device):
     # a pretrained VAE skips stage 1, where the LR encoder would learn: it comes with the VAE
     # (a checkpoint folder's lr_encoder/), or z_lr is the VAE's latent of bicubic(LR)
     if cfg.pretrained_vae:
-        lr_encoder = load_pretrained_lr_encoder(cfg.pretrained_vae)
+        lr_encoder = ckpt.load_lr_encoder(cfg.pretrained_vae)
     else:
         lr_encoder = build_lr_encoder(cfg.vae.model)
     rvae = ResidualVAE(

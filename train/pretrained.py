@@ -37,13 +37,3 @@ def load_pretrained_vae(path: str):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"pretrained_vae {path!r}: no AutoencoderKL config.json there")
     return gray_from_rgb(AutoencoderKL.from_pretrained(folder))
-
-
-def load_pretrained_lr_encoder(path: str):
-    """The LR encoder of a checkpoint folder given as ``pretrained_vae`` (its ``lr_encoder/``),
-    or None when the folder has none (a bare VAE: the denoiser then conditions on the VAE
-    encoder's latent of bicubic(LR))."""
-    from cxr_sr.train.models import LREncoder
-
-    folder = Path(path) / "lr_encoder"
-    return LREncoder.from_pretrained(folder) if (folder / "config.json").is_file() else None
