@@ -8,6 +8,12 @@ the tiles of one image draw the same noise where they overlap.
 
     denoise(x_t: float32[N, C, h, w], t: float32[N], z_lr: float32[N, C, h, w])
         -> float32[N, C, h, w]   (eps, v or x0, as ``schedule.prediction`` says)
+
+The arrays may be numpy arrays, torch tensors (CPU or CUDA) or CuPy arrays: the loop uses
+only operators and methods they share (``cxr_sr.arrays``), keeps its state in the type and
+on the device of ``z_lr``, and the denoiser gets and returns that type. The noise is drawn
+in numpy (bit-exact on every device) and moved to the device once per draw. The per-element
+update runs in float64 (the schedule tables are float64), its result is stored as float32.
 """
 
 from __future__ import annotations
@@ -20,15 +26,16 @@ from typing import Any
 
 import numpy as np
 
+from cxr_sr.arrays import Array, astype, from_numpy, full, namespace, to_numpy
 from cxr_sr.imaging import SCALE
 from cxr_sr.noise import SEED_LIMIT, NoiseKey, RowNoise, draw_noise
 from cxr_sr.schedule import Schedule
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpmpp")
 STARTS = ("noise", "lr")
 SPACINGS = ("trailing", "leading")
 
-Denoiser = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Denoiser = Callable[[Array, Array, Array], Array]
 
 
 MAX_STEPS = 1000  # the server also caps steps at the plan's span (T * strength)
@@ -133,7 +140,8 @@ OPTION_PARAMS = (
     Param(
         "sampler",
         str,
-        "ddim (Song et al. 2021, eq. 12) or ddpm (Ho et al. 2020, ancestral, strided)",
+        "ddim (Song et al. 2021, eq. 12), ddpm (Ho et al. 2020, ancestral, strided) or dpmpp "
+        "(DPM-Solver++(2M), Lu et al. 2022, second order, deterministic)",
         choices=SAMPLERS,
     ),
     Param("eta", float, "DDIM stochasticity, 0 = deterministic given the start", low=0, high=1),
@@ -156,6 +164,14 @@ OPTION_PARAMS = (
         str,
         "timestep spacing: trailing (includes t = T-1) or leading (diffusers' DDIM default)",
         choices=SPACINGS,
+    ),
+    Param(
+        "early_stop",
+        float,
+        "stop an image early once its x0 estimate changes by less than this fraction "
+        "(relative RMS) between two steps; 0 = always run every step",
+        low=0,
+        high=1,
     ),
 )
 SEED = Param(
@@ -201,6 +217,10 @@ class SamplingOptions:
         strength: fraction of the schedule the plan covers, in (0, 1].
         spacing: ``trailing`` (always includes t = T-1; Lin et al. 2024, table 2) or
             ``leading`` (diffusers' default for DDIM).
+        early_stop: per image (batch row), stop once the x0 estimate changes by less than
+            this between two consecutive denoiser calls, as the relative RMS
+            ``||x0_i - x0_{i-1}|| / ||x0_i||``; the row's result is then ``x0_i``. Per row,
+            not per batch, so a result never depends on what it was batched with. 0 = off.
     """
 
     steps: int = 4
@@ -209,6 +229,7 @@ class SamplingOptions:
     start: str = "lr"
     strength: float = 1.0
     spacing: str = "trailing"
+    early_stop: float = 0.0
 
     def __post_init__(self) -> None:
         for param in OPTION_PARAMS:
@@ -244,26 +265,65 @@ def timesteps(
 
 
 def ddim_step(x_t, x0, eps, abar_t, abar_prev, eta, noise):
-    """DDIM update (Song et al. 2021, eq. 12 with sigma from eq. 16)."""
+    """DDIM update (Song et al. 2021, eq. 12 with sigma from eq. 16).
+
+    ``x_t, x0, eps``: arrays of one shape (any library, see the module docstring);
+    ``abar_t, abar_prev``: scalars; ``noise``: an array like ``x_t``, or None when eta = 0.
+    """
+    abar_t, abar_prev = float(abar_t), float(abar_prev)
     var = (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
-    std = eta * np.sqrt(var)
-    x_prev = np.sqrt(abar_prev) * x0 + np.sqrt(np.maximum(1.0 - abar_prev - std**2, 0.0)) * eps
+    std = eta * math.sqrt(var)
+    x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1.0 - abar_prev - std**2, 0.0)) * eps
     if eta > 0 and noise is not None:
         x_prev = x_prev + std * noise
     return x_prev
 
 
 def ddpm_step(x_t, x0, abar_t, abar_prev, noise):
-    """Ancestral DDPM update on a strided plan (Ho et al. 2020, eq. 6-7; fixed_small variance)."""
+    """Ancestral DDPM update on a strided plan (Ho et al. 2020, eq. 6-7; fixed_small variance).
+
+    Arrays and scalars as :func:`ddim_step`; ``noise`` None gives the posterior mean.
+    """
+    abar_t, abar_prev = float(abar_t), float(abar_prev)
     alpha = abar_t / abar_prev
     beta = 1.0 - alpha
-    mean = (np.sqrt(abar_prev) * beta / (1.0 - abar_t)) * x0 + (
-        np.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar_t)
+    mean = (math.sqrt(abar_prev) * beta / (1.0 - abar_t)) * x0 + (
+        math.sqrt(alpha) * (1.0 - abar_prev) / (1.0 - abar_t)
     ) * x_t
     if noise is None:
         return mean
-    var = np.maximum((1.0 - abar_prev) / (1.0 - abar_t) * beta, 1e-20)
-    return mean + np.sqrt(var) * noise
+    var = max((1.0 - abar_prev) / (1.0 - abar_t) * beta, 1e-20)
+    return mean + math.sqrt(var) * noise
+
+
+def _half_log_snr(abar: float) -> float:
+    """lambda_t = log(alpha_t / sigma_t) (Lu et al. 2022, sec. 2), alpha_t^2 = abar_t."""
+    return 0.5 * math.log(abar / (1.0 - abar))
+
+
+def dpmpp_2m_step(x_s, x0, abar_s, abar_t, x0_before=None, abar_before=None):
+    """DPM-Solver++(2M) from timestep s to the next, smaller, timestep t (Lu et al. 2022,
+    "DPM-Solver++", Algorithm 2, data prediction).
+
+    With ``h = lambda_t - lambda_s`` and ``D`` the x0 estimate extrapolated along lambda:
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D                       (eq. 9-10)
+        D   = x0                                     (first step: DPM-Solver++(1), = DDIM)
+        D   = (1 + 1/(2r)) x0 - 1/(2r) x0_before,   r = (lambda_s - lambda_before) / h
+
+    ``x0`` is the estimate at s, ``x0_before`` the one at the step before (timestep with
+    ``abar_before``). Arrays and scalars as :func:`ddim_step`; deterministic (no noise).
+    """
+    abar_s, abar_t = float(abar_s), float(abar_t)
+    lam_s = _half_log_snr(abar_s)
+    h = _half_log_snr(abar_t) - lam_s
+    alpha_t, ratio = math.sqrt(abar_t), math.sqrt((1.0 - abar_t) / (1.0 - abar_s))
+    if x0_before is None:
+        d = x0
+    else:
+        r = (lam_s - _half_log_snr(float(abar_before))) / h
+        d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_before
+    return ratio * x_s - (alpha_t * math.expm1(-h)) * d
 
 
 def latent_origin(origin: tuple[int, int], vae_factor: int) -> tuple[int, int]:
@@ -281,25 +341,38 @@ def latent_origin(origin: tuple[int, int], vae_factor: int) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def _relative_change(x0: Array, x0_before: Array) -> np.ndarray:
+    """Per row, ``||x0 - x0_before|| / ||x0||`` (RMS over the row), on the host: float64[N]."""
+    n = x0.shape[0]
+    diff = x0 - x0_before
+    num = to_numpy((diff * diff).reshape(n, -1).sum(1))
+    den = to_numpy((x0 * x0).reshape(n, -1).sum(1))
+    return np.sqrt(num / np.maximum(den, 1e-30))
+
+
 def sample(
     denoise: Denoiser,
-    z_lr: np.ndarray,
+    z_lr: Array,
     schedule: Schedule,
     options: SamplingOptions,
     keys: Sequence[NoiseKey],
-) -> np.ndarray:
-    """Run the reverse process; returns the predicted HR latent, float32 like ``z_lr``.
+) -> Array:
+    """Run the reverse process; returns the predicted HR latent, float32, in the array type
+    and on the device of ``z_lr``.
 
     Args:
-        denoise: the network, see the module docstring.
-        z_lr: conditioning latent of the LR image, float32[N, C, h, w].
+        denoise: the network, see the module docstring; it gets and returns arrays of
+            ``z_lr``'s type, for the rows still being sampled (all of them unless
+            ``options.early_stop`` stops some early).
+        z_lr: conditioning latent of the LR image, float32[N, C, h, w]: a numpy array, a
+            torch tensor (CPU or CUDA) or a CuPy array.
         schedule: the training schedule (read from the checkpoint).
         options: the plan for this batch (all rows share it).
         keys: one noise key per row (``cxr_sr.noise.noise_keys``); draw 0 is the start
             noise, draw i the noise added after the i-th denoiser call.
     """
-    if z_lr.ndim != 4:
-        raise ValueError(f"z_lr must be [N, C, h, w], got shape {z_lr.shape}")
+    if len(z_lr.shape) != 4:
+        raise ValueError(f"z_lr must be [N, C, h, w], got shape {tuple(z_lr.shape)}")
     if len(keys) != z_lr.shape[0]:
         raise ValueError(f"need one noise key per row: {len(keys)} for {z_lr.shape[0]} rows")
     abar = schedule.alphas_cumprod()
@@ -310,25 +383,52 @@ def sample(
         strength=options.strength,
     )
     n = z_lr.shape[0]
-    shape = z_lr.shape[1:]
+    shape = tuple(int(s) for s in z_lr.shape[1:])
     rows = [RowNoise(k) for k in keys]  # this call's noise cursors
-    x = draw_noise(rows, 0, shape)
+
+    def noise(draw: int) -> Array:
+        return from_numpy(draw_noise(rows, draw, shape), z_lr)
+
+    x = noise(0)
     if options.start == "lr":  # q(x_t0 | x_0 = z_lr)
-        a0 = abar[ts[0]]
-        x = schedule.q_sample(z_lr, x, a0).astype(np.float32)
-    x0 = x
+        x = astype(schedule.q_sample(z_lr, x, abar[ts[0]]), "float32")
+    cond = z_lr
+    active = list(range(n))  # the rows of z_lr still being sampled (early stop drops rows)
+    done = {}  # row -> its final x0 [1, C, h, w], float64
+    x0 = x0_before = None
     for i, t in enumerate(ts):
         a_t = abar[t]
         a_prev = abar[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        out = denoise(x, np.full((n,), t, dtype=np.float32), z_lr)
-        x0, eps = schedule.split(x.astype(np.float64), a_t, out.astype(np.float64))
-        last = i + 1 == len(ts)
-        if last:
+        out = denoise(x, full(len(active), t, x), cond)
+        x0_before = x0
+        x0, eps = schedule.split(astype(x, "float64"), a_t, astype(out, "float64"))
+        if i + 1 == len(ts):
             break
+        if options.early_stop > 0 and x0_before is not None:
+            change = _relative_change(x0, x0_before)
+            keep = [j for j in range(len(active)) if not change[j] < options.early_stop]
+            if len(keep) < len(active):
+                for j in set(range(len(active))) - set(keep):
+                    done[active[j]] = x0[j : j + 1]
+                if not keep:
+                    break
+                active = [active[j] for j in keep]
+                rows = [rows[j] for j in keep]
+                x, x0, eps, cond = x[keep], x0[keep], eps[keep], cond[keep]
+                x0_before = x0_before[keep]
         if options.sampler == "ddim":
-            noise = draw_noise(rows, i + 1, shape) if options.eta > 0 else None
-            x = ddim_step(x, x0, eps, a_t, a_prev, options.eta, noise)
+            step_noise = noise(i + 1) if options.eta > 0 else None
+            x = ddim_step(x, x0, eps, a_t, a_prev, options.eta, step_noise)
+        elif options.sampler == "ddpm":
+            x = ddpm_step(x, x0, a_t, a_prev, noise(i + 1))
         else:
-            x = ddpm_step(x, x0, a_t, a_prev, draw_noise(rows, i + 1, shape))
-        x = x.astype(np.float32)
-    return np.asarray(x0, dtype=np.float32)
+            x = dpmpp_2m_step(x, x0, a_t, a_prev, x0_before, abar[ts[i - 1]] if i > 0 else None)
+        x = astype(x, "float32")
+    if not done:
+        return astype(x0, "float32")
+    result = namespace(z_lr).zeros_like(astype(z_lr, "float32"))
+    for j, row in enumerate(active if len(done) < n else []):
+        done[row] = x0[j : j + 1]
+    for row, value in done.items():
+        result[row : row + 1] = astype(value, "float32")
+    return result

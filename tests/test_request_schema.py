@@ -255,7 +255,7 @@ def test_cli_flags_are_the_schema_keys():
     assert not any(p.flag for p in ORIGIN_PARAMS)
     for p in FLAG_PARAMS:
         action = flags[p.name]
-        assert action.option_strings == [f"--{p.name}"]
+        assert action.option_strings == [f"--{p.name.replace('_', '-')}"]
         assert p.help in action.help and action.default is None
     args = build_parser().parse_args(
         ["x.png", "--out", "o", "--spacing", "leading", "--eta", "0.5", "--seed", "3"]

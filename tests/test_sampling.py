@@ -296,3 +296,163 @@ def test_latent_origin_follows_the_vae_factor():
     assert latent_origin((3, 1), 2) == (6, 2)
     with pytest.raises(ValueError, match="'origin_x' must be a multiple of 2"):
         latent_origin((2, 3), 8)
+
+
+# --- DPM-Solver++(2M) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize(
+    "kind,steps,strength", [("linear", 8, 1.0), ("cosine", 5, 1.0), ("linear", 4, 0.6)]
+)
+def test_dpmpp_loop_matches_diffusers(denoiser, prediction, kind, steps, strength):
+    """Our DPM-Solver++(2M) and diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2,
+    midpoint, final step to sigma 0) driving the same network from the same start agree;
+    lower_order_final off: ours is the paper's Algorithm 2 on every step."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    sched = Schedule(kind, 300, prediction=prediction, snr_shift=0.7 if kind == "cosine" else 1)
+    opts = SamplingOptions(steps=steps, sampler="dpmpp", start="noise", strength=strength)
+    z_lr = np.random.default_rng(5).standard_normal((2, C, S, S)).astype(np.float32)
+    keys = noise_keys([3], [2])
+    ours = sample(as_numpy_callable(denoiser), z_lr, sched, opts, keys)
+
+    ref = DPMSolverMultistepScheduler(
+        num_train_timesteps=300,
+        trained_betas=sched.betas(),
+        prediction_type=sched.to_diffusers_config()["prediction_type"],
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=False,
+        final_sigmas_type="zero",
+    )
+    ts = timesteps(300, steps, strength=strength)
+    ref.set_timesteps(timesteps=ts.tolist())
+    np.testing.assert_array_equal(ref.timesteps.numpy(), ts)
+    x = torch.from_numpy(draw_noise([RowNoise(k) for k in keys], 0, (C, S, S)))
+    with torch.no_grad():
+        for t in ref.timesteps:
+            out = denoiser(x, t.float().expand(2), torch.from_numpy(z_lr))
+            x = ref.step(out, t, x).prev_sample
+    np.testing.assert_allclose(ours, x.numpy(), atol=2e-4, rtol=1e-4)
+
+
+def test_dpmpp_first_step_is_ddim():
+    """DPM-Solver++(1) is DDIM (eta 0): with two steps both samplers make one identical update."""
+    sched = Schedule(prediction="eps")
+    f = lambda x_t, t, z_lr: 0.3 * x_t - 0.2 * z_lr  # noqa: E731
+    z = np.random.default_rng(1).standard_normal((2, C, 8, 8)).astype(np.float32)
+    keys = noise_keys([1], [2])
+    a = sample(f, z, sched, SamplingOptions(steps=2, sampler="dpmpp"), keys)
+    b = sample(f, z, sched, SamplingOptions(steps=2, sampler="ddim"), keys)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    c = sample(f, z, sched, SamplingOptions(steps=3, sampler="dpmpp"), keys)
+    d = sample(f, z, sched, SamplingOptions(steps=3, sampler="ddim"), keys)
+    assert not np.allclose(c, d, atol=1e-4)  # the second-order correction acts from step 2
+
+
+# --- one loop for numpy and torch arrays -----------------------------------------------------
+
+
+def as_torch_callable(net, calls=None):
+    @torch.no_grad()
+    def denoise(x_t, t, z_lr):
+        assert isinstance(x_t, torch.Tensor) and isinstance(t, torch.Tensor)
+        assert x_t.dtype == t.dtype == torch.float32 and isinstance(z_lr, torch.Tensor)
+        if calls is not None:
+            calls.append(len(x_t))
+        return net(x_t, t, z_lr)
+
+    return denoise
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        SamplingOptions(steps=4, sampler="ddim"),
+        SamplingOptions(steps=4, sampler="ddim", eta=0.6, start="noise"),
+        SamplingOptions(steps=4, sampler="ddpm", strength=0.7),
+        SamplingOptions(steps=5, sampler="dpmpp", start="noise", spacing="leading"),
+        SamplingOptions(
+            steps=6, sampler="dpmpp", early_stop=0.045
+        ),  # row 2 stops at call 3, 0-1 at 4
+    ],
+    ids=["ddim", "ddim-eta", "ddpm", "dpmpp", "dpmpp-early-stop"],
+)
+def test_the_same_loop_runs_on_numpy_and_torch_tensors(denoiser, opts):
+    """sample() on torch-CPU tensors (the type a GPU loop holds) gives numpy's result, and
+    returns a float32 tensor: the core is array-generic without importing torch."""
+    sched = Schedule(prediction="eps")
+    z = np.random.default_rng(6).standard_normal((3, C, S, S)).astype(np.float32)
+    keys = noise_keys([4, 8], [2, 1], [(0, 0), (16, 0)])
+    ours = sample(as_numpy_callable(denoiser), z, sched, opts, keys)
+    calls = []
+    got = sample(as_torch_callable(denoiser, calls), torch.from_numpy(z), sched, opts, keys)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32
+    assert calls == ([3] * opts.steps if not opts.early_stop else [3, 3, 3, 2])
+    np.testing.assert_allclose(got.numpy(), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_array_types_are_refused():
+    from cxr_sr.arrays import namespace
+
+    with pytest.raises(TypeError, match="numpy array, torch tensor or CuPy array"):
+        namespace([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"\[N, C, h, w\]"):
+        sample(lambda *a: a[0], np.zeros((C, S, S), np.float32), Schedule(), SamplingOptions(), [])
+
+
+# --- adaptive early stop ---------------------------------------------------------------------
+
+
+def test_early_stop_is_per_row_and_saves_denoiser_calls(denoiser):
+    sched = Schedule(prediction="x0")
+    z = np.random.default_rng(7).standard_normal((3, C, S, S)).astype(np.float32)
+    keys = noise_keys([2], [3])
+    full_run = SamplingOptions(steps=8, sampler="ddim", start="noise")
+    calls = []
+    f = as_numpy_callable(denoiser)
+
+    def counted(x_t, t, z_lr):
+        calls.append(len(x_t))
+        return f(x_t, t, z_lr)
+
+    plain = sample(counted, z, sched, full_run, keys)
+    assert calls == [3] * 8
+    np.testing.assert_array_equal(
+        sample(f, z, sched, full_run.replace(early_stop=0.0), keys), plain
+    )
+
+    calls.clear()
+    stopped = sample(counted, z, sched, full_run.replace(early_stop=0.5), keys)
+    assert sum(calls) < 24 and calls[0] == 3 and calls == sorted(calls, reverse=True)
+    # each row's result is what that row gives sampled alone: per row, not per batch
+    for r in range(3):
+        alone = sample(f, z[r : r + 1], sched, full_run.replace(early_stop=0.5), keys[r : r + 1])
+        np.testing.assert_allclose(alone, stopped[r : r + 1], atol=1e-5)
+    # a row that stopped after k calls holds the x0 estimate of its k-th call
+    first_two = sample(f, z, sched, full_run.replace(early_stop=1.0), keys)
+    never = sample(f, z, sched, full_run.replace(early_stop=1e-9), keys)
+    np.testing.assert_array_equal(never, plain)
+    assert not np.allclose(first_two, plain, atol=1e-3)
+
+
+def test_early_stop_threshold_sets_the_stop_step():
+    """With an estimate whose relative change falls below the threshold at a known step, the
+    row stops exactly there and returns that step's x0."""
+    sched = Schedule(prediction="x0")
+    z = np.ones((2, 1, 4, 4), np.float32)
+    z[1] *= 3
+    keys = noise_keys([0], [2])
+    seen = []
+
+    def denoise(x_t, t, z_lr):
+        seen.append(len(x_t))
+        k = len(seen)  # x0 after call k: z * (1 + 2**-(k-1))
+        return z_lr * (1 + 2.0 ** -(k - 1))
+
+    out = sample(denoise, z, sched, SamplingOptions(steps=10, early_stop=0.1), keys)
+    # change from call k-1 to k: 2**-(k-1) / (1 + 2**-(k-1)) = .33, .2, .11, .059: < 0.1 at k = 5
+    assert seen == [2, 2, 2, 2, 2]
+    np.testing.assert_allclose(out, z * (1 + 2.0**-4), rtol=1e-6)
