@@ -2,16 +2,28 @@
 tritonclient; no torch).
 
 - ``client.io``: ``read_image`` (PNG/JPEG/TIFF/DICOM -> float32 [H, W] in [0, 1]),
-  ``image_bits``, ``write_png``, ``write_dicom_sc``, ``iter_inputs``;
+  ``dataset_image`` (the same for a pydicom dataset), ``image_bits``, ``write_png``,
+  ``write_dicom_sc``, ``iter_inputs``;
+- ``client.dicom``: ``derive_instance`` (the derived Secondary Capture of a DICOM source, in
+  its study, with deterministic UIDs), ``upscale_dataset``, ``domain_problem``;
 - ``client.prepare``: the reference protocol, ``prepare(image) -> (lr [64, 64], hr)``;
 - ``client.metrics``: ``psnr``, ``ssim``, ``ms_ssim``, ``hfen``, ``lr_psnr``;
 - ``client.triton``: ``SRClient`` for the ``cxr_sr`` ensemble: ``super_resolve`` (a batch
-  within the server's size limits) and ``upscale`` (one image of any size, tiled);
+  within the server's size limits), ``upscale`` (one image of any size, tiled) and
+  ``model_identity`` (``ModelIdentity``: name, version, weights hash);
 - ``client.tiling``: tile plans and feathered blending (numpy);
 - ``client.report``: scores, side-by-side strips and text tables; ``client.cli``: ``cxr-sr``.
 """
 
-from cxr_sr.client.io import image_bits, iter_inputs, read_image, write_dicom_sc, write_png
+from cxr_sr.client.dicom import derive_instance, domain_problem, upscale_dataset
+from cxr_sr.client.io import (
+    dataset_image,
+    image_bits,
+    iter_inputs,
+    read_image,
+    write_dicom_sc,
+    write_png,
+)
 from cxr_sr.client.metrics import hfen, lr_psnr, ms_ssim, psnr, ssim
 from cxr_sr.client.prepare import make_lr, prepare, to_reference_hr
 from cxr_sr.client.report import (
@@ -21,14 +33,24 @@ from cxr_sr.client.report import (
     scores,
     side_by_side,
 )
-from cxr_sr.client.triton import SizeLimits, SRClient, SRConnectionError, SRServerError
+from cxr_sr.client.triton import (
+    ModelIdentity,
+    SizeLimits,
+    SRClient,
+    SRConnectionError,
+    SRServerError,
+)
 
 __all__ = [
+    "ModelIdentity",
     "SRClient",
     "SRConnectionError",
     "SRServerError",
     "SizeLimits",
     "bicubic_baseline",
+    "dataset_image",
+    "derive_instance",
+    "domain_problem",
     "format_table",
     "hfen",
     "image_bits",
@@ -44,6 +66,7 @@ __all__ = [
     "side_by_side",
     "ssim",
     "to_reference_hr",
+    "upscale_dataset",
     "write_dicom_sc",
     "write_png",
 ]

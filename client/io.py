@@ -140,15 +140,23 @@ def _pillow_to_gray(im, path: Path) -> np.ndarray:
 def _read_dicom(path: Path) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in DICOM_SUFFIXES)
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: not a readable DICOM file ({e})") from e
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise ValueError(f"{path}: DICOM file has no pixel data")
+    return dataset_image(ds, str(path))
 
+
+def stored_pixels(ds, name: str = "dataset") -> np.ndarray:
+    """The stored values of a DICOM dataset's image, ``[H, W]`` (monochrome) or ``[H, W, 3]``
+    (colour, as pydicom hands it out: RGB); the first frame of a multi-frame image.
+
+    Raises ``ValueError`` naming ``name`` when there is no pixel data or it cannot be decoded
+    (with the decoder package to install, where one would help).
+    """
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise ValueError(f"{name}: DICOM file has no pixel data")
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
     try:
         arr = ds.pixel_array
@@ -156,36 +164,52 @@ def _read_dicom(path: Path) -> np.ndarray:
         package = _DECODER_PACKAGES.get(syntax)
         hint = f"; install the '{package}' package to decode it" if package else ""
         raise ValueError(
-            f"{path}: cannot decode DICOM pixel data (transfer syntax {syntax or 'unknown'})"
+            f"{name}: cannot decode DICOM pixel data (transfer syntax {syntax or 'unknown'})"
             f"{hint} ({e})"
         ) from e
-
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if frames > 1:
         arr = arr[0]  # multi-frame: the first frame is the image
-    if samples > 1:
+    return arr
+
+
+def dataset_image(ds, name: str = "dataset") -> np.ndarray:
+    """A DICOM dataset's image as ``read_image`` gives it: float64 ``[H, W]`` in [0, 1], bone
+    bright (the module's DICOM conventions). ``ValueError`` like :func:`stored_pixels`."""
+    arr = stored_pixels(ds, name)
+    if int(getattr(ds, "SamplesPerPixel", 1) or 1) > 1:
         # pydicom hands out RGB (it converts YBR by default).
         return _minmax(arr[..., :3].astype(np.float64) @ _LUMA)
+    return display_values(ds, arr)
+
+
+def display_values(ds, stored: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """PS3.3 C.11 display pipeline of a monochrome dataset: stored values -> [0, 1], bone bright.
+
+    Modality LUT, then the (first) VOI LUT or window normalized by its output range, else the
+    min/max of the modality values of ``reference`` (default ``stored`` itself: the image's own
+    range); MONOCHROME1 is inverted. ``stored`` may be any array of stored values, e.g. every
+    code a bit depth allows, to tabulate the mapping (``client.dicom`` inverts it that way).
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    x = apply_modality_lut(arr, ds)
+    x = apply_modality_lut(stored, ds)
     if "VOILUTSequence" in ds and np.issubdtype(x.dtype, np.floating) and np.all(x == np.rint(x)):
         x = x.astype(np.int64)  # a VOI LUT is indexed by integers
     has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
+    out = None
     if has_voi:
         try:
             lo, hi = _voi_output_range(ds, x)
             y = apply_voi_lut(x, ds, prefer_lut=True).astype(np.float64)
+            out = (y - lo) / (hi - lo) if hi > lo else _minmax(y)
         except (ValueError, IndexError, TypeError, AttributeError):
-            lo, hi, y = (
-                0.0,
-                0.0,
-                x.astype(np.float64),
-            )  # malformed VOI attributes: fall back to min/max
-        out = (y - lo) / (hi - lo) if hi > lo else _minmax(y)
-    else:
-        out = _minmax(x)
+            out = None  # malformed VOI attributes: fall back to min/max
+    if out is None:
+        ref = x if reference is None else apply_modality_lut(reference, ds)
+        lo, hi = float(np.min(ref)), float(np.max(ref))
+        out = (x.astype(np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(x.shape)
     if photometric == "MONOCHROME1":
         out = 1.0 - out
     return out

@@ -113,6 +113,52 @@ def limits_from_config(config: dict) -> SizeLimits:
     return SizeLimits(values["min_side"], values["max_side"])
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model made a result: the served checkpoint's ``name``, its ``version`` (the one
+    the checkpoint records, else the cxr-sr package version it was built with) and
+    ``weights_sha256``, the SHA-256 over its weight and config files (``builders.build``).
+
+    The builder publishes it as parameters of the ``cxr_sr`` ensemble
+    (:data:`IDENTITY_PARAMETERS`); :meth:`SRClient.model_identity` reads it back. It goes into
+    every report row and every derived DICOM instance, whose UIDs it also keys.
+    """
+
+    name: str
+    version: str
+    weights_sha256: str
+
+    def short(self) -> str:
+        """``name version (sha256 first 12 hex)``, for logs and series descriptions."""
+        return f"{self.name} {self.version} ({self.weights_sha256[:12]})"
+
+    def parameters(self) -> dict[str, str]:
+        """The ensemble config parameters that publish this identity."""
+        return {key: getattr(self, field) for field, key in IDENTITY_PARAMETERS.items()}
+
+    @classmethod
+    def from_config(cls, config: dict, model: str = DEFAULT_MODEL) -> ModelIdentity:
+        """The identity a served config (Triton's JSON form) publishes; a repository built
+        before identities were published gives ``version`` and ``weights_sha256`` "unknown"."""
+        params = config.get("parameters") or {}
+        values = {
+            field: (params.get(key) or {}).get("string_value") or UNKNOWN
+            for field, key in IDENTITY_PARAMETERS.items()
+        }
+        if values["name"] == UNKNOWN:
+            values["name"] = str(config.get("name") or model)
+        return cls(**values)
+
+
+UNKNOWN = "unknown"
+# ModelIdentity field -> ensemble config parameter (written by builders.triton_config)
+IDENTITY_PARAMETERS = {
+    "name": "model_name",
+    "version": "model_version",
+    "weights_sha256": "weights_sha256",
+}
+
+
 def _check_values(x: np.ndarray, name: str = "LR") -> None:
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"{name} must be floating point in [0, 1], got dtype {x.dtype}")
@@ -224,6 +270,7 @@ class SRClient:
         self.max_batch = max_batch
         self.in_flight = in_flight
         self._limits = limits
+        self._identity: ModelIdentity | None = None
         if protocol == "http":
             import tritonclient.http as tc
 
@@ -319,6 +366,12 @@ class SRClient:
         if self._limits is None:
             self._limits = limits_from_config(self.model_config())
         return self._limits
+
+    def model_identity(self) -> ModelIdentity:
+        """The served model's name, version and weights hash (from its config, asked once)."""
+        if self._identity is None:
+            self._identity = ModelIdentity.from_config(self.model_config(), self.model)
+        return self._identity
 
     @_schema_keywords
     def super_resolve(self, lr: np.ndarray, **params: Any) -> np.ndarray:
