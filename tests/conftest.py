@@ -81,3 +81,20 @@ def server(built_repository):
     repo, _ = built_repository
     with TritonServer(repo, log_file=repo.parent / "triton.log") as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """A real Orthanc PACS (DICOMweb plugin, HTTP basic auth) on free loopback ports
+    (``tests/orthanc.py``), stopped at the end. The AE ``CXRSR`` at 127.0.0.1:``node_port`` is
+    registered as modality ``CXRSR``: node-mode tests listen there. Tests that use it carry
+    the ``integration`` mark and call ``orthanc.clear()`` first."""
+    from orthanc import Orthanc
+
+    from cxr_sr.builders.serve import free_port
+
+    node_port = free_port()
+    node = {"CXRSR": ("CXRSR", "127.0.0.1", node_port)}
+    with Orthanc(tmp_path_factory.mktemp("orthanc"), modalities=node) as pacs:
+        pacs.node_port = node_port
+        yield pacs

@@ -34,6 +34,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from cxr_sr.builders.serve import _die_with_parent, free_port
+from cxr_sr.client.dicom import derive_instance
+from cxr_sr.client.io import dataset_image
 
 ORTHANC = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -219,9 +221,9 @@ def _uid(*parts: str) -> str:
     return generate_uid(entropy_srcs=["cxr-sr tests", *parts])
 
 
-def small_radiograph(path: Path, factor: int = 20) -> Path:
+def small_radiograph(path: Path, factor: int = 32) -> Path:
     """pydicom-data's RG1_UNCI.dcm (CR chest PA, 1955 x 1841, 15-bit MONOCHROME1) as a new
-    instance of its study, ``factor`` times smaller by block averaging (97 x 92 at 20), with
+    instance of its study, ``factor`` times smaller by block averaging (61 x 57 at 32), with
     Pixel Spacing and Imager Pixel Spacing (0.16 mm x ``factor``) set; its patient, study and
     display attributes are kept."""
     src = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"))
@@ -286,3 +288,35 @@ def ct_slice(path: Path, study: Path, size: int = 32) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# What a derived instance read back from the PACS must be
+
+
+def expected_derived(client, source: Dataset, **sampling) -> Dataset:
+    """The derived instance of ``source`` made directly: ``SRClient.upscale`` of its pixels
+    (as ``client.io`` reads them), encoded by ``client.dicom.derive_instance``."""
+    sr = client.upscale(dataset_image(source), **sampling)
+    return derive_instance(source, sr, client.model_identity())
+
+
+def assert_derived(derived: Dataset, source: Dataset, expected: Dataset) -> None:
+    """Same study, a new series, the source referenced, 4x the size, spacing / 4, the
+    deterministic UIDs and exactly the expected pixels."""
+    assert derived.StudyInstanceUID == source.StudyInstanceUID
+    assert derived.SeriesInstanceUID != source.SeriesInstanceUID
+    assert derived.SeriesInstanceUID == expected.SeriesInstanceUID
+    assert derived.SOPInstanceUID == expected.SOPInstanceUID
+    assert derived.PatientID == source.PatientID
+    assert list(derived.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    (ref,) = derived.SourceImageSequence
+    assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert ref.ReferencedSOPClassUID == source.SOPClassUID
+    assert (derived.Rows, derived.Columns) == (4 * source.Rows, 4 * source.Columns)
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        np.testing.assert_allclose(
+            [float(v) for v in derived[keyword].value],
+            [float(v) / 4 for v in source[keyword].value],
+            rtol=1e-6,
+        )
+    np.testing.assert_array_equal(derived.pixel_array, expected.pixel_array)
