@@ -50,7 +50,12 @@ class PacsError(RuntimeError):
 
 
 class PacsUnreachableError(PacsError):
-    """No PACS answered at the address (connection refused, unknown host, timeout)."""
+    """No PACS answered at the address (connection refused, unknown host, timeout), or it
+    refused us as a whole (:class:`PacsAccessError`): nothing more can be done this run."""
+
+
+class PacsAccessError(PacsUnreachableError):
+    """The PACS refused the credentials (HTTP 401 / 403)."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +270,8 @@ class DicomWebPacs:
                 403: "access forbidden for these credentials",
                 404: "not found",
             }.get(status, e.response.reason or "error")
-            return PacsError(f"DICOMweb {self.url}: {action}: HTTP {status} {why}")
+            message = f"DICOMweb {self.url}: {action}: HTTP {status} {why}"
+            return PacsAccessError(message) if status in (401, 403) else PacsError(message)
         if isinstance(e, (requests.ConnectionError, requests.Timeout)):
             kind = "timed out" if isinstance(e, requests.Timeout) else "connection failed"
             return PacsUnreachableError(f"DICOMweb {self.url}: {action}: no answer ({kind})")
