@@ -84,13 +84,15 @@ def parse_parameters(
     defaults: SamplingOptions,
     num_train_timesteps: int,
     ignore: Collection[str] = (),
+    max_steps: int | None = None,
 ) -> RequestSettings:
     """Request parameters -> (SamplingOptions, seed, origin); ValueError naming the offending
     key.
 
     Every key of the schema is honoured; absent ones take ``defaults`` (the checkpoint's),
     seed 0 and origin (0, 0). Any other key is rejected, except Triton's reserved ones and
-    ``ignore``.
+    ``ignore``. ``max_steps``: the server's limit on steps per request (its config parameter
+    of that name), on top of the model's own.
     """
     params = {
         k: v
@@ -105,6 +107,10 @@ def parse_parameters(
     origin = tuple(values.pop(p.name, p.default) for p in ORIGIN_PARAMS)
     options = defaults.replace(**values)
     limit = min(MAX_STEPS, int(round(num_train_timesteps * options.strength)))
+    if max_steps is not None and options.steps > max_steps and max_steps < limit:
+        raise ValueError(
+            f"'steps' must be <= {max_steps} on this server (max_steps), got {options.steps}"
+        )
     if options.steps > limit:
         raise ValueError(
             f"'steps' must be <= {limit} for this model ({num_train_timesteps} timesteps) "
@@ -209,6 +215,31 @@ def check_image_shape(
             f"on this server (larger images are tiled by the client); got shape {list(shape)}"
         )
     return None
+
+
+def parse_flag(text: str) -> bool:
+    """A model-config boolean: "true"/"false" (also 1/0, yes/no, on/off), case-insensitive;
+    ValueError otherwise (``bool("false")`` is True, so never that)."""
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def check_request_pixels(name: str, shape: Sequence[int], max_pixels: int | None) -> str | None:
+    """None if ``shape`` [N, C, H, W] holds at most ``max_pixels`` pixels (N x H x W; None: no
+    limit), else the reason, naming the limit."""
+    if not max_pixels or len(shape) != 4:
+        return None
+    n, _, h, w = (int(s) for s in shape)
+    if n * h * w <= max_pixels:
+        return None
+    return (
+        f"input '{name}' holds {n} x {h} x {w} = {n * h * w:,} pixels; this server takes at "
+        f"most {max_pixels:,} per request (max_request_pixels): send fewer or smaller images"
+    )
 
 
 def row_chunks(rows: int, pixels_per_row: int, max_pixels: int | None) -> list[slice]:

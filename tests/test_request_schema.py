@@ -315,7 +315,7 @@ def test_image_shapes_outside_the_served_sides_are_named():
 
 
 class _TritonError:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+    INVALID_ARG, INTERNAL, CANCELLED = "INVALID_ARG", "INTERNAL", "CANCELLED"
 
     def __init__(self, message, code):
         self._message, self.code = message, code
@@ -339,11 +339,14 @@ class _Tensor:
 
 
 class _Request:
-    def __init__(self, z_lr, params):
-        self.z_lr, self.params = z_lr, json.dumps(params)
+    def __init__(self, z_lr, params, cancelled=False):
+        self.z_lr, self.params, self.cancelled = z_lr, json.dumps(params), cancelled
 
     def parameters(self):
         return self.params
+
+    def is_cancelled(self):
+        return self.cancelled
 
 
 @pytest.fixture()

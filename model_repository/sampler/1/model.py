@@ -11,6 +11,12 @@ from the checkpoint by ``builders.build``); the config parameters ``vae_factor``
 latent pixel, for the tile origin) and ``latent_sides`` ("min,max": what the UNet was built
 for; a request outside gets INVALID_ARG) come from the network specs.
 
+Limits (config parameters written by ``builders.build``): ``max_steps`` (a request asking for
+more gets INVALID_ARG naming it) and ``max_request_pixels`` (LR pixels per request, sides
+padded to the encoder's multiple). Between steps the loop asks Triton whether its clients are
+still there (``request.is_cancelled()``): when every request of a loop was cancelled, it
+stops and answers CANCELLED.
+
 Requests with the same options and latent size are sampled in one loop, so the UNet sees the
 whole dynamic batch each step (Triton only batches requests of equal shapes anyway). Every
 row's noise is keyed by (seed, row, global latent position) (``cxr_sr.noise``), so a result
@@ -24,12 +30,17 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cxr_sr import SamplingOptions, Schedule, sample
+from cxr_sr.imaging import SCALE
 from cxr_sr.noise import legacy_block, noise_keys
 from cxr_sr.sampling import latent_origin
 from cxr_sr.serving import options_key, parse_parameters, row_chunks
 
 
 class UNetError(RuntimeError):
+    pass
+
+
+class CancelledError(RuntimeError):
     pass
 
 
@@ -49,6 +60,8 @@ class TritonPythonModel:
         self.vae_factor = int(params.get("vae_factor", "4"))
         self.noise_block = legacy_block(self.vae_factor)
         self.max_pixels = int(params.get("max_batch_pixels", "0")) or None
+        self.max_steps = int(params.get("max_steps", "0")) or None
+        self.max_request_pixels = int(params.get("max_request_pixels", "0")) or None
         sides = params.get("latent_sides", "")
         self.latent_sides = tuple(int(v) for v in sides.split(",")) if sides else None
 
@@ -63,6 +76,20 @@ class TritonPythonModel:
         return (
             f"latent 'z_lr' is {h}x{w}: this server takes LR images whose latent sides are in "
             f"[{low}, {high}] (LR sides in the range its encoder accepts)"
+        )
+
+    def _check_pixels(self, z_lr):
+        """None, or why this request holds too many (padded LR) pixels."""
+        n, _, h, w = z_lr.shape
+        lr_h, lr_w = h * self.vae_factor // SCALE, w * self.vae_factor // SCALE
+        pixels = n * lr_h * lr_w
+        if not self.max_request_pixels or pixels <= self.max_request_pixels:
+            return None
+        side = f"{lr_h}x{lr_w}"
+        return (
+            f"request of {n} LR image(s) of {side} (sides padded to the encoder's multiple) = "
+            f"{pixels:,} pixels; this server takes at most {self.max_request_pixels:,} per "
+            "request (max_request_pixels): send fewer or smaller images"
         )
 
     def _denoise(self, x_t, t, z_lr):
@@ -98,9 +125,10 @@ class TritonPythonModel:
                     self.defaults,
                     self.schedule.num_train_timesteps,
                     ignore=self.ignored,
+                    max_steps=self.max_steps,
                 )
                 origin = latent_origin(origin, self.vae_factor)
-                problem = self._check_latent(z_lr)
+                problem = self._check_latent(z_lr) or self._check_pixels(z_lr)
                 if problem:
                     raise ValueError(problem)
             except ValueError as err:
@@ -117,8 +145,19 @@ class TritonPythonModel:
                 [o for _, _, (_, o) in items],
                 self.noise_block,
             )
+            clients = [requests[i] for i, _, _ in items]
+
+            def denoise(x_t, t, z, clients=clients):
+                if all(r.is_cancelled() for r in clients):  # asked before every step
+                    raise CancelledError("every client of this sampling loop cancelled")
+                return self._denoise(x_t, t, z)
+
             try:
-                z = sample(self._denoise, z_lr, self.schedule, options, keys)
+                z = sample(denoise, z_lr, self.schedule, options, keys)
+            except CancelledError as err:
+                for i, _, _ in items:
+                    responses[i] = _error(str(err), pb_utils.TritonError.CANCELLED)
+                continue
             except Exception as err:  # one failing group must not fail the others
                 for i, _, _ in items:
                     responses[i] = _error(f"sampling failed: {err}", pb_utils.TritonError.INTERNAL)
