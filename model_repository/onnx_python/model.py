@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from cxr_sr.serving import check_finite_range, check_image_shape, row_chunks
+from cxr_sr.serving import check_finite_range, check_image_shape, parse_flag, row_chunks
 
 
 class TritonPythonModel:
@@ -36,6 +36,19 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         threads = int(params.get("intra_op_threads", os.environ.get("CXR_ORT_THREADS", "0")))
         options.intra_op_num_threads = threads
+        # idle intra-op threads sleep instead of busy-waiting: three of these processes share
+        # the cores and a spinning pool takes CPU from the stage that has work (README,
+        # "Served vs in-process"). No inter-op pool: the graph runs sequentially.
+        spinning = params.get("intra_op_spinning", os.environ.get("CXR_ORT_SPINNING", "false"))
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if parse_flag(spinning) else "0"
+        )
+        options.inter_op_num_threads = 1
+        # memory (README, "Memory"): onnxruntime's CPU arena keeps the peak of every batch
+        # shape it has seen and memory patterns pre-plan one block per input shape; with
+        # dynamic batch and sides both grew a process past 1 GB. Off by default.
+        options.enable_cpu_mem_arena = parse_flag(params.get("ort_cpu_mem_arena", "false"))
+        options.enable_mem_pattern = parse_flag(params.get("ort_mem_pattern", "false"))
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
