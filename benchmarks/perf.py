@@ -122,14 +122,21 @@ def perf_analyzer_version(binary: Path, env: Mapping[str, str]) -> str | None:
     return match.group(1) if match else None
 
 
-def write_input_data(path: str | Path, lr: np.ndarray, name: str = "LR") -> Path:
-    """perf_analyzer ``--input-data`` JSON: one batch-1 entry per image of ``lr`` [N, 1, 64, 64]."""
-    lr = np.asarray(lr, dtype=np.float32)
-    if lr.ndim != 4 or lr.shape[1] != 1:
-        raise ValueError(f"lr must be [N, 1, H, W], got shape {lr.shape}")
-    entries = [
-        {name: {"content": [float(v) for v in x.ravel()], "shape": list(x.shape)}} for x in lr
-    ]
+def write_input_data(
+    path: str | Path, lr: np.ndarray | Sequence[np.ndarray], name: str = "LR"
+) -> Path:
+    """perf_analyzer ``--input-data`` JSON: one batch-1 entry per image of ``lr`` [N, 1, H, W],
+    or of each array of a sequence of them (sizes may differ between arrays: mixed sizes)."""
+    arrays = [lr] if isinstance(lr, np.ndarray) else list(lr)
+    entries = []
+    for array in arrays:
+        array = np.asarray(array, dtype=np.float32)
+        if array.ndim != 4 or array.shape[1] != 1:
+            raise ValueError(f"lr must be [N, 1, H, W], got shape {array.shape}")
+        entries += [
+            {name: {"content": [float(v) for v in x.ravel()], "shape": list(x.shape)}}
+            for x in array
+        ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"data": entries}))
