@@ -85,7 +85,9 @@ def test_compose_ports_healthcheck_and_gpu(compose):
     container_ports = sorted(int(str(p).rsplit(":", 1)[-1]) for p in triton["ports"])
     assert container_ports == [8000, 8001, 8002]
     health = " ".join(map(str, triton["healthcheck"]["test"]))
-    assert "/v2/health/ready" in health and ":8000" in health
+    assert "cxr_sr.builders.probe" in health and ":8000" in health  # a real inference
+    assert triton["environment"]["CXR_ADMIN_KEY_FILE"].startswith("/run/secrets/")
+    assert "cxr_admin_key" in triton["secrets"] and triton["restart"] == "unless-stopped"
     assert _gpu_reserved(triton)
     assert _gpu_reserved(compose["services"]["build-engine"])
     wait = triton["depends_on"]["build-engine"]["condition"]
@@ -97,7 +99,10 @@ def test_scripts_are_executable_and_check_before_serving():
     for name in ("entrypoint.sh", "build_repository.sh"):
         assert (DOCKER / name).stat().st_mode & 0o111, f"{name} is not executable"
     entry = (DOCKER / "entrypoint.sh").read_text()
-    assert entry.index("cxr_sr.builders.trt check") < entry.index("exec tritonserver")
+    assert entry.index("cxr_sr.builders.trt check") < entry.index(
+        "exec python3 -m cxr_sr.builders.serve"
+    )
+    assert "--on-failure exit" in entry  # compose restarts only containers that exit
 
 
 # ------------------------------------------------------------------ builders.trt check
