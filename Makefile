@@ -9,7 +9,7 @@ PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 export HTTP_PORT METRICS_PORT GRPC_PORT
 
 .PHONY: demo test test-fast install venv system constraints weights build build-gpu serve \
-	eval bench style lint clean
+	eval bench soak style lint clean
 
 # Python packages, every extra, pinned; re-installed when pyproject.toml or the pins change.
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -74,6 +74,9 @@ bench: build install ## cost per megapixel by LR size, perf_analyzer sweep, stag
 	$(BIN)/python -m benchmarks.perf --repository $(REPO)
 	$(BIN)/python -m benchmarks.stages --repository $(REPO)
 	$(BIN)/python -m benchmarks.vae_cost --checkpoint $(CKPT) --out outputs/vae_cost.json
+
+soak: build install ## perf_analyzer at concurrency 8 for 3 min, mixed LR sizes, memory of every process -> outputs/soak.json
+	$(BIN)/python -m benchmarks.soak --repository $(REPO) --out outputs/soak.json
 
 style: venv
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
