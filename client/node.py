@@ -1,7 +1,7 @@
 """DICOM node mode: receive studies over C-STORE, super-resolve them, send the derived series
 on, the way AI nodes are wired into a hospital's DICOM network.
 
-    node = Node(spool="/var/spool/cxr-sr", destination=parse_destination("dimse:PACS@pacs:104"),
+    node = Node("/var/spool/cxr-sr", parse_destination("dimse:PACS@pacs:104"),
                 url="127.0.0.1:8000", port=11112)
     node.run(stop_event)        # until stop_event is set (``cxr-sr listen`` sets it on SIGTERM)
 
@@ -9,19 +9,22 @@ How an instance travels (and why nothing is lost when the node dies):
 
 1. the C-STORE SCP (``client.dimse.StoreSCP``) writes it to ``<spool>/incoming/`` durably
    and only then answers Success to the sender;
-2. a worker (``workers`` of them, each with its own Triton client) reads it, skips it with a
-   logged reason when it is outside the model's domain (unless ``force``), else upscales it
-   and delivers the derived instance to the destination (``client.studies.process_instance``);
-3. the outcome is appended to ``<spool>/results.jsonl`` (one JSON row per instance), and the
-   spooled file is deleted (done, skipped) or moved to ``<spool>/failed/`` (failed: kept for
-   the operator, with the reason in the results);
-4. while the Triton server or the destination is unreachable, the instance stays in
-   ``incoming/`` and the worker retries with exponential backoff (1 s doubling to 60 s).
+2. the node takes what has arrived (up to ``batch`` instances) through the batch engine
+   (``client.batch.run_batch`` with ``<spool>/work/`` as its folder: job manifest,
+   ``workers`` images in flight, retries with backoff, report), which skips inputs outside
+   the model's domain with their reason (unless ``force``) and writes each derived instance;
+3. each derived instance is delivered to the destination (``client.studies.deliver``);
+4. each outcome is appended to ``<spool>/results.jsonl`` (the batch report's row plus
+   ``delivered_to``), then the spooled file is deleted (done, skipped) or moved to
+   ``<spool>/failed/`` (kept for the operator);
+5. while the Triton server or the destination is unreachable, the instances stay in
+   ``incoming/`` and the node tries again after a backoff (1 s doubling to 60 s).
 
-So ``incoming/`` is the durable queue: a node that is stopped (SIGTERM/SIGINT: it stops
-accepting, finishes the instances in hand and exits) or killed resumes every instance still
-there when it starts again. A re-processed instance gets the same derived UIDs, so it replaces
-its earlier copy at the destination instead of duplicating it.
+So ``incoming/`` is the durable queue and the manifest remembers what was already computed:
+a node that was stopped (SIGTERM/SIGINT: it stops accepting, finishes the batch in hand and
+exits) or killed resumes every instance still spooled when it starts again, without
+recomputing the finished ones; a re-delivered instance has the same derived UIDs, so it
+replaces its earlier copy at the destination instead of duplicating it.
 """
 
 from __future__ import annotations
@@ -29,46 +32,34 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from pydicom.errors import InvalidDicomError
-
+from cxr_sr.client.batch import DONE, FAILED, SKIPPED, run_batch
 from cxr_sr.client.dimse import DEFAULT_AE_TITLE, Received, StoreSCP
-from cxr_sr.client.pacs import PacsUnreachableError
-from cxr_sr.client.studies import (
-    DONE,
-    FAILED,
-    SKIPPED,
-    Destination,
-    InstanceResult,
-    process_instance,
-)
-from cxr_sr.client.triton import DEFAULT_IN_FLIGHT, SRClient, SRConnectionError
+from cxr_sr.client.exit_codes import EXIT_UNREACHABLE
+from cxr_sr.client.studies import Destination, deliver, derived_file
 
 log = logging.getLogger(__name__)
 
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 60.0
+DEFAULT_BATCH = 8
 
 
 class Node:
-    """A C-STORE SCP feeding a bounded pool of super-resolution workers.
+    """A C-STORE SCP feeding the batch engine, then a destination.
 
     Args:
-        spool: the node's folder (``incoming/``, ``failed/``, ``results.jsonl``).
+        spool: the node's folder (``incoming/``, ``work/``, ``failed/``, ``results.jsonl``).
         destination: where derived instances go (``client.studies.parse_destination``).
-        url, protocol, model, timeout_s: the Triton server (one ``SRClient`` per worker).
+        url, protocol, model, timeout_s: the Triton server.
         ae_title, host, port, allowed_aes: the SCP's (``client.dimse.StoreSCP``).
-        workers: instances processed at once (bounded concurrency).
+        workers: images in flight at once (``run_batch``'s concurrency).
+        batch: most instances taken into one batch run (bounds the time a stop waits for).
         force: process inputs outside the model's domain instead of skipping them.
         sampling: request-schema keywords for every request (``steps``, ``seed``, ...).
-        on_result: called with each :class:`InstanceResult` (after it is logged).
     """
 
     def __init__(
@@ -85,28 +76,24 @@ class Node:
         port: int = 11112,
         allowed_aes: tuple[str, ...] = (),
         workers: int = 1,
+        batch: int = DEFAULT_BATCH,
         force: bool = False,
         sampling: dict[str, Any] | None = None,
-        on_result: Callable[[InstanceResult], None] | None = None,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+        if workers < 1 or batch < 1:
+            raise ValueError(f"workers and batch must be >= 1, got {workers} and {batch}")
         self.spool = Path(spool)
         self.incoming = self.spool / "incoming"
+        self.work = self.spool / "work"
         self.failed_dir = self.spool / "failed"
         self.results = self.spool / "results.jsonl"
         self.destination = destination
-        self.client_args = dict(
-            url=url,
-            protocol=protocol,
-            model=model,
-            timeout_s=timeout_s,
-            in_flight=DEFAULT_IN_FLIGHT,
-        )
-        self.workers = workers
-        self.force = force
-        self.sampling = dict(sampling or {})
-        self.on_result = on_result
+        self.batch_args = dict(
+            urls=[url], protocol=protocol, model=model, timeout_s=timeout_s,
+            concurrency=workers, png=False, dicom=True, force=force, on_change="redo",
+            sampling=dict(sampling or {}), progress=False, log=self._say,
+        )  # fmt: skip
+        self.batch = batch
         self.scp = StoreSCP(
             self.incoming,
             ae_title=ae_title,
@@ -115,130 +102,89 @@ class Node:
             on_stored=self._received,
             allowed_aes=allowed_aes,
         )
-        self._queue: queue.Queue[Path] = queue.Queue()
-        self._queued: set[Path] = set()
-        self._lock = threading.Lock()
+        self._arrived = threading.Event()
         self._stop = threading.Event()
 
-    # the queue: every path once, however often it is received while waiting
-
-    def _enqueue(self, path: Path) -> None:
-        with self._lock:
-            if path in self._queued:
-                return
-            self._queued.add(path)
-        self._queue.put(path)
+    @staticmethod
+    def _say(line: str) -> None:
+        log.info("%s", line)
 
     def _received(self, item: Received) -> None:
-        self._enqueue(item.path)
+        self._arrived.set()
 
     def pending(self) -> list[Path]:
-        """Spooled instances not yet finished (oldest first)."""
+        """Spooled instances not yet finished, oldest first."""
         if not self.incoming.is_dir():
             return []
         files = [p for p in self.incoming.glob("*.dcm") if p.is_file()]
-        return sorted(files, key=lambda p: p.stat().st_mtime)
+        return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
 
-    def run(
-        self, stop: threading.Event | None = None, ready: Callable[[Node], None] | None = None
-    ) -> None:
+    def run(self, stop: threading.Event | None = None, ready=None) -> None:
         """Resume the spool, listen, and process until ``stop`` is set; then stop accepting,
-        finish the instances in hand and return (what is left stays spooled)."""
+        finish the batch in hand and return (what is left stays spooled). ``ready(node)``
+        is called once the SCP listens."""
         self._stop = stop or threading.Event()
-        self.failed_dir.mkdir(parents=True, exist_ok=True)
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        resumed = self.pending()
-        for path in resumed:
-            self._enqueue(path)
+        for folder in (self.incoming, self.work, self.failed_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        resumed = len(self.pending())
         if resumed:
-            log.info("resuming %d spooled instance(s)", len(resumed))
-        threads = [
-            threading.Thread(target=self._work, name=f"cxr-sr-worker-{i}", daemon=True)
-            for i in range(self.workers)
-        ]
-        for t in threads:
-            t.start()
+            log.info("resuming %d spooled instance(s)", resumed)
         self.scp.start()
         try:
             if ready is not None:
                 ready(self)
-            self._stop.wait()
+            delay = BACKOFF_START_S
+            while not self._stop.is_set():
+                todo = self.pending()[: self.batch]
+                if not todo:
+                    self._arrived.wait(0.5)
+                    self._arrived.clear()
+                    continue
+                if self.process(todo):
+                    delay = BACKOFF_START_S
+                else:
+                    self._stop.wait(delay)
+                    delay = min(2 * delay, BACKOFF_MAX_S)
         finally:
             self.scp.stop()
-            self._stop.set()
-            for t in threads:
-                t.join()
             log.info("stopped; %d instance(s) left in the spool", len(self.pending()))
 
-    def _work(self) -> None:
-        client = SRClient(**self.client_args)
-        try:
-            identity = None
-            while not self._stop.is_set():
-                try:
-                    path = self._queue.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                identity = self._process_with_retry(client, path, identity)
-        finally:
-            client.close()
+    def process(self, files: list[Path]) -> bool:
+        """Run one batch of spooled files and deliver it; False when the server or the
+        destination was unreachable (the files stay spooled for the next try)."""
+        report = run_batch(files, self.work, **self.batch_args)
+        if report.exit_code != EXIT_UNREACHABLE:
+            deliver(report, [self.destination])
+        if report.exit_code == EXIT_UNREACHABLE or not report.rows:
+            log.warning("%s; the spooled instances wait for the next try", report.message)
+            return False
+        for row in report.rows:
+            if row.get("status") in (DONE, SKIPPED, FAILED):
+                self._finish(row)
+        return True
 
-    def _process_with_retry(self, client: SRClient, path: Path, identity):
-        """Process one spooled file, retrying while the server or destination is down."""
-        delay = BACKOFF_START_S
-        while not self._stop.is_set():
-            try:
-                identity = identity or client.model_identity()
-                self._process(client, path, identity)
-                break
-            except (SRConnectionError, PacsUnreachableError) as e:
-                log.warning("%s; retrying %s in %.0f s", e, path.name, delay)
-                self._stop.wait(delay)
-                delay = min(2 * delay, BACKOFF_MAX_S)
-        with self._lock:
-            self._queued.discard(path)
-        return identity
-
-    def _process(self, client: SRClient, path: Path, identity) -> None:
-        try:
-            ds = pydicom.dcmread(path)
-        except FileNotFoundError:
-            return  # finished already (it was queued twice)
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as e:
-            row = InstanceResult(str(path.name), reason=f"not a readable DICOM file ({e})")
-        else:
-            row = process_instance(
-                client,
-                ds,
-                path.name,
-                [self.destination],
-                force=self.force,
-                model=identity,
-                upscale=self.sampling,
-            )
-        self._finish(path, row)
-
-    def _finish(self, path: Path, row: InstanceResult) -> None:
-        """Record the outcome durably, then clear the spooled file."""
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **asdict(row)}
-        with self._lock, open(self.results, "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def _finish(self, row: dict[str, Any]) -> None:
+        """Record a row's outcome durably, then clear its spooled file (and derived copy)."""
+        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **row}
+        with open(self.results, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if row.status in (DONE, SKIPPED):
-            path.unlink(missing_ok=True)
+        source = Path(row["input"])
+        status, reason = row.get("status"), row.get("error") or ""
+        derived = derived_file(row)
+        if status == DONE:
+            log.info("done %s -> %s (%s)", source.name, derived.name if derived else "?",
+                     ", ".join(row.get("delivered_to", [])))  # fmt: skip
+        elif status == SKIPPED:
+            log.info("skipped %s: %s", source.name, reason)
         else:
-            os.replace(path, self.failed_dir / path.name)
-        if row.status == SKIPPED:
-            log.info("skipped %s: %s", row.sop_instance_uid or path.name, row.reason)
-        elif row.status == FAILED:
-            log.warning("failed %s: %s", row.sop_instance_uid or path.name, row.reason)
+            log.warning("failed %s: %s (kept in %s)", source.name, reason, self.failed_dir)
+        if derived is not None:
+            derived.unlink(missing_ok=True)
+        if source.parent != self.incoming or not source.exists():
+            return
+        if status in (DONE, SKIPPED):
+            source.unlink()
         else:
-            log.info(
-                "done %s -> %s (%s)",
-                row.sop_instance_uid,
-                row.derived_sop_instance_uid,
-                ", ".join(row.delivered_to),
-            )
-        if self.on_result is not None:
-            self.on_result(row)
+            os.replace(source, self.failed_dir / source.name)

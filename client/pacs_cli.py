@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from tqdm import tqdm
 
+from cxr_sr.client.batch import DONE
+from cxr_sr.client.dicom import safe_name
 from cxr_sr.client.dimse import DEFAULT_AE_TITLE, Peer, echo, send
 from cxr_sr.client.exit_codes import EXIT_INPUT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from cxr_sr.client.io import is_dicom, iter_inputs
-from cxr_sr.client.node import Node
+from cxr_sr.client.node import DEFAULT_BATCH, Node
 from cxr_sr.client.pacs import (
     ENV_CREDENTIALS_FILE,
     ENV_PASSWORD,
@@ -43,17 +44,8 @@ from cxr_sr.client.pacs import (
     PacsUnreachableError,
     credentials_from_env,
 )
-from cxr_sr.client.studies import (
-    DONE,
-    FAILED,
-    SKIPPED,
-    DicomWebDestination,
-    parse_destination,
-    process_instance,
-    read_study_files,
-    study_report,
-)
-from cxr_sr.client.triton import PROTOCOLS, SRClient, SRConnectionError, SRServerError
+from cxr_sr.client.studies import DicomWebDestination, parse_destination, submit_study
+from cxr_sr.client.triton import PROTOCOLS, SRClient, SRServerError
 from cxr_sr.serving import add_arguments, namespace_parameters
 
 PROG = "cxr-sr"
@@ -168,8 +160,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dest", action="append", default=[], metavar="DEST", help=DEST_HELP)
     p.add_argument(
+        "--out",
+        type=Path,
+        help="the run's folder: derived <stem>_sr.dcm files, job manifest (a re-run resumes) "
+        "and report.csv/json, per study in <out>/<StudyInstanceUID>/ for --dicomweb "
+        "(default: a temporary folder, removed at the end)",
+    )
+    p.add_argument(
         "--calling-ae", default=DEFAULT_AE_TITLE, help="our AE title for C-STORE destinations"
     )
+    p.add_argument("--concurrency", type=int, default=1, help="images in flight at once")
     _add_server(p)
     p.add_argument("--json", type=Path, help="also write the report to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -213,7 +213,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="AET",
         help="accept associations only from this calling AE title (repeat; default: any)",
     )
-    p.add_argument("--workers", type=int, default=1, help="instances processed at once")
+    p.add_argument("--workers", type=int, default=1, help="images in flight at once")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH,
+        help="most spooled instances taken into one batch run (a stop waits for it to end)",
+    )
     p.add_argument(
         "--calling-ae",
         default=None,
@@ -305,35 +311,14 @@ def cmd_send(args: argparse.Namespace) -> int:
 # pacs run
 
 
-def _connect(args: argparse.Namespace) -> SRClient:
-    client = SRClient(args.url, args.protocol, args.model, timeout_s=args.timeout)
-    try:
-        client.wait_ready(args.wait)
-        client.model_identity()
-    except SRServerError as e:
-        client.close()
-        raise _StopError(str(e), EXIT_UNREACHABLE) from None
-    return client
-
-
-def _sources(args: argparse.Namespace, pacs: DicomWebPacs | None):
-    """Yield (study label, [(source name, dataset)], [failed results]) per study."""
-    if args.input:
-        sources, failed = read_study_files(args.input)
-        by_study: dict[str, list] = {}
-        for name, ds in sources:
-            by_study.setdefault(str(ds.get("StudyInstanceUID", "")), []).append((name, ds))
-        if failed:
-            yield "(unreadable inputs)", [], failed
-        for uid, group in by_study.items():
-            yield uid, group, []
-        return
-    studies = pacs.find_studies(**_filters(args))
-    if not studies:
-        raise _StopError("no study matches the selection", EXIT_INPUT_FAILED)
-    for s in studies:
-        datasets = pacs.retrieve_study(s.study_uid)
-        yield s.study_uid, [(f"{s.study_uid}/{ds.SOPInstanceUID}", ds) for ds in datasets], []
+def _check_server(args: argparse.Namespace) -> None:
+    """Fail fast (exit code 3, one line) when the Triton server does not answer."""
+    with SRClient(args.url, args.protocol, args.model, timeout_s=args.timeout) as client:
+        try:
+            client.wait_ready(args.wait)
+            client.model_identity()
+        except SRServerError as e:
+            raise _StopError(str(e), EXIT_UNREACHABLE) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -343,7 +328,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except _StopError as e:
         _error(str(e))
         return e.code
-    except (SRConnectionError, PacsUnreachableError) as e:
+    except PacsUnreachableError as e:
         _error(str(e))
         return EXIT_UNREACHABLE
 
@@ -351,7 +336,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     if not args.input and not args.dicomweb:
         raise _StopError("give --dicomweb URL (with a study selection) or --input PATH", EXIT_USAGE)
-    if args.input and any(_filters(args).values()):
+    if args.input and any(v is not None for v in _filters(args).values()):
         raise _StopError("the study filters select from --dicomweb, not from --input", EXIT_USAGE)
     try:
         sampling = namespace_parameters(args)
@@ -364,53 +349,54 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise _StopError(str(e), EXIT_USAGE) from None
     if not dests:
-        if pacs is None:
-            raise _StopError("give --dest (where the derived series goes)", EXIT_USAGE)
-        dests = [DicomWebDestination(pacs)]
-    client = _connect(args)
+        if pacs is None and args.out is None:
+            raise _StopError("give --dest or --out (where the derived series goes)", EXIT_USAGE)
+        if pacs is not None:
+            dests = [DicomWebDestination(pacs)]
+    _check_server(args)
+    common = dict(
+        url=args.url, dest=dests, force=args.force, protocol=args.protocol, model=args.model,
+        concurrency=args.concurrency, timeout_s=args.timeout, wait_s=args.wait,
+        progress=False if args.quiet else None, **sampling,
+    )  # fmt: skip
+    if args.input:
+        studies = [(None, args.input)]
+    else:
+        found = pacs.find_studies(**_filters(args))
+        if not found:
+            raise _StopError("no study matches the selection", EXIT_INPUT_FAILED)
+        studies = [(s.study_uid, s.study_uid) for s in found]
     reports = []
-    try:
-        identity = client.model_identity()
-        for label, sources, rows in _sources(args, pacs):
-            bar = tqdm(
-                sources, desc=label[-24:], unit="image", disable=True if args.quiet else None
-            )
-            for name, ds in bar:
-                row = process_instance(
-                    client, ds, name, dests, force=args.force, model=identity, upscale=sampling
-                )
-                rows.append(row)
-                if row.status != DONE:
-                    tqdm.write(f"{row.status}: {name}: {row.reason}", file=sys.stderr)
-            bar.close()
-            reports.append(study_report(label, sources, rows, identity, dests))
-    except PacsError as e:
-        if isinstance(e, PacsUnreachableError):
-            raise
-        raise _StopError(str(e), EXIT_INPUT_FAILED) from None
-    finally:
-        client.close()
-    return _summary(args, reports)
+    for uid, source in studies:
+        out = args.out / safe_name(uid, "study") if (args.out and uid) else args.out
+        report = submit_study(source, source=pacs, out=out, **common)
+        print(f"{uid or 'inputs'}: {report.summary()}", file=sys.stderr)
+        reports.append((uid, report))
+        if report.exit_code == EXIT_UNREACHABLE:
+            break
+    return _finish_run(args, reports)
 
 
-def _summary(args: argparse.Namespace, reports: list[dict[str, Any]]) -> int:
-    counts = {s: sum(r["counts"][s] for r in reports) for s in (DONE, SKIPPED, FAILED)}
-    for r in reports:
-        for row in r["instances"]:
-            if row["status"] == DONE:
-                print(
-                    f"{row['source']}: {row['size']} -> {row['out_size']}  "
-                    f"{row['derived_sop_instance_uid']}  {row['seconds']:.2f} s"
-                )
-    print(
-        f"{len(reports)} stud{'y' if len(reports) == 1 else 'ies'}: {counts[DONE]} done, "
-        f"{counts[SKIPPED]} skipped, {counts[FAILED]} failed",
-        file=sys.stderr,
-    )
+def _finish_run(args: argparse.Namespace, reports) -> int:
+    codes = [r.exit_code for _, r in reports]
+    for _, r in reports:
+        for row in r.rows:
+            if row.get("status") == DONE:
+                where = ", ".join(row.get("delivered_to") or []) or "(kept in --out)"
+                print(f"{row['input']}: {row.get('size')} -> {row.get('out_size')}  {where}")
     if args.json:
+        body = {
+            "studies": [{"study": uid, **r.to_json()} for uid, r in reports],
+            "exit_code": max(codes),
+        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"studies": reports, "counts": counts}, indent=2))
-    return EXIT_INPUT_FAILED if counts[FAILED] else EXIT_OK
+        args.json.write_text(json.dumps(body, indent=2, default=str))
+    for _, r in reports:
+        if r.exit_code == EXIT_UNREACHABLE:
+            _error(r.message)
+    if EXIT_UNREACHABLE in codes:
+        return EXIT_UNREACHABLE
+    return max(codes)
 
 
 # listen
@@ -440,6 +426,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
             port=args.port,
             allowed_aes=tuple(args.allow_ae),
             workers=args.workers,
+            batch=args.batch,
             force=args.force,
             sampling=namespace_parameters(args),
         )
@@ -447,7 +434,7 @@ def cmd_listen(args: argparse.Namespace) -> int:
         _error(str(e))
         return EXIT_USAGE
     try:
-        _connect(args).close()
+        _check_server(args)
     except _StopError as e:
         _error(str(e))
         return e.code

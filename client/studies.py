@@ -6,12 +6,13 @@
     report = submit_study("study/", url="127.0.0.1:8000",
                           pacs=Peer.parse("PACS@10.0.0.5:104"))  # C-STORE the derived series
 
-Every instance of the study is read, checked against the model's domain
-(``client.dicom.domain_problem``: CT, MR, US ... and non-chest body parts are skipped with
-their reason unless ``force``), upscaled at its own geometry and made a derived instance of
-the same study (``client.dicom.upscale_dataset``: deterministic UIDs, so a re-run replaces
-its earlier result in the PACS instead of duplicating it), then delivered at once to each
-destination: a DICOMweb server (STOW-RS), a DICOM node (C-STORE) and/or a folder.
+A study (a folder of DICOM files, or a Study Instance UID retrieved over WADO-RS) goes
+through the batch engine (``client.batch.run_batch``: job manifest, retries, report), which
+skips instances outside the model's domain with their reason unless forced, and writes each
+chest radiograph's derived instance (``client.dicom``: same study, new series, UIDs fixed by
+the source and the model, so a re-run replaces its earlier result in the PACS instead of
+duplicating it); :func:`deliver` then sends every derived instance to each destination: a
+DICOMweb server (STOW-RS), a DICOM node (C-STORE) and/or a folder.
 
 A :class:`Destination` is what the node mode (``client.node``) delivers to as well; parse one
 from the command line with :func:`parse_destination` (``dimse:AET@HOST:PORT``,
@@ -20,28 +21,31 @@ from the command line with :func:`parse_destination` (``dimse:AET@HOST:PORT``,
 
 from __future__ import annotations
 
+import contextlib
 import io
-import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from cxr_sr.client.dicom import dicom_file_name, domain_problem, safe_name, upscale_dataset
+from cxr_sr.client.batch import DONE, FAILED, Report, run_batch, write_report
+from cxr_sr.client.dicom import dicom_file_name, safe_name
 from cxr_sr.client.dimse import DEFAULT_AE_TITLE, Peer, send, write_durably
-from cxr_sr.client.io import is_dicom, iter_inputs
-from cxr_sr.client.pacs import Credentials, DicomWebPacs, PacsError, credentials_from_env
-from cxr_sr.client.triton import DEFAULT_IN_FLIGHT, SRClient, SRConnectionError, SRServerError
+from cxr_sr.client.exit_codes import EXIT_INPUT_FAILED, EXIT_UNREACHABLE
+from cxr_sr.client.pacs import (
+    Credentials,
+    DicomWebPacs,
+    PacsError,
+    PacsUnreachableError,
+    credentials_from_env,
+)
 
-log = logging.getLogger(__name__)
-
-DONE, SKIPPED, FAILED = "done", "skipped", "failed"
+DERIVED_SUFFIX = "_sr.dcm"  # run_batch's name for the derived instance of an input
 
 
 class Destination(Protocol):
@@ -127,194 +131,167 @@ def parse_destination(
     )
 
 
-@dataclass
-class InstanceResult:
-    """One source instance's outcome (a row of the report)."""
-
-    source: str  # file path, or "<study>/<SOP Instance UID>" for a PACS source
-    sop_instance_uid: str = ""
-    modality: str = ""
-    status: str = FAILED
-    reason: str = ""  # why skipped or failed
-    size: str = ""  # source Rows x Columns
-    out_size: str = ""
-    derived_series_uid: str = ""
-    derived_sop_instance_uid: str = ""
-    seconds: float | None = None
-    delivered_to: list[str] = field(default_factory=list)
+def fetch_study(pacs: DicomWebPacs, study_uid: str, folder: str | os.PathLike) -> Path:
+    """Retrieve a study (WADO-RS) into ``folder`` as ``<SOPInstanceUID>.dcm`` files (names
+    sanitized, each written whole or not at all); returns the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for ds in pacs.retrieve_study(study_uid):
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        write_durably(folder / dicom_file_name(ds), buffer.getvalue())
+    return folder
 
 
-def _size(ds: Dataset) -> str:
-    return f"{int(ds.get('Rows', 0) or 0)}x{int(ds.get('Columns', 0) or 0)}"
+def derived_file(row: dict[str, Any]) -> Path | None:
+    """The derived DICOM a report row's input became (``run_batch``'s ``_sr.dcm`` output)."""
+    for output in row.get("outputs") or ():
+        if str(output).endswith(DERIVED_SUFFIX):
+            return Path(output)
+    return None
 
 
-def process_instance(
-    client: SRClient,
-    ds: Dataset,
-    source: str,
-    destinations: Sequence[Destination],
-    *,
-    force: bool = False,
-    model=None,
-    upscale: dict[str, Any] | None = None,
-) -> InstanceResult:
-    """Check, upscale, derive and deliver one source instance; never raises for a problem
-    with this instance (it goes into the result). Raises ``SRConnectionError`` when the
-    server is gone and ``PacsUnreachableError`` when a destination is: the caller stops."""
-    row = InstanceResult(
-        source=source,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        modality=str(ds.get("Modality", "")),
-        size=_size(ds),
-    )
-    problem = domain_problem(ds)
-    if problem and not force:
-        row.status, row.reason = SKIPPED, problem
-        log.info("skipped %s: %s", source, problem)
-        return row
-    t0 = time.perf_counter()
-    try:
-        derived = upscale_dataset(client, ds, model, **(upscale or {}))
-    except SRConnectionError:
-        raise
-    except (ValueError, SRServerError) as e:
-        row.reason = str(e)
-        log.warning("failed %s: %s", source, e)
-        return row
-    row.seconds = time.perf_counter() - t0
-    row.out_size = _size(derived)
-    row.derived_series_uid = str(derived.SeriesInstanceUID)
-    row.derived_sop_instance_uid = str(derived.SOPInstanceUID)
-    for dest in destinations:
-        try:
-            dest.send([derived])
-        except PacsError as e:
-            if type(e) is not PacsError:  # PacsUnreachableError: stop the run
-                raise
-            row.reason = str(e)
-            return row
-        except OSError as e:  # a folder destination
-            row.reason = f"{dest}: {e}"
-            return row
-        row.delivered_to.append(str(dest))
-    row.status = DONE
-    return row
+def deliver(report: Report, destinations: Sequence[Destination]) -> None:
+    """Send the derived instance of every done row of ``report`` to each destination.
 
-
-def read_study_files(
-    paths: Iterable[str | os.PathLike],
-) -> tuple[list[tuple[str, Dataset]], list[InstanceResult]]:
-    """(source name, dataset) for every DICOM file under ``paths``; unreadable ones as failed
-    results. Non-DICOM files in a folder are ignored; a non-DICOM file given by name fails."""
-    found, failed = [], []
-    for f in iter_inputs(paths):
-        if not is_dicom(f):
-            failed.append(InstanceResult(str(f), reason="not a DICOM file"))
+    Each row gets ``delivered_to`` (the destinations that took it). A destination that
+    refuses an instance makes its row failed (``error`` says why) and the exit code 1; one
+    that cannot be reached stops the delivery with exit code 3 and the report's message
+    (rows already delivered keep their ``delivered_to``; deterministic UIDs make a re-run
+    replace them, never duplicate).
+    """
+    for row in report.rows:
+        if row.get("status") != DONE:
             continue
-        try:
-            found.append((str(f), pydicom.dcmread(f)))
-        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as e:
-            failed.append(InstanceResult(str(f), reason=f"not a readable DICOM file ({e})"))
-    return found, failed
+        row["delivered_to"] = []
+        path = derived_file(row)
+        if path is None:
+            continue
+        ds = pydicom.dcmread(path)
+        for dest in destinations:
+            try:
+                dest.send([ds])
+            except PacsUnreachableError as e:
+                report.exit_code = EXIT_UNREACHABLE
+                report.message = f"stopped: {e}; re-run the same command to finish"
+                return
+            except (PacsError, OSError) as e:
+                row["status"], row["error"] = FAILED, f"delivery to {dest} failed: {e}"
+                report.exit_code = max(report.exit_code, EXIT_INPUT_FAILED)
+                break
+            row["delivered_to"].append(str(dest))
 
 
 def _looks_like_uid(text: str) -> bool:
-    return bool(text) and all(part.isdigit() for part in text.split(".")) and len(text) <= 64
+    return bool(text) and len(text) <= 64 and all(p.isdigit() for p in text.split("."))
 
 
-def _destinations(pacs, out) -> list[Destination]:
-    dests: list[Destination] = []
-    if isinstance(pacs, DicomWebPacs):
-        dests.append(DicomWebDestination(pacs))
-    elif isinstance(pacs, Peer):
-        dests.append(DimseDestination(pacs))
-    elif pacs is not None:
-        dests.append(pacs)  # any Destination
-    if out is not None:
-        dests.append(FolderDestination(Path(out)))
-    return dests
+def _destinations(pacs, dest) -> list[Destination]:
+    found: list[Destination] = []
+    for d in [pacs, *(dest or ())]:
+        if d is None:
+            continue
+        if isinstance(d, str):
+            d = parse_destination(d if ":" in d.split("@")[0] else f"dimse:{d}")
+        if isinstance(d, DicomWebPacs):
+            d = DicomWebDestination(d)
+        elif isinstance(d, Peer):
+            d = DimseDestination(d)
+        found.append(d)
+    return found
 
 
 def submit_study(
-    path_or_uid: str | os.PathLike,
+    path_or_uid: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     url: str = "127.0.0.1:8000",
     pacs: DicomWebPacs | Peer | Destination | str | None = None,
     out: str | os.PathLike | None = None,
+    dest: Sequence[Destination | str] = (),
+    source: DicomWebPacs | None = None,
     force: bool = False,
     protocol: str = "http",
     model: str = "cxr_sr",
+    concurrency: int = 1,
     timeout_s: float = 300.0,
-    in_flight: int = DEFAULT_IN_FLIGHT,
-    progress: Callable[[InstanceResult], None] | None = None,
+    wait_s: float = 0.0,
+    progress: bool | None = False,
+    log: Callable[[str], None] | None = None,
     **sampling: Any,
-) -> dict[str, Any]:
+) -> Report:
     """Super-resolve one study and deliver its derived series; returns the report.
 
+    The study's instances go through ``client.batch.run_batch`` with DICOM output: each
+    chest radiograph becomes a derived instance of the same study (``client.dicom``:
+    deterministic UIDs, so a re-run replaces rather than duplicates), instances outside the
+    model's domain (CT, MR, US ..., non-chest body parts) are skipped with their reason unless
+    ``force``, transient server errors are retried with backoff, and the job manifest in
+    ``out`` lets an interrupted run resume. The derived instances are then delivered
+    (:func:`deliver`).
+
     Args:
-        path_or_uid: a DICOM file or study folder, or a Study Instance UID to retrieve from
-            ``pacs`` over DICOMweb (WADO-RS).
+        path_or_uid: a DICOM file or study folder (or a list of them), or a Study Instance
+            UID to retrieve over DICOMweb (WADO-RS) from ``source``, else from ``pacs``.
         url: the Triton server (``host:port``).
-        pacs: where the derived series goes (and, for a UID, where the study comes from):
-            a :class:`DicomWebPacs` or its URL (credentials from the environment; STOW-RS),
-            a :class:`Peer` or ``"AET@HOST:PORT"`` (C-STORE), or any :class:`Destination`.
-        out: also write the derived instances under this folder.
-        force: upscale inputs outside the model's domain instead of skipping them.
-        protocol, model, timeout_s, in_flight: the :class:`SRClient`'s.
-        progress: called with each instance's result as it is done.
+        pacs: where the derived series goes (for a UID also where the study comes from):
+            a :class:`DicomWebPacs` or an http(s) URL (credentials from the environment,
+            STOW-RS), a :class:`Peer` or ``"AET@HOST:PORT"`` (C-STORE), or a
+            :class:`Destination`.
+        out: the run's folder: derived ``<stem>_sr.dcm`` files, the manifest and
+            ``report.csv`` / ``report.json`` (a retrieved study is cached in
+            ``out/source/``). Default: a temporary folder, removed at the end (the
+            report's output paths then no longer exist).
+        dest: more destinations (objects or ``parse_destination`` strings).
+        source: the DICOMweb server a UID is retrieved from, when it is not ``pacs`` (e.g.
+            to read from one server and C-STORE to another).
+        force, protocol, model, concurrency, timeout_s, wait_s, progress, log: as
+            ``run_batch``'s.
         sampling: request-schema keywords (``steps``, ``seed``, ...).
 
-    Returns a dict: ``study`` (source, UIDs), ``model`` (name, version, weights hash),
-    ``destinations``, ``instances`` (one row per source instance: status done / skipped /
-    failed with the reason, sizes, derived UIDs, seconds) and ``counts``. Raises
-    ``ValueError`` for bad arguments, ``SRConnectionError`` when the server cannot be
-    reached and ``PacsUnreachableError`` when the PACS cannot.
+    Returns ``client.batch.Report``: one row per instance (status done / skipped / failed,
+    error, sizes, outputs, ``delivered_to``, latency, model identity), ``exit_code``
+    (``client.exit_codes``: 3 when the server or the PACS cannot be reached) and
+    ``summary()``. Raises ``ValueError`` for bad arguments.
     """
-    if isinstance(pacs, str):
-        if pacs.startswith(("http://", "https://")):
-            pacs = DicomWebPacs(pacs, credentials_from_env())
-        else:
-            pacs = Peer.parse(pacs)
-    destinations = _destinations(pacs, out)
-    if not destinations:
-        raise ValueError("nowhere to deliver the derived series: give pacs= and/or out=")
-    text = os.fspath(path_or_uid)
-    if Path(text).exists():
-        sources, rows = read_study_files([text])
-    elif _looks_like_uid(text):
-        if not isinstance(pacs, DicomWebPacs):
-            raise ValueError(f"{text} is a UID: retrieving a study needs a DICOMweb pacs=")
-        sources = [(f"{text}/{ds.SOPInstanceUID}", ds) for ds in pacs.retrieve_study(text)]
-        rows = []
-    else:
-        raise ValueError(f"{text}: no such file or folder, and not a Study Instance UID")
-    if not sources and not rows:
-        raise ValueError(f"{text}: no DICOM instances found")
-
-    with SRClient(url, protocol, model, timeout_s=timeout_s, in_flight=in_flight) as client:
-        identity = client.model_identity()
-        for name, ds in sources:
-            row = process_instance(
-                client, ds, name, destinations, force=force, model=identity, upscale=sampling
-            )
-            rows.append(row)
-            if progress is not None:
-                progress(row)
-    return study_report(text, sources, rows, identity, destinations)
-
-
-def study_report(source: str, sources, rows, identity, destinations) -> dict[str, Any]:
-    """The report dict of one study run (see :func:`submit_study`)."""
-    study_uids = sorted({str(ds.get("StudyInstanceUID", "")) for _, ds in sources})
-    counts = {s: sum(r.status == s for r in rows) for s in (DONE, SKIPPED, FAILED)}
-    return {
-        "study": {"source": source, "study_instance_uids": study_uids},
-        "model": {
-            "name": identity.name,
-            "version": identity.version,
-            "weights_sha256": identity.weights_sha256,
-        },
-        "destinations": [str(d) for d in destinations],
-        "instances": [vars(r) for r in rows],
-        "counts": counts,
-    }
+    if isinstance(pacs, str) and pacs.startswith(("http://", "https://")):
+        pacs = DicomWebPacs(pacs, credentials_from_env())
+    destinations = _destinations(pacs, dest)
+    if not destinations and out is None:
+        raise ValueError("nowhere to deliver the derived series: give pacs=, dest= or out=")
+    if isinstance(path_or_uid, (str, os.PathLike)):
+        path_or_uid = [path_or_uid]
+    texts = [os.fspath(p) for p in path_or_uid]
+    source = source or (pacs if isinstance(pacs, DicomWebPacs) else None)
+    uid = None
+    if len(texts) == 1 and not Path(texts[0]).exists():
+        uid = texts[0]
+        if not _looks_like_uid(uid):
+            raise ValueError(f"{uid}: no such file or folder, and not a Study Instance UID")
+        if source is None:
+            raise ValueError(f"{uid} is a UID: retrieving a study needs a DICOMweb pacs=")
+    text = uid or ", ".join(texts)
+    with contextlib.ExitStack() as stack:
+        if out is None:
+            out = stack.enter_context(tempfile.TemporaryDirectory(prefix="cxr-sr-study-"))
+        out = Path(out)
+        inputs = [Path(t) for t in texts]
+        if uid is not None:
+            try:
+                inputs = [fetch_study(source, uid, out / "source" / safe_name(uid, "study"))]
+            except PacsError as e:
+                code = (
+                    EXIT_UNREACHABLE if isinstance(e, PacsUnreachableError) else EXIT_INPUT_FAILED
+                )
+                return Report([], None, code, str(e))
+        report = run_batch(
+            inputs, out, [url], protocol=protocol, model=model, concurrency=concurrency,
+            png=False, dicom=True, force=force, timeout_s=timeout_s, wait_s=wait_s,
+            sampling=sampling, progress=progress, log=log,
+            report_extra={"study": text, "destinations": [str(d) for d in destinations]},
+        )  # fmt: skip
+        if report.exit_code != EXIT_UNREACHABLE and destinations:
+            deliver(report, destinations)
+            with contextlib.suppress(OSError):
+                extra = {"study": text, "destinations": [str(d) for d in destinations]}
+                report.files = write_report(report, out, extra)
+        return report

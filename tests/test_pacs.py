@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import os
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -172,10 +173,14 @@ def test_dicomweb_round_trip(orthanc, server, study, tmp_path, monkeypatch, caps
     out = capsys.readouterr()
 
     data = json.loads(report.read_text())
-    rows = {r["modality"]: r for r in data["studies"][0]["instances"]}
-    assert data["counts"] == {"done": 1, "skipped": 1, "failed": 0}
-    assert rows["CR"]["status"] == "done" and rows["CR"]["out_size"] == "244x228"
-    assert rows["CT"]["status"] == "skipped" and "modality CT" in rows["CT"]["reason"]
+    (study_report,) = data["studies"]
+    rows = {Path(r["input"]).stem: r for r in study_report["rows"]}
+    assert study_report["summary"] == {"done": 1, "failed": 0, "skipped": 1, "pending": 0}
+    cr, ct_row = rows[rg.SOPInstanceUID], rows[ct.SOPInstanceUID]
+    assert cr["status"] == "done" and cr["out_size"] == "244x228"
+    assert cr["delivered_to"] == [f"dicomweb:{orthanc.dicomweb_url}"]
+    assert cr["weights_sha256"] and cr["model_version"]
+    assert ct_row["status"] == "skipped" and "modality CT" in ct_row["error"]
     assert "skipped" in out.err and "modality CT" in out.err
 
     stored = orthanc.instances(rg.StudyInstanceUID)
@@ -185,7 +190,6 @@ def test_dicomweb_round_trip(orthanc, server, study, tmp_path, monkeypatch, caps
     with SRClient(server.http_url) as client:
         expected = expected_derived(client, rg, steps=1, seed=0)
     assert_derived(derived, rg, expected)
-    assert rows["CR"]["derived_sop_instance_uid"] == derived_uid
 
     # a re-run replaces the derived instance: same UIDs, no duplicate
     assert pacs_cli.main(argv) == EXIT_OK
