@@ -3,7 +3,7 @@ tritonclient; no torch).
 
 - ``client.io``: ``read_image`` (PNG/JPEG/TIFF/DICOM -> float32 [H, W] in [0, 1]),
   ``dataset_image`` (the same for a pydicom dataset), ``image_bits``, ``write_png``,
-  ``write_dicom_sc``, ``iter_inputs``;
+  ``iter_inputs``;
 - ``client.dicom``: ``derive_instance`` (the derived Secondary Capture of a DICOM source, in
   its study, with deterministic UIDs), ``upscale_dataset``, ``domain_problem``;
 - ``client.prepare``: the reference protocol, ``prepare(image) -> (lr [64, 64], hr)``;
@@ -12,16 +12,19 @@ tritonclient; no torch).
   within the server's size limits), ``upscale`` (one image of any size, tiled) and
   ``model_identity`` (``ModelIdentity``: name, version, weights hash);
 - ``client.tiling``: tile plans and feathered blending (numpy);
-- ``client.report``: scores, side-by-side strips and text tables; ``client.cli``: ``cxr-sr``.
+- ``client.batch``: ``run_batch(inputs, out, urls=...) -> Report``, the resumable batch
+  engine (manifest, retries, several servers, report files) behind ``cxr-sr upscale``;
+- ``client.report``: scores, side-by-side strips and text tables; ``client.cli``: ``cxr-sr``;
+- ``client.exit_codes``: the exit-code table of every command.
 """
 
+from cxr_sr.client.batch import Report, run_batch
 from cxr_sr.client.dicom import derive_instance, domain_problem, upscale_dataset
 from cxr_sr.client.io import (
     dataset_image,
     image_bits,
     iter_inputs,
     read_image,
-    write_dicom_sc,
     write_png,
 )
 from cxr_sr.client.metrics import hfen, lr_psnr, ms_ssim, psnr, ssim
@@ -43,6 +46,7 @@ from cxr_sr.client.triton import (
 
 __all__ = [
     "ModelIdentity",
+    "Report",
     "SRClient",
     "SRConnectionError",
     "SRServerError",
@@ -61,12 +65,12 @@ __all__ = [
     "prepare",
     "psnr",
     "read_image",
+    "run_batch",
     "save_side_by_side",
     "scores",
     "side_by_side",
     "ssim",
     "to_reference_hr",
     "upscale_dataset",
-    "write_dicom_sc",
     "write_png",
 ]

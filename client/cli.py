@@ -1,64 +1,59 @@
-"""``cxr-sr``: super-resolve radiographs (files, folders, DICOM studies) with a Triton server.
+"""``cxr-sr``: super-resolve radiographs (files, folders, DICOM studies) with Triton servers.
 
-    cxr-sr scans/ study/ one.png --out results/                  # upscale: 4x each image
-    cxr-sr scans/ --out results/ --eval native --json report.json  # score at native scale
+    cxr-sr scans/ study/ one.png --out results/                     # upscale (the default)
+    cxr-sr upscale scans/ --out results/ --url h1:8000 --url h2:8000 --concurrency 4
+    cxr-sr upscale study/ --out derived/ --dicom --no-png           # derived DICOM series
+    cxr-sr scans/ --out results/ --eval native                      # score the model
+    cxr-sr pacs ... / cxr-sr listen ...                             # PACS commands
 
-Default (upscale): every input is the LR. ``<stem>_sr.png`` is the 4x image at the input's
-own geometry (H x W -> 4H x 4W, odd sizes included) and bit depth (8-bit inputs give 8-bit
-PNGs, deeper ones and DICOM 16-bit); inputs larger than the server's maximum side are tiled
-(``SRClient.upscale``). Folder inputs keep their sub-folder layout under ``--out``.
+Commands: ``upscale`` (``client.batch.run_batch``: resumable, spread over every ``--url``),
+and the PACS commands that ``cxr_sr.client.pacs_cli.register`` adds when that module is
+installed. A first argument that is not a command means ``upscale``.
 
-``--eval`` scores the model instead, on a degraded copy of each image with the image as
-reference (``cxr_sr.imaging``, the protocols training and evaluation use):
+Upscale: every input is the LR. ``<stem>_sr.png`` is the 4x image at the input's own geometry
+(H x W -> 4H x 4W) and bit depth (8-bit inputs give 8-bit PNGs, deeper ones and DICOM
+16-bit); inputs larger than the server's maximum side are tiled (``SRClient.upscale``).
+Folder inputs keep their sub-folder layout under ``--out``. ``--dicom`` also writes
+``<stem>_sr.dcm`` for each DICOM input: the derived instance in its study
+(``client.dicom.derive_instance``). ``--eval`` scores the model on a degraded copy of each
+image with the image as reference (``cxr_sr.imaging``): ``reference`` (HR = the centred
+square resized to 256, LR its 4x area downsample) or ``native`` (HR = the image at its own
+size). Every mode reports each result's LR consistency (``client.metrics.lr_psnr``).
 
-- ``reference``: HR = the centred square resized to 256 x 256, LR = its 4x area downsample
-  (64 x 64); the output is the 256 x 256 SR;
-- ``native``: HR = the image at its own pixel size (cropped to a multiple of 4), LR = its 4x
-  area downsample; the output is the SR at the image's size, scored at full size.
-
-Both report PSNR/SSIM/MS-SSIM/HFEN of SR and of bicubic against the HR. Every mode reports
-each result's LR consistency: the PSNR of its 4x area downsample against the LR it was made
-from (``client.metrics.lr_psnr``), for the SR and for bicubic; an SR far below bicubic there
-has changed the image, not only sharpened it. A bad input is reported and skipped (exit
-code 1 at the end); an unreachable server is one line on stderr and exit code 2.
+The run keeps a manifest in ``--out``: run the same command again after an interruption and
+it does only what is left. Each image's line is in ``<out>/report.csv`` and ``report.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxr_sr.client.io import (
-    image_bits,
-    is_dicom,
-    iter_inputs,
-    read_image,
-    write_dicom_sc,
-    write_png,
+from cxr_sr.client.batch import (
+    DEFAULT_BACKOFF_S,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_RETRIES,
+    ON_CHANGE,
+    UPSCALE,
+    run_batch,
 )
-from cxr_sr.client.report import METRICS, bicubic_baseline, format_table, save_side_by_side, scores
-from cxr_sr.client.triton import (
-    DEFAULT_IN_FLIGHT,
-    DEFAULT_MAX_BATCH,
-    PROTOCOLS,
-    SRClient,
-    SRConnectionError,
-    SRServerError,
-)
+from cxr_sr.client.exit_codes import EXIT_CODES, EXIT_USAGE
+from cxr_sr.client.report import METRICS, format_table
+from cxr_sr.client.triton import DEFAULT_IN_FLIGHT, DEFAULT_MAX_BATCH, PROTOCOLS
 from cxr_sr.imaging import PROTOCOLS as IMAGE_PROTOCOLS
-from cxr_sr.imaging import SCALE, Pair, native_pair, reference_pair
+from cxr_sr.imaging import SCALE
 from cxr_sr.serving import add_arguments, namespace_parameters
 
-EXIT_OK, EXIT_INPUT_FAILED, EXIT_SERVER = 0, 1, 2
-
-UPSCALE = "upscale"
+PROG = "cxr-sr"
+DEFAULT_URL = "127.0.0.1:8000"
+PACS_CLI = "cxr_sr.client.pacs_cli"  # its register(subparsers) adds the PACS commands
 EVAL_PROTOCOLS = ("reference", "native")
 MODES = {
     UPSCALE: f"upscale: each input is the LR; SR = {SCALE}x its size (H x W -> "
@@ -68,8 +63,6 @@ MODES = {
         for name, text in IMAGE_PROTOCOLS.items()
     },
 }
-_PAIRS = {"reference": reference_pair, "native": native_pair}
-
 LR_COLUMNS = [
     ("lr_psnr_sr", "LR PSNR SR", ".2f"),
     ("lr_psnr_bicubic", "LR PSNR bicubic", ".2f"),
@@ -77,9 +70,9 @@ LR_COLUMNS = [
     ("seconds", "s/image", ".3f"),
 ]
 TABLE_COLUMNS = {
-    UPSCALE: [("name", "image"), ("size", "input"), ("out_size", "output"), *LR_COLUMNS],
+    UPSCALE: [("key", "image"), ("size", "input"), ("out_size", "output"), *LR_COLUMNS],
     "eval": [
-        ("name", "image"),
+        ("key", "image"),
         ("size", "input"),
         ("scale", "HR / LR"),
         ("psnr_sr", "PSNR SR", ".2f"),
@@ -95,12 +88,59 @@ _MEAN_KEYS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cxr-sr",
-        description="4x super-resolution of chest radiographs through a Triton server "
-        "(ensemble cxr_sr). By default every input is the LR and comes back 4x larger, at its "
-        "own geometry and bit depth; --eval scores the model on degraded copies instead.",
+def exit_code_epilog() -> str:
+    """The exit-code table (``client.exit_codes``), for every command's --help."""
+    lines = [f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items()]
+    return "exit codes (every cxr-sr command):\n" + "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """--url (repeatable), --protocol, --model, --timeout, --wait: how to reach the servers."""
+    p.add_argument(
+        "--url",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"Triton host:port, no scheme (default {DEFAULT_URL}); give it several times to "
+        "spread the batch over several servers (each image goes to the least busy one)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="http",
+        help="tritonclient protocol (Triton serves HTTP on 8000 and gRPC on 8001)",
+    )
+    p.add_argument("--model", default="cxr_sr", help="name of the served ensemble")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per request")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="seconds to wait for the servers to become ready before giving up",
+    )
+
+
+def _add_upscale(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        UPSCALE,
+        help="4x each image of files and folders (the default command)",
+        description="4x super-resolution of chest radiographs through Triton servers "
+        "(ensemble cxr_sr). Every input is the LR and comes back 4x larger, at its own "
+        "geometry and bit depth; --eval scores the model on degraded copies instead. The run "
+        "is resumable: the same command after an interruption does only what is left.",
+        epilog=exit_code_epilog()
+        + "\n\nA run stopped by a full output disk exits with 1 and a line saying so; free "
+        "space and re-run the same command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "inputs",
@@ -109,15 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="image files (PNG, JPEG, TIFF, DICOM) or folders, searched recursively "
         "(DICOM files without suffix are found by content)",
     )
-    p.add_argument("--out", required=True, type=Path, help="output folder for <stem>_sr.png")
-    p.add_argument("--url", default="127.0.0.1:8000", help="Triton host:port, no scheme")
     p.add_argument(
-        "--protocol",
-        choices=PROTOCOLS,
-        default="http",
-        help="tritonclient protocol (Triton serves HTTP on 8000 and gRPC on 8001)",
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder: <stem>_sr.png (and .dcm), the run's manifest and report",
     )
-    p.add_argument("--model", default="cxr_sr", help="name of the served ensemble")
+    add_server_arguments(p)
     add_arguments(p)  # --steps, --seed, ...: one flag per request-schema key
     p.add_argument(
         "--eval",
@@ -128,16 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
         "downsample); PSNR/SSIM of SR and bicubic against the HR",
     )
     p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        help="images in flight at once, spread over the --url servers (default 1)",
+    )
+    p.add_argument(
         "--in-flight",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_IN_FLIGHT,
-        help=f"tile requests in flight at once (default {DEFAULT_IN_FLIGHT}: the cpu target "
+        help=f"tile requests in flight per image (default {DEFAULT_IN_FLIGHT}: the cpu target "
         "computes one batch at a time, and more only add memory; up to the server's "
         f"max_batch_size, {DEFAULT_MAX_BATCH}, on a GPU server, whose dynamic batcher merges them)",
     )
     p.add_argument(
         "--tile",
-        type=int,
+        type=_positive_int,
         default=None,
         help="LR tile side for images larger than it (default: the largest side the server takes)",
     )
@@ -147,14 +191,46 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="LR pixels shared by neighbouring tiles (default: a quarter of the tile side)",
     )
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per request")
     p.add_argument(
-        "--wait",
-        type=float,
-        default=0.0,
-        help="seconds to wait for the server to become ready before giving up",
+        "--retries",
+        type=int,
+        default=DEFAULT_RETRIES,
+        help="retries of a request on transient errors (connection refused or reset, HTTP "
+        f"502/503/504, gRPC UNAVAILABLE), with exponential backoff (default {DEFAULT_RETRIES}); "
+        "a refused request (400) is never retried",
     )
-    p.add_argument("--json", type=Path, help="also write the per-image report to this JSON file")
+    p.add_argument(
+        "--backoff",
+        type=float,
+        default=DEFAULT_BACKOFF_S,
+        help=f"first retry delay in seconds, doubled at each retry, with jitter (default "
+        f"{DEFAULT_BACKOFF_S})",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="largest input image in pixels, read from its header and refused before decoding "
+        f"(default {DEFAULT_MAX_PIXELS}, 3000 x 3000)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="also process DICOM inputs outside the model's domain (modality other than CR, "
+        "DX, RG; a body part other than chest), which are skipped otherwise",
+    )
+    p.add_argument(
+        "--on-change",
+        choices=ON_CHANGE,
+        default="refuse",
+        help="when --out holds results of another model or other settings: refuse (exit 2, "
+        "the default) or redo them",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        help="also write the report (as <out>/report.json) to this file",
+    )
     p.add_argument(
         "--side-by-side",
         action="store_true",
@@ -163,225 +239,135 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dicom",
         action="store_true",
-        help="also write <stem>_sr.dcm, a derived Secondary Capture; DICOM inputs lend it their "
-        "patient/study attributes, and all outputs of a run form one new series",
+        help="also write <stem>_sr.dcm for each DICOM input: a derived Secondary Capture in "
+        "its study (new series, deterministic UIDs, source referenced, spacing / 4)",
+    )
+    p.add_argument(
+        "--no-png",
+        action="store_true",
+        help="do not write <stem>_sr.png (with --dicom: DICOM outputs only)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_upscale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``cxr-sr`` and its commands (``upscale``, and those of ``pacs_cli`` when installed)."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="4x super-resolution of chest radiographs through Triton servers. "
+        f"A first argument that is not a command runs '{UPSCALE}' "
+        f"('{PROG} scans/ --out results/'); '{PROG} COMMAND --help' for each command.",
+        epilog=exit_code_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, help="the command")
+    _add_upscale(sub)
+    if importlib.util.find_spec(PACS_CLI) is not None:
+        importlib.import_module(PACS_CLI).register(sub)
     return p
 
 
-def _collect(inputs: Sequence[str], failed: list[dict[str, str]]) -> list[tuple[Path, Path]]:
-    """(file, output stem relative to --out) for every input file; bad paths go to ``failed``."""
-    jobs: list[tuple[Path, Path]] = []
-    used: set[Path] = set()
-    for arg in inputs:
-        root = Path(arg)
-        try:
-            files = iter_inputs([root])
-        except ValueError as e:
-            failed.append({"path": str(root), "error": str(e)})
-            continue
-        for f in files:
-            rel = f.relative_to(root).parent if root.is_dir() else Path()
-            stem = rel / f.stem
-            k = 2
-            while stem in used:
-                stem = rel / f"{f.stem}_{k}"
-                k += 1
-            used.add(stem)
-            jobs.append((f, stem))
-    return jobs
-
-
-def _size(x: np.ndarray) -> str:
-    return f"{x.shape[0]}x{x.shape[1]}"
+def commands(parser: argparse.ArgumentParser) -> set[str]:
+    """The command names ``parser`` knows."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
 
 
 def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    mean: dict[str, Any] = {"name": f"mean ({len(rows)})", "size": ""}
+    mean: dict[str, Any] = {"key": f"mean ({len(rows)})", "size": ""}
     for k in _MEAN_KEYS:
         vals = [r[k] for r in rows if r.get(k) is not None]
         mean[k] = float(np.mean(vals)) if vals else None
     return mean
 
 
-def _pixel_spacing(path: Path, factor: float) -> tuple[float, float] | None:
-    """Output pixel spacing (mm) when the source DICOM gives one; ``factor`` = source pixels
-    per output pixel."""
-    import pydicom
-
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-    if not spacing or len(spacing) != 2 or min(float(v) for v in spacing) <= 0:
-        return None
-    return float(spacing[0]) * factor, float(spacing[1]) * factor
-
-
-def _write_dicom(args: argparse.Namespace, job: dict[str, Any], sr: np.ndarray) -> None:
-    source = job["path"] if is_dicom(job["path"]) else None
-    spacing = None
-    if source is not None:
-        try:
-            spacing = _pixel_spacing(source, job["spacing_factor"])
-        except Exception:
-            source = None  # unreadable header: write without source attributes
-    write_dicom_sc(
-        args.out / f"{job['stem']}_sr.dcm",
-        sr,
-        source,
-        series_uid=args.series_uid,
-        instance_number=job["index"] + 1,
-        pixel_spacing=spacing,
-    )
-
-
-class _TileBar:
-    """A progress bar over the tiles of one image, shown only when it has several."""
-
-    def __init__(self, disable: bool | None) -> None:
-        self.disable = disable
-        self.bar = None
-
-    def __call__(self, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if total <= 1:
-            return
-        if self.bar is None:
-            self.bar = tqdm(
-                total=total, desc="tiles", unit="tile", leave=False, disable=self.disable
-            )
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _job(path: Path, stem: Path, index: int, mode: str) -> dict[str, Any]:
-    """Read one input and make its LR (and HR under --eval); ValueError for a bad input."""
-    image = read_image(path)
-    job: dict[str, Any] = {"path": path, "stem": stem, "index": index, "size": _size(image)}
-    job["bits"] = image_bits(path)
-    if mode == UPSCALE:
-        job.update(lr=image, hr=None, scale="", spacing_factor=1.0 / SCALE)
-        return job
-    pair: Pair = _PAIRS[mode](image)
-    per_pixel = f"1:{pair.downscale:.2f}" if pair.downscale != 1 else "native"
-    job.update(
-        lr=pair.lr,
-        hr=pair.hr,
-        scale=f"{_size(pair.hr)} / {_size(pair.lr)} ({per_pixel})",
-        spacing_factor=pair.downscale,
-    )
-    return job
-
-
-def _run_one(
-    client: SRClient, args: argparse.Namespace, job: dict[str, Any], disable: bool | None
-) -> dict[str, Any]:
-    """Super-resolve one prepared input, write its outputs and return its report row."""
-    lr = job["lr"]
-    bar = _TileBar(disable)
-    t0 = time.perf_counter()
+def cmd_upscale(args: argparse.Namespace) -> int:
+    """``cxr-sr upscale``: run the batch, print the table and the summary; the exit code."""
+    err = sys.stderr
+    mode = args.eval or UPSCALE
     try:
-        sr = client.upscale(lr, overlap=args.overlap, tile=args.tile, progress=bar, **args.sampling)
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0
-    bic = bicubic_baseline(lr)
-    out = write_png(args.out / f"{job['stem']}_sr.png", sr, bits=job["bits"])
-    if args.dicom:
-        _write_dicom(args, job, sr)
-    if args.side_by_side:
-        save_side_by_side(args.out / f"{job['stem']}_compare.png", lr, bic, sr, job["hr"])
-    tiles = len(client.tile_plan(*np.shape(lr), args.overlap, args.tile))
-    return {
-        "name": str(job["stem"]),
-        "path": str(job["path"]),
-        "output": str(out),
-        "size": job["size"],
-        "out_size": _size(sr),
-        "bits": job["bits"],
-        "scale": job["scale"],
-        "tiles": tiles,
-        **scores(sr, bic, lr, job["hr"]),
-        "seconds": seconds,
-    }
+        sampling = namespace_parameters(args)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=err)
+        return EXIT_USAGE
+    if args.dicom and args.eval:
+        print(
+            f"{PROG}: error: --dicom writes derived instances of the inputs; not with --eval",
+            file=err,
+        )
+        return EXIT_USAGE
+    if args.no_png and not args.dicom:
+        print(f"{PROG}: error: --no-png leaves nothing to write without --dicom", file=err)
+        return EXIT_USAGE
+    urls = args.url or [DEFAULT_URL]
+    bad = [u for u in urls if "://" in u]
+    if bad:
+        print(f"{PROG}: error: --url takes host:port without a scheme, got {bad[0]!r}", file=err)
+        return EXIT_USAGE
+    report = run_batch(
+        args.inputs,
+        args.out,
+        urls,
+        protocol=args.protocol,
+        model=args.model,
+        concurrency=args.concurrency,
+        mode=mode,
+        png=not args.no_png,
+        dicom=args.dicom,
+        side_by_side=args.side_by_side,
+        force=args.force,
+        max_pixels=args.max_pixels,
+        retries=max(0, args.retries),
+        backoff=max(0.0, args.backoff),
+        on_change=args.on_change,
+        timeout_s=args.timeout,
+        wait_s=args.wait,
+        in_flight=args.in_flight,
+        tile=args.tile,
+        overlap=args.overlap,
+        sampling=sampling,
+        progress=False if args.quiet else None,
+        report_extra={"mode": {"name": mode, "description": MODES[mode]}},
+    )
+    if not report.rows and report.message:  # nothing ran: unreachable, or a manifest mismatch
+        print(f"{PROG}: error: {report.message}", file=err)
+        return report.exit_code
+    done = report.done
+    if done:
+        print(MODES[mode])
+        columns = TABLE_COLUMNS[UPSCALE if mode == UPSCALE else "eval"]
+        print(format_table([*done, _mean_row(done)], columns))
+        print(
+            f"(PSNR in dB; LR PSNR = LR consistency, the {SCALE}x area downsample of the "
+            "result against the LR)"
+        )
+    print(f"{PROG}: {report.summary()}", file=err)
+    if args.json:
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            src = Path(report.files[1]) if len(report.files) > 1 else None
+            body = src.read_text() if src else json.dumps(report.to_json(), indent=2)
+            args.json.write_text(body)
+        except OSError as e:
+            print(f"{PROG}: could not write {args.json}: {e}", file=err)
+    return report.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxr-sr`` console script; returns the exit code."""
-    from tqdm import tqdm
-
-    args = build_parser().parse_args(argv)
-    err = sys.stderr
-    mode = args.eval or UPSCALE
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or (argv[0] not in commands(parser) and argv[0] not in ("-h", "--help")):
+        argv = [UPSCALE, *argv]
+    args = parser.parse_args(argv)
     try:
-        args.sampling = namespace_parameters(args)
-        client = SRClient(
-            args.url, args.protocol, args.model, timeout_s=args.timeout, in_flight=args.in_flight
-        )
-    except ValueError as e:
-        print(f"cxr-sr: error: {e}", file=err)
-        return EXIT_SERVER
-
-    from pydicom.uid import generate_uid
-
-    args.series_uid = generate_uid()  # one derived series per run
-    disable = True if args.quiet else None  # None: tqdm shows bars on a terminal only
-    with client:
-        try:
-            client.wait_ready(args.wait)
-            limits = client.limits()
-        except SRServerError as e:
-            print(f"cxr-sr: error: {e}", file=err)
-            return EXIT_SERVER
-
-        failed: list[dict[str, str]] = []
-        jobs = _collect(args.inputs, failed)
-        for f in failed:
-            print(f"failed: {f['path']}: {f['error']}", file=err)
-        rows: list[dict[str, Any]] = []
-        bar = tqdm(jobs, desc="cxr-sr", unit="image", disable=disable)
-        try:
-            for index, (path, stem) in enumerate(bar):
-                try:
-                    job = _job(path, stem, index, mode)
-                    rows.append(_run_one(client, args, job, disable))
-                except (ValueError, SRServerError) as e:
-                    if isinstance(e, SRConnectionError):
-                        raise
-                    failed.append({"path": str(path), "error": str(e)})
-                    tqdm.write(f"failed: {path}: {e}", file=err)
-        except SRConnectionError as e:
-            bar.close()
-            print(f"cxr-sr: error: {e}", file=err)
-            return EXIT_SERVER
-        bar.close()
-
-    mean = _mean_row(rows) if rows else None
-    if rows:
-        print(MODES[mode])
-        columns = TABLE_COLUMNS[UPSCALE if mode == UPSCALE else "eval"]
-        print(format_table([*rows, mean], columns))
-        print(
-            f"(PSNR in dB; LR PSNR = LR consistency, the {SCALE}x area downsample of the "
-            f"result against the LR; server takes LR {limits.describe()}, larger are tiled)"
-        )
-    print(f"{len(rows)} written to {args.out}, {len(failed)} failed", file=err)
-    if args.json:
-        report = {
-            "server": {"url": args.url, "protocol": args.protocol, "model": args.model},
-            "mode": {"name": mode, "description": MODES[mode]},
-            "sampling": args.sampling,
-            "images": rows,
-            "mean": mean,
-            "failed": failed,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-    return EXIT_INPUT_FAILED if failed else EXIT_OK
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Intensity conventions (how stored values become [0, 1]):
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,6 +44,7 @@ _DECODER_PACKAGES = {
     "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg",  # JPEG-LS near-lossless
 }
 
+_PIL_LIMIT_LOCK = threading.Lock()
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 
 
@@ -259,6 +261,63 @@ def write_png(path: str | os.PathLike, image: np.ndarray, bits: int = 16) -> Pat
     return path
 
 
+def _candidate(root: Path, f: Path) -> bool:
+    """A folder entry that names an input: not hidden, not DICOMDIR, a known suffix or (for a
+    regular file without suffix) DICOM content."""
+    if any(part.startswith(".") for part in f.relative_to(root).parts):
+        return False
+    if f.name.upper() == "DICOMDIR":
+        return False
+    return f.suffix.lower() in KNOWN_SUFFIXES or (not f.suffix and f.is_file() and is_dicom(f))
+
+
+def scan_inputs(
+    paths: Iterable[str | os.PathLike],
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand files and folders into image files, and say what cannot be an input.
+
+    Returns ``(files, problems)``. ``files`` as :func:`iter_inputs` gives them. ``problems``
+    holds ``(path, reason)`` for a path that does not exist, a folder with no image in it,
+    and a folder entry named like an image that is not a readable regular file (a broken
+    symbolic link, a folder called ``x.png``, a socket...), so a batch can report each one.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            candidates = []
+            for f in sorted(p.rglob("*")):
+                if not _candidate(p, f):
+                    continue
+                if f.is_file():
+                    candidates.append(f)
+                elif f.is_symlink() and not f.exists():
+                    problems.append((f, "broken symbolic link"))
+                elif f.suffix.lower() in KNOWN_SUFFIXES:
+                    what = "a folder" if f.is_dir() else "not a regular file"
+                    problems.append((f, f"named like an image but {what}"))
+            if not candidates:
+                problems.append((p, "folder holds no image files"))
+        elif p.is_file():
+            candidates = [p]
+        elif p.is_symlink():
+            problems.append((p, "broken symbolic link"))
+            continue
+        else:
+            problems.append((p, "no such file or folder"))
+            continue
+        for f in candidates:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(f)
+    return found, problems
+
+
 def iter_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and folders into a list of image files.
 
@@ -266,138 +325,53 @@ def iter_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     A folder is searched recursively, in sorted order, for files with a known suffix
     (``KNOWN_SUFFIXES``) and for DICOM files without suffix (detected by content, as in
     DICOM study folders); hidden files and ``DICOMDIR`` are skipped. Duplicates are dropped.
-    Raises ``ValueError`` for a path that does not exist.
+    Raises ``ValueError`` for a path that does not exist (:func:`scan_inputs` reports it and
+    the other problems instead).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    found: list[Path] = []
-    seen: set[Path] = set()
+    paths = [Path(p) for p in paths]
     for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            candidates = [
-                f
-                for f in sorted(p.rglob("*"))
-                if f.is_file()
-                and not any(part.startswith(".") for part in f.relative_to(p).parts)
-                and f.name.upper() != "DICOMDIR"
-                and (f.suffix.lower() in KNOWN_SUFFIXES or (not f.suffix and is_dicom(f)))
-            ]
-        elif p.is_file():
-            candidates = [p]
-        else:
+        if not p.exists():
             raise ValueError(f"{p}: no such file or folder")
-        for f in candidates:
-            key = f.resolve()
-            if key not in seen:
-                seen.add(key)
-                found.append(f)
-    return found
+    return scan_inputs(paths)[0]
 
 
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-_COPIED_FROM_SOURCE = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "PatientAge",
-    "StudyInstanceUID",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "StudyDescription",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "BodyPartExamined",
-    "ViewPosition",
-    "Laterality",
-)
-
-
-def write_dicom_sc(
-    path: str | os.PathLike,
-    image: np.ndarray,
-    source: str | os.PathLike | None = None,
-    *,
-    series_uid: str | None = None,
-    series_description: str = "4x super-resolution (cxr-sr)",
-    instance_number: int = 1,
-    pixel_spacing: tuple[float, float] | None = None,
-) -> Path:
-    """Write a [0, 1] image as a derived Secondary Capture DICOM (16-bit, MONOCHROME2).
-
-    With ``source`` (a DICOM file), patient and study attributes are copied and the source
-    image is referenced (SourceImageSequence), so the result files into the same study as a
-    new series; give every image of one run the same ``series_uid`` (e.g.
-    ``pydicom.uid.generate_uid()``) to group them. ``pixel_spacing`` (row, column mm) is
-    written when known. The image is marked DERIVED / SECONDARY, lossy-processed: it is a
-    computed estimate, not an acquisition. Returns the path.
-    """
-    import datetime
-
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image from its header alone, without decoding the pixels
+    (Pillow's lazy open for PNG/JPEG/TIFF/BMP, the DICOM header's Rows and Columns), so a
+    caller can refuse a huge image before it takes memory. Raises ``ValueError`` like
+    :func:`read_image` for an empty, unreadable or unsupported file."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    from PIL import Image, UnidentifiedImageError
+    from pydicom.errors import InvalidDicomError
 
-    x = np.asarray(image, dtype=np.float64)
-    while x.ndim > 2 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != 2 or not np.isfinite(x).all():
-        raise ValueError(f"expected a finite [H, W] image, got shape {np.shape(image)}")
-    pixels = np.rint(np.clip(x, 0.0, 1.0) * 65535).astype(np.uint16)
-
-    ds = Dataset()
-    src = None
-    if source is not None:
-        try:
-            src = pydicom.dcmread(source, stop_before_pixels=True)
-        except Exception as e:
-            raise ValueError(f"{source}: not a readable DICOM file ({e})") from e
-        for keyword in _COPIED_FROM_SOURCE:
-            if keyword in src:
-                setattr(ds, keyword, src[keyword].value)
-        if "SOPInstanceUID" in src and "SOPClassUID" in src:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = src.SOPClassUID
-            ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
-            ds.SourceImageSequence = [ref]
-    now = datetime.datetime.now()
-    ds.SOPClassUID = SECONDARY_CAPTURE
-    ds.SOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID = ds.get("StudyInstanceUID") or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.Modality = str(getattr(src, "Modality", "OT")) if src is not None else "OT"
-    ds.ConversionType = "WSD"  # workstation
-    ds.SeriesDescription = series_description
-    ds.SeriesNumber = 9000
-    ds.InstanceNumber = int(instance_number)
-    ds.ContentDate = now.strftime("%Y%m%d")
-    ds.ContentTime = now.strftime("%H%M%S")
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.DerivationDescription = "4x super-resolution by a latent diffusion model (cxr-sr)"
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "01"  # the pixels are an estimate, not the acquisition
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.WindowCenter = 32768  # LINEAR window (C.11.2.1.2.1) mapping 0..65535 onto itself
-    ds.WindowWidth = 65536
-    if pixel_spacing is not None:
-        ds.PixelSpacing = [float(pixel_spacing[0]), float(pixel_spacing[1])]
-    ds.PixelData = pixels.tobytes()
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    if is_dicom(path):
+        try:
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, force=path.suffix.lower() in DICOM_SUFFIXES
+            )
+        except (InvalidDicomError, OSError, EOFError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: not a readable DICOM file ({e})") from e
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if rows < 1 or cols < 1:
+            raise ValueError(f"{path}: DICOM file has no image (no Rows/Columns)")
+        return rows, cols
+    # Pillow refuses to open a header past its own bomb limit: lifted while the header is read
+    # (nothing is decoded here; the caller applies its own limit before read_image)
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        try:
+            Image.MAX_IMAGE_PIXELS = None
+            with Image.open(path) as im:
+                width, height = im.size
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable image ({e})") from e
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    return height, width

@@ -20,6 +20,7 @@ concurrent ones), and blends the results with feathered weights.
 
 from __future__ import annotations
 
+import http.client
 import inspect
 import threading
 import time
@@ -45,6 +46,7 @@ DEFAULT_MAX_BATCH = 8  # the ensemble's max_batch_size
 # 24 GB machine (measured), while 1 peaked at 2.6 GB. Raise it for a GPU server.
 DEFAULT_IN_FLIGHT = 1
 _UNREACHABLE_GRPC = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+_TRANSIENT_STATUS = frozenset({"502", "503", "504", "StatusCode.UNAVAILABLE"})
 
 
 class SRServerError(RuntimeError):
@@ -57,6 +59,13 @@ class SRServerError(RuntimeError):
     def __init__(self, message: str, status: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """True for errors a retry may cure: no connection, or the server (or a proxy in
+        front of it) said it is unavailable or overloaded (HTTP 502/503/504, gRPC
+        UNAVAILABLE). Never for a refused request (400) or a model's own error."""
+        return isinstance(self, SRConnectionError) or self.status in _TRANSIENT_STATUS
 
 
 class SRConnectionError(SRServerError):
@@ -318,7 +327,8 @@ class SRClient:
 
         try:
             return fn(*args, **kwargs)
-        except (InferenceServerException, OSError) as e:
+        except (InferenceServerException, OSError, http.client.HTTPException) as e:
+            # HTTPException: the connection closed mid-response (geventhttpclient)
             raise self._error(e, action) from e
 
     def _grpc_timeout(self) -> dict[str, float]:

@@ -11,6 +11,8 @@ Everything else runs against tritonserver.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import socket
 import subprocess
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 
 from cxr_sr.client.cli import build_parser, main
+from cxr_sr.client.exit_codes import EXIT_CODES, EXIT_UNREACHABLE, EXIT_USAGE
 from cxr_sr.client.io import read_image, write_png
 from cxr_sr.client.report import bicubic_baseline, format_table, side_by_side
 from cxr_sr.client.triton import (
@@ -130,27 +133,43 @@ def fake_server(request) -> Iterator[tuple[str, list[dict]]]:
 # --- argparse ---------------------------------------------------------------------------
 
 
-def test_every_flag_has_help() -> None:
-    parser = build_parser()
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
     for action in parser._actions:
-        assert action.help, f"{action.option_strings or action.dest} has no help"
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
 
 
-def test_help_runs_as_a_module() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "cxr_sr.client.cli", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "--out" in out.stdout and "--eval" in out.stdout and "--protocol" in out.stdout
+def test_every_flag_of_every_command_has_help() -> None:
+    for parser in _parsers(build_parser()):
+        for action in parser._actions:
+            assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help"
+
+
+def test_help_runs_as_a_module_and_lists_the_exit_codes() -> None:
+    def run(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "cxr_sr.client.cli", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    top, upscale = run("--help"), run("upscale", "--help")
+    assert "upscale" in top and "exit codes" in top
+    assert "--out" in upscale and "--eval" in upscale and "--concurrency" in upscale
+    for code, meaning in EXIT_CODES.items():
+        assert f"{code}  {meaning}" in top and f"{code}  {meaning}" in upscale
 
 
 def test_missing_out_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as e:
-        main(["x.png"])
-    assert e.value.code == 2
-    assert "--out" in capsys.readouterr().err
+    """``cxr-sr x.png`` means ``cxr-sr upscale x.png``; both lack --out."""
+    for argv in (["x.png"], ["upscale", "x.png"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == EXIT_USAGE
+        assert "--out" in capsys.readouterr().err
 
 
 def test_client_does_not_import_heavy_packages() -> None:
@@ -166,15 +185,15 @@ def test_client_does_not_import_heavy_packages() -> None:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_unreachable_server_exits_2(
+def test_unreachable_server_exits_3(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str
 ) -> None:
     write_png(tmp_path / "a.png", np.zeros((64, 64)))
     url = f"127.0.0.1:{_free_port()}"
     code = main([str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), "--url", url,
-                 "--protocol", protocol, "--quiet"])  # fmt: skip
+                 "--protocol", protocol, "--quiet", "--retries", "0"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
+    assert code == EXIT_UNREACHABLE
     assert len(err) == 1 and err[0].startswith("cxr-sr: error:") and url in err[0]
     assert not (tmp_path / "out").exists()
 
@@ -329,8 +348,12 @@ def test_cli_upscales_at_the_input_geometry_and_bit_depth(
 
     data = json.loads(report.read_text())
     assert data["mode"]["name"] == "upscale"
-    rows = {r["name"]: r for r in data["images"]}
+    assert data == json.loads((out / "report.json").read_text())
+    rows = {r["key"]: r for r in data["rows"] if r["status"] == "done"}
     assert set(rows) == {"odd", "small", "sub/odd"}
+    (broken,) = [r for r in data["rows"] if r["status"] == "failed"]
+    assert broken["key"] == "broken" and "not a readable image" in broken["error"]
+    assert data["summary"] == {"done": 3, "failed": 1, "skipped": 0, "pending": 0}
     assert rows["odd"]["out_size"] == "400x304" and rows["odd"]["bits"] == 8
     assert rows["small"]["tiles"] == 1 and rows["odd"]["psnr_sr"] is None  # no reference
     sr = read_image(out / "sub" / "odd_sr.png")
@@ -359,7 +382,7 @@ def test_cli_eval_protocols(
     captured = capsys.readouterr()
     assert code == 0
     assert f"{protocol} protocol" in captured.out and "PSNR bicubic" in captured.out
-    (row,) = json.loads(report.read_text())["images"]
+    (row,) = json.loads(report.read_text())["rows"]
     hr, lr = (reference_pair if protocol == "reference" else native_pair)(
         read_image(tmp_path / "in.png")
     )
@@ -379,34 +402,58 @@ def test_cli_reference_protocol_needs_256_pixels(server, tmp_path: Path) -> None
     assert not (tmp_path / "o" / "a_sr.png").exists()
 
 
-def test_cli_writes_derived_dicom_series(server, tmp_path: Path) -> None:
+def test_cli_writes_derived_dicom_instances(server, tmp_path: Path) -> None:
+    """--dicom: each in-domain DICOM input gets its derived instance (4x, same study,
+    deterministic UIDs, the served SR's pixels); a CT is skipped with its reason (exit 0)
+    unless --force; a PNG input gets its PNG only."""
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from cxr_sr.client.io import write_dicom_sc
+    from cxr_sr.client.dicom import derived_uids
+    from cxr_sr.client.io import dataset_image
 
-    source = get_testdata_file("RG1_UNCI.dcm")
-    if source is None:
-        pytest.skip("pydicom-data not installed")
-    # a small DICOM of the same patient and study (the full radiograph belongs to the demo)
-    small = read_image(source)[800:880, 900:960]
-    write_dicom_sc(tmp_path / "study" / "small.dcm", small, source, pixel_spacing=(0.2, 0.2))
-    lr = np.full((64, 64), 0.5)
-    write_png(tmp_path / "lr.png", lr)
-    code = main([str(tmp_path / "study" / "small.dcm"), str(tmp_path / "lr.png"), "--out",
-                 str(tmp_path / "o"), "--url", server.grpc_url, "--protocol", "grpc",
-                 "--dicom", "--quiet"])  # fmt: skip
-    assert code == 0
-    a = pydicom.dcmread(tmp_path / "o" / "small_sr.dcm")
-    b = pydicom.dcmread(tmp_path / "o" / "lr_sr.dcm")
-    assert a.PatientID == pydicom.dcmread(source, stop_before_pixels=True).PatientID
-    assert a.SeriesInstanceUID == b.SeriesInstanceUID  # one derived series per run
-    assert (a.InstanceNumber, b.InstanceNumber) == (1, 2)
-    assert (a.Rows, a.Columns) == (320, 240)
-    assert [float(v) for v in a.PixelSpacing] == pytest.approx([0.05, 0.05])  # 4x finer
+    source = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"))
+    arr = np.ascontiguousarray(source.pixel_array[::40, ::40])  # 49x47: a small study
+    source.Rows, source.Columns = arr.shape
+    source.PixelData = arr.astype(np.uint16).tobytes()
+    (tmp_path / "study").mkdir()
+    source.save_as(tmp_path / "study" / "cr.dcm", enforce_file_format=True)
+    ct = copy.deepcopy(source)
+    ct.Modality, ct.SOPInstanceUID = "CT", source.SOPInstanceUID + ".1"
+    ct.save_as(tmp_path / "study" / "ct.dcm", enforce_file_format=True)
+    write_png(tmp_path / "lr.png", np.full((64, 64), 0.5))
+    out = tmp_path / "o"
+    args = [str(tmp_path / "study"), str(tmp_path / "lr.png"), "--out", str(out), "--url",
+            server.grpc_url, "--protocol", "grpc", "--dicom", "--seed", "1", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    status = {r["key"]: r["status"] for r in report["rows"]}
+    assert status == {"cr": "done", "ct": "skipped", "lr": "done"}
+    (ct_row,) = [r for r in report["rows"] if r["key"] == "ct"]
+    assert "modality CT" in ct_row["error"] and "--force" in ct_row["error"]
+    assert sorted(p.name for p in out.glob("*_sr.*")) == ["cr_sr.dcm", "cr_sr.png", "lr_sr.png"]
+
+    derived = pydicom.dcmread(out / "cr_sr.dcm")
     with SRClient(server.http_url) as c:
-        want = c.super_resolve(read_image(tmp_path / "lr.png")[None, None])[0, 0]
-    np.testing.assert_allclose(read_image(tmp_path / "o" / "lr_sr.dcm"), want, atol=2e-5)
+        identity = c.model_identity()
+        want = c.upscale(dataset_image(source), seed=1)
+    assert (derived.SeriesInstanceUID, derived.SOPInstanceUID) == derived_uids(source, identity)
+    assert derived.StudyInstanceUID == source.StudyInstanceUID
+    assert derived.PatientID == source.PatientID
+    assert (derived.Rows, derived.Columns) == (196, 188)
+    assert derived.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    (row,) = [r for r in report["rows"] if r["key"] == "cr"]
+    assert row["weights_sha256"] == identity.weights_sha256 in derived.DerivationDescription
+    np.testing.assert_allclose(read_image(out / "cr_sr.dcm"), want, atol=0.5 / 29999 + 1e-5)
+
+    # a re-run with --force does the CT, and only the CT
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_sr.*")}
+    assert main([*args, "--force"]) == 0
+    assert (out / "ct_sr.dcm").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*_sr.*") if p.name in before} == before
+    # another sampling setting: the earlier results are stale; refused unless redone
+    assert main([*args, "--seed", "2"]) == EXIT_USAGE
+    assert main([*args, "--seed", "2", "--on-change", "redo"]) == 0
 
 
 def test_cli_missing_input_is_reported_not_fatal(server, tmp_path: Path) -> None:

@@ -11,10 +11,11 @@ from PIL import Image
 
 from cxr_sr.client.io import (
     image_bits,
+    image_size,
     is_dicom,
     iter_inputs,
     read_image,
-    write_dicom_sc,
+    scan_inputs,
     write_png,
 )
 from cxr_sr.client.prepare import make_lr, prepare, to_reference_hr
@@ -62,7 +63,8 @@ def test_image_bits_follow_the_container(tmp_path: Path) -> None:
     assert image_bits(tmp_path / "c.jpg") == 8
     Image.fromarray(x.astype(np.float32)).save(tmp_path / "d.tif")
     assert image_bits(tmp_path / "d.tif") == 16
-    assert image_bits(write_dicom_sc(tmp_path / "e.dcm", x)) == 16
+    shutil.copy(_testdata("RG1_UNCI.dcm"), tmp_path / "e.dcm")
+    assert image_bits(tmp_path / "e.dcm") == 16
     (tmp_path / "f.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="f.png"):
         image_bits(tmp_path / "f.png")
@@ -197,25 +199,59 @@ def test_dicom_detected_by_content_and_folders_expanded(tmp_path: Path) -> None:
     assert read_image(study / "series1" / "IM0001").shape == (1955, 1841)
 
 
-def test_dicom_secondary_capture_round_trip(tmp_path: Path) -> None:
+def test_dataset_image_is_read_image_and_display_values_tabulate(tmp_path: Path) -> None:
+    """``dataset_image`` is ``read_image``'s DICOM reading; ``display_values`` maps any
+    stored codes the same way (RG1: MONOCHROME1, window 15000/30000: bone bright)."""
     import pydicom
 
-    x = _gradient(256, 256)
-    source = _testdata("RG1_UNCI.dcm")
-    path = write_dicom_sc(tmp_path / "sr.dcm", x, source, pixel_spacing=(0.5, 0.5))
-    np.testing.assert_allclose(read_image(path), x, atol=0.5 / 65535 + 1e-7)
+    from cxr_sr.client.io import dataset_image, display_values
+
+    path = _testdata("RG1_UNCI.dcm")
     ds = pydicom.dcmread(path)
-    src = pydicom.dcmread(source, stop_before_pixels=True)
-    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
-    assert ds.PatientID == src.PatientID and ds.StudyInstanceUID == src.StudyInstanceUID
-    assert ds.SeriesInstanceUID != src.SeriesInstanceUID
-    assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
-    assert [float(v) for v in ds.PixelSpacing] == [0.5, 0.5]
-    plain = pydicom.dcmread(write_dicom_sc(tmp_path / "plain.dcm", x[None, None]))
-    assert "PatientID" not in plain and plain.Rows == 256
-    with pytest.raises(ValueError, match="shape"):
-        write_dicom_sc(tmp_path / "bad.dcm", np.zeros((2, 3, 4)))
+    np.testing.assert_allclose(dataset_image(ds), read_image(path), atol=1e-6)
+    table = display_values(ds, np.array([0, 15000, 29999, 40000]))
+    np.testing.assert_allclose(table, [1.0, 0.5, 0.0, 0.0], atol=1e-4)  # inverted window
+
+
+def test_scan_inputs_reports_what_cannot_be_an_input(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    (folder / "dir.png").mkdir(parents=True)  # a folder named like an image
+    (folder / "gone.png").symlink_to(tmp_path / "missing.png")
+    write_png(folder / "ok.png", _gradient())
+    (tmp_path / "empty").mkdir()
+    files, problems = scan_inputs([folder, tmp_path / "empty", tmp_path / "nope"])
+    assert files == [folder / "ok.png"]
+    reasons = {p.name: r for p, r in problems}
+    assert reasons == {
+        "dir.png": "named like an image but a folder",
+        "gone.png": "broken symbolic link",
+        "empty": "folder holds no image files",
+        "nope": "no such file or folder",
+    }
+
+
+def test_image_size_reads_headers_only(tmp_path: Path) -> None:
+    """A PNG header claiming 30000 x 30000 is measured without decoding (the file is
+    tiny and its data truncated); empty and non-image files raise ValueError."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header))
+    assert image_size(tmp_path / "huge.png") == (30000, 30000)
+    assert image_size(write_png(tmp_path / "a.png", _gradient(48, 80))) == (48, 80)
+    assert image_size(_testdata("RG1_UNCI.dcm")) == (1955, 1841)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty file"):
+        image_size(tmp_path / "empty.png")
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable image"):
+        image_size(tmp_path / "text.png")
 
 
 # --- prepare ----------------------------------------------------------------------------

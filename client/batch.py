@@ -1,0 +1,933 @@
+"""Batch runs that survive interruption: ``run_batch(inputs, out, urls=...) -> Report``.
+
+The engine behind ``cxr-sr upscale`` (and the PACS commands' study runs). Every input gets a
+row in a job manifest, ``<out>/cxr-sr-manifest.sqlite`` (SQLite, WAL): its key (the output
+stem relative to ``out``), path, state (pending, running, done, failed, skipped), outputs,
+error, attempts, timings, report row and the identity of the model that made it. Hence:
+
+- a run that was killed resumes: a re-run of the same command skips the done rows and does
+  the rest; rows left running by the killed run start again; failed and skipped rows are
+  tried again;
+- nothing is lost or duplicated: every output is written to a temporary file beside it and
+  moved into place (``os.replace``) before its row is marked done; outputs have fixed names
+  and derived DICOM instances fixed UIDs (``client.dicom``), so an input done again (killed
+  between the move and the mark) replaces its own outputs; temporaries a killed run left
+  behind are removed at the start;
+- a changed model identity or settings (mode, sampling, outputs) is noticed: the run refuses
+  (``on_change="refuse"``, a usage error naming both) or redoes the done rows (``"redo"``);
+- bounded concurrency: ``concurrency`` images in flight, each on the least busy of ``urls``
+  (ties in turn), each request retried on transient errors (connection refused or reset,
+  HTTP 502/503/504, gRPC UNAVAILABLE) with exponential backoff and jitter, a failing server
+  set aside for the backoff; a refused request (400) is the input's failure, never retried;
+- when no server answers after the retries the run stops (exit code 3), its manifest
+  intact; when the output disk is full (ENOSPC, EDQUOT, EFBIG) the run stops with one line
+  saying so (exit code 1), and a re-run once space is back finishes the job;
+- bad inputs (corrupt, truncated, empty, unreadable, not an image, no pixel data, a header
+  claiming more than ``max_pixels`` pixels: refused before decoding, a DICOM outside the
+  model's domain) get one line in the report each and the batch goes on.
+
+The per-image report goes to ``<out>/report.csv`` and ``<out>/report.json`` (input, outputs,
+sizes, PSNR/SSIM where a reference exists, latency, attempts, status, error, model name,
+version and weights hash); ``Report.summary()`` is the closing line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import json
+import os
+import random
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from tqdm import tqdm
+
+from cxr_sr.client.dicom import derive_instance, domain_problem
+from cxr_sr.client.exit_codes import EXIT_INPUT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+from cxr_sr.client.io import (
+    dataset_image,
+    image_bits,
+    image_size,
+    is_dicom,
+    read_image,
+    scan_inputs,
+    write_png,
+)
+from cxr_sr.client.report import METRICS, bicubic_baseline, save_side_by_side, scores
+from cxr_sr.client.triton import (
+    DEFAULT_IN_FLIGHT,
+    ModelIdentity,
+    SRClient,
+    SRServerError,
+)
+from cxr_sr.imaging import native_pair, reference_pair
+
+MANIFEST = "cxr-sr-manifest.sqlite"
+REPORT_CSV, REPORT_JSON = "report.csv", "report.json"
+PENDING, RUNNING, DONE, FAILED, SKIPPED = "pending", "running", "done", "failed", "skipped"
+UPSCALE = "upscale"
+MODES = (UPSCALE, "reference", "native")
+ON_CHANGE = ("refuse", "redo")
+# Largest input (LR) accepted by default, in pixels: 3000 x 3000 (the output is 16x that:
+# 144 MP, 0.6 GB as float32 before blending). Checked from the header, before decoding.
+DEFAULT_MAX_PIXELS = 3000 * 3000
+DEFAULT_RETRIES = 6  # with the default backoff: about 30 s of waiting, a server restart's time
+DEFAULT_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 10.0
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_PARTIAL = ".partial-"  # temporary output files: .<name>.partial-<pid>-<thread>
+_PAIRS = {"reference": reference_pair, "native": native_pair}
+REPORT_COLUMNS = (
+    "key",
+    "input",
+    "status",
+    "outputs",
+    "size",
+    "out_size",
+    "psnr_sr",
+    "ssim_sr",
+    "psnr_bicubic",
+    "ssim_bicubic",
+    "lr_psnr_sr",
+    "lr_psnr_bicubic",
+    "seconds",
+    "attempts",
+    "server",
+    "error",
+    "model_name",
+    "model_version",
+    "weights_sha256",
+)
+
+
+class BadInputError(ValueError):
+    """This input cannot be super-resolved (its own line in the report, the batch goes on)."""
+
+
+class OutOfDomainError(ValueError):
+    """A DICOM input outside the model's domain: skipped with the reason, unless forced."""
+
+
+class DiskFullError(OSError):
+    """Writing an output or the manifest failed for lack of space (ENOSPC, EDQUOT, EFBIG)."""
+
+
+class UnreachableError(RuntimeError):
+    """No server answered, after the retries."""
+
+
+class ManifestMismatchError(ValueError):
+    """The manifest's results were made by another model or with other settings."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for the errors of a full disk, quota or file-size limit (SQLite's included)."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return True
+    return isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower()
+
+
+# --- manifest --------------------------------------------------------------------------------
+
+
+class Manifest:
+    """The job manifest: one SQLite file in the output folder (WAL), used from one thread.
+
+    Table ``jobs``: key (output stem, primary key), path, state, outputs (JSON list), error,
+    attempts, started / finished (Unix time), seconds, row (the report row, JSON), model
+    identity. Table ``meta``: the run's model identity and settings.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a done row survives a crash
+        self.db.execute("PRAGMA wal_autocheckpoint=64")  # keep the WAL file small
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS jobs (
+                key TEXT PRIMARY KEY, path TEXT NOT NULL, state TEXT NOT NULL,
+                outputs TEXT NOT NULL DEFAULT '[]', error TEXT, attempts INTEGER NOT NULL
+                DEFAULT 0, started REAL, finished REAL, seconds REAL, row TEXT,
+                model_name TEXT, model_version TEXT, weights_sha256 TEXT);
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            """
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def get_meta(self, key: str) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row["value"])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (key, json.dumps(value, sort_keys=True)),
+        )
+
+    def count(self, state: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0]
+
+    def sync(self, jobs: Sequence[tuple[str, Path]]) -> None:
+        """Add new inputs as pending; a key now naming another file starts again; rows a
+        killed run left running, failed rows (retried) and skipped ones (checked again: a
+        re-run may add --force) are pending again."""
+        with self.db:
+            self.db.execute("BEGIN")
+            for key, path in jobs:
+                old = self.db.execute("SELECT path FROM jobs WHERE key = ?", (key,)).fetchone()
+                if old is None:
+                    self.db.execute(
+                        "INSERT INTO jobs (key, path, state) VALUES (?, ?, ?)",
+                        (key, str(path), PENDING),
+                    )
+                elif old["path"] != str(path):
+                    self.db.execute(
+                        "UPDATE jobs SET path = ?, state = ?, attempts = 0 WHERE key = ?",
+                        (str(path), PENDING, key),
+                    )
+            self.db.execute(
+                "UPDATE jobs SET state = ? WHERE state IN (?, ?, ?)",
+                (PENDING, RUNNING, FAILED, SKIPPED),
+            )
+
+    def redo(self) -> None:
+        """Every done or skipped row pending again (the model or the settings changed)."""
+        self.db.execute("UPDATE jobs SET state = ? WHERE state IN (?, ?)", (PENDING, DONE, SKIPPED))
+
+    def state(self, key: str) -> str:
+        return self.db.execute("SELECT state FROM jobs WHERE key = ?", (key,)).fetchone()["state"]
+
+    def start(self, key: str) -> None:
+        self.db.execute(
+            "UPDATE jobs SET state = ?, started = ?, attempts = attempts + 1 WHERE key = ?",
+            (RUNNING, time.time(), key),
+        )
+
+    def finish(
+        self,
+        key: str,
+        state: str,
+        *,
+        outputs: Sequence[str] = (),
+        error: str | None = None,
+        row: dict[str, Any] | None = None,
+        model: ModelIdentity | None = None,
+    ) -> None:
+        ident = asdict(model) if model else {"name": None, "version": None, "weights_sha256": None}
+        self.db.execute(
+            "UPDATE jobs SET state = ?, outputs = ?, error = ?, finished = ?, "
+            "seconds = ? - started, row = ?, model_name = ?, model_version = ?, "
+            "weights_sha256 = ? WHERE key = ?",
+            (
+                state,
+                json.dumps(list(outputs)),
+                error,
+                time.time(),
+                time.time(),
+                json.dumps(row) if row is not None else None,
+                ident["name"],
+                ident["version"],
+                ident["weights_sha256"],
+                key,
+            ),
+        )
+
+    def release(self, key: str) -> None:
+        """A row whose work was interrupted (disk full, server gone): pending again."""
+        self.db.execute("UPDATE jobs SET state = ? WHERE key = ?", (PENDING, key))
+
+    def rows(self, keys: Iterable[str]) -> list[dict[str, Any]]:
+        out = []
+        for key in keys:
+            r = self.db.execute("SELECT * FROM jobs WHERE key = ?", (key,)).fetchone()
+            if r is not None:
+                out.append(dict(r))
+        return out
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+class ServerPool:
+    """Several Triton URLs: a client per URL and thread, the least busy URL for each request
+    (ties in turn), a URL that failed set aside until its backoff has passed."""
+
+    def __init__(self, urls: Sequence[str], make_client: Callable[[str], SRClient]) -> None:
+        if not urls:
+            raise ValueError("give at least one server URL")
+        self.urls = list(dict.fromkeys(urls))
+        self._make = make_client
+        self._lock = threading.Lock()
+        self._busy = dict.fromkeys(self.urls, 0)
+        self._down_until = dict.fromkeys(self.urls, 0.0)
+        self._turn = 0
+        self._local = threading.local()
+        self._clients: list[SRClient] = []
+
+    def client(self, url: str) -> SRClient:
+        clients = self._local.__dict__.setdefault("clients", {})
+        if url not in clients:
+            clients[url] = self._make(url)
+            with self._lock:
+                self._clients.append(clients[url])
+        return clients[url]
+
+    def reset(self, url: str) -> None:
+        """Drop this thread's client of ``url`` (its connections may be dead)."""
+        c = self._local.__dict__.get("clients", {}).pop(url, None)
+        if c is not None:
+            with contextlib.suppress(Exception):
+                c.close()
+
+    def acquire(self) -> str:
+        with self._lock:
+            now = time.monotonic()
+            up = [u for u in self.urls if self._down_until[u] <= now] or self.urls
+            self._turn += 1
+            order = up[self._turn % len(up) :] + up[: self._turn % len(up)]
+            url = min(order, key=lambda u: self._busy[u])
+            self._busy[url] += 1
+            return url
+
+    def release(self, url: str) -> None:
+        with self._lock:
+            self._busy[url] -= 1
+
+    def set_aside(self, url: str, seconds: float) -> None:
+        with self._lock:
+            self._down_until[url] = max(self._down_until[url], time.monotonic() + seconds)
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients:
+                with contextlib.suppress(Exception):
+                    c.close()
+            self._clients.clear()
+
+
+def backoff_s(
+    attempt: int, base_s: float = DEFAULT_BACKOFF_S, cap_s: float = MAX_BACKOFF_S
+) -> float:
+    """Exponential backoff with jitter: ``min(cap, base * 2**attempt)`` times a uniform factor
+    in [0.5, 1.5) (so clients that failed together do not retry together)."""
+    return min(cap_s, base_s * 2**attempt) * random.uniform(0.5, 1.5)
+
+
+# --- one input -------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """What a batch does to each input (``run_batch``'s arguments of the same names)."""
+
+    mode: str = UPSCALE
+    png: bool = True
+    dicom: bool = False
+    side_by_side: bool = False
+    force: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    retries: int = DEFAULT_RETRIES
+    backoff_s: float = DEFAULT_BACKOFF_S
+    tile: int | None = None
+    overlap: int | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a done row depends on (a change means its outputs are stale)."""
+        keys = ("mode", "png", "dicom", "side_by_side", "tile", "overlap", "sampling")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` then move ``tmp`` onto ``path`` (one rename: readers see the old file
+    or the whole new one, never a part). Disk-full errors become :class:`DiskFullError`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{_PARTIAL}{os.getpid()}-{threading.get_ident()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if is_disk_full(e):
+            raise DiskFullError(e.errno, f"{e.strerror or e} writing {path}") from e
+        raise
+    return path
+
+
+def remove_partials(out: Path) -> int:
+    """Remove temporary output files an interrupted run left under ``out``; returns how many."""
+    n = 0
+    for f in out.rglob(f".*{_PARTIAL}*"):
+        with contextlib.suppress(OSError):
+            f.unlink()
+            n += 1
+    return n
+
+
+def _size(x: np.ndarray) -> str:
+    return f"{x.shape[0]}x{x.shape[1]}"
+
+
+def _read(path: Path, settings: Settings) -> tuple[np.ndarray, pydicom.Dataset | None]:
+    """Check the header (size limit), then read the image (and the dataset of a DICOM)."""
+    h, w = image_size(path)  # ValueError: empty, unreadable, not an image, no Rows/Columns
+    if h * w > settings.max_pixels:
+        raise BadInputError(
+            f"{path}: image is {h}x{w} = {h * w / 1e6:.1f} MP, above the limit of "
+            f"{settings.max_pixels / 1e6:.1f} MP (--max-pixels); refused before decoding"
+        )
+    if not is_dicom(path):
+        return read_image(path), None
+    try:
+        ds = pydicom.dcmread(path, force=True)
+    except Exception as e:  # pydicom raises many types for a truncated file
+        raise BadInputError(f"{path}: not a readable DICOM file ({e})") from e
+    problem = domain_problem(ds)
+    if problem and not settings.force:
+        raise OutOfDomainError(f"{problem} (--force to process it anyway)")
+    try:
+        image = dataset_image(ds, str(path))
+    except (ValueError, BadInputError):
+        raise
+    except Exception as e:  # truncated pixel data and friends raise many types
+        raise BadInputError(f"{path}: cannot decode DICOM pixel data ({e})") from e
+    if image.ndim != 2 or not np.isfinite(image).all():
+        raise BadInputError(f"{path}: not a finite 2-D image")
+    return np.clip(image, 0.0, 1.0).astype(np.float32), ds
+
+
+class Worker:
+    """Does one input: read, super-resolve (with retries over the pool), write, score."""
+
+    def __init__(
+        self, pool: ServerPool, settings: Settings, out: Path, model: ModelIdentity
+    ) -> None:
+        self.pool, self.settings, self.out, self.model = pool, settings, out, model
+        self.show_tiles: bool | None = None  # tqdm's disable for a per-image tile bar
+
+    def upscale(self, lr: np.ndarray, progress=None) -> tuple[np.ndarray, str]:
+        """``SRClient.upscale`` on the least busy server, retried on transient errors;
+        returns the SR and the URL that made it. :class:`UnreachableError` after the retries."""
+        s = self.settings
+        last: SRServerError | None = None
+        for attempt in range(s.retries + 1):
+            url = self.pool.acquire()
+            try:
+                sr = self.pool.client(url).upscale(
+                    lr, overlap=s.overlap, tile=s.tile, progress=progress, **s.sampling
+                )
+                return sr, url
+            except SRServerError as e:
+                if not e.transient:
+                    raise
+                last = e
+                self.pool.reset(url)
+                delay = backoff_s(attempt, s.backoff_s)
+                self.pool.set_aside(url, delay)
+                if attempt < s.retries:
+                    time.sleep(delay)
+            finally:
+                self.pool.release(url)
+        raise UnreachableError(f"{last} (gave up after {s.retries + 1} attempts)")
+
+    def __call__(self, key: str, path: Path) -> tuple[list[str], dict[str, Any]]:
+        s = self.settings
+        image, ds = _read(path, s)
+        row: dict[str, Any] = {"size": _size(image)}
+        if s.mode == UPSCALE:
+            lr, hr = image, None
+        else:
+            try:
+                pair = _PAIRS[s.mode](image)
+            except ValueError as e:
+                raise BadInputError(f"{path}: {e}") from e
+            lr, hr = pair.lr, pair.hr
+            row["scale"] = f"{_size(pair.hr)} / {_size(pair.lr)}"
+        bar = _TileBar(self.show_tiles) if self.show_tiles is not None else None
+        t0 = time.perf_counter()
+        try:
+            sr, url = self.upscale(lr, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        seconds = time.perf_counter() - t0
+        outputs = self._write(key, path, sr, lr, hr, ds)
+        bic = bicubic_baseline(lr)
+        row.update(
+            out_size=_size(sr),
+            bits=image_bits(path),
+            tiles=len(self.pool.client(url).tile_plan(*lr.shape, s.overlap, s.tile)),
+            server=url,
+            **scores(sr, bic, lr, hr),
+            seconds=seconds,
+        )
+        return outputs, row
+
+    def _write(
+        self,
+        key: str,
+        path: Path,
+        sr: np.ndarray,
+        lr: np.ndarray,
+        hr: np.ndarray | None,
+        ds: pydicom.Dataset | None,
+    ) -> list[str]:
+        s, stem = self.settings, self.out / key
+        outputs = []
+        if s.png:
+            target = stem.with_name(f"{stem.name}_sr.png")
+            bits = image_bits(path)
+            _atomic(target, lambda t: write_png(t, sr, bits=bits))
+            outputs.append(target)
+        if s.dicom and ds is not None:
+            derived = derive_instance(ds, sr, self.model, sampling=s.sampling)
+            target = stem.with_name(f"{stem.name}_sr.dcm")
+            _atomic(target, lambda t: derived.save_as(t, enforce_file_format=True))
+            outputs.append(target)
+        if s.side_by_side:
+            target = stem.with_name(f"{stem.name}_compare.png")
+            _atomic(target, lambda t: save_side_by_side(t, lr, None, sr, hr))
+            outputs.append(target)
+        return [str(o) for o in outputs]
+
+
+class _TileBar:
+    """A progress bar over the tiles of one image, shown only when it has several."""
+
+    def __init__(self, disable: bool | None) -> None:
+        self.disable = disable
+        self.bar: tqdm | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= 1:
+            return
+        if self.bar is None:
+            self.bar = tqdm(
+                total=total, desc="tiles", unit="tile", leave=False, disable=self.disable
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What a batch did: one row per input (``REPORT_COLUMNS`` and the mode's metrics),
+    the counts, the exit code (``client.exit_codes``) and where the report files are."""
+
+    rows: list[dict[str, Any]]
+    model: ModelIdentity | None
+    exit_code: int
+    message: str = ""
+    seconds: float = 0.0
+    resumed: int = 0
+    files: list[str] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.rows)
+
+    @property
+    def done(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == DONE]
+
+    @property
+    def failed(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["status"] == FAILED]
+
+    def summary(self) -> str:
+        """One line: the counts, the time, the report files, and why the run stopped."""
+        parts = [f"{self.count(DONE)} done"]
+        if self.resumed:
+            parts[0] += f" ({self.resumed} by an earlier run)"
+        parts += [f"{self.count(FAILED)} failed", f"{self.count(SKIPPED)} skipped"]
+        left = self.count(PENDING)
+        if left:
+            parts.append(f"{left} not done")
+        line = f"{', '.join(parts)} in {self.seconds:.1f} s"
+        if self.model is not None:
+            line += f"; model {self.model.short()}"
+        if self.files:
+            line += f"; report {self.files[0]}"
+        return line + (f"; {self.message}" if self.message else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": asdict(self.model) if self.model else None,
+            "summary": {s: self.count(s) for s in (DONE, FAILED, SKIPPED, PENDING)},
+            "exit_code": self.exit_code,
+            "message": self.message,
+            "rows": self.rows,
+        }
+
+
+def collect(
+    inputs: Sequence[str | os.PathLike],
+) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """``(key, file)`` for every input file (key: the output stem relative to ``out``: a
+    folder's sub-folder layout is kept, name clashes get ``_2``, ``_3``...) and
+    ``(path, reason)`` for what cannot be an input (``client.io.scan_inputs``)."""
+    jobs: list[tuple[str, Path]] = []
+    problems: list[tuple[str, str]] = []
+    used: set[str] = set()
+    for arg in inputs:
+        root = Path(arg)
+        files, bad = scan_inputs([root])
+        problems += [(str(p), reason) for p, reason in bad]
+        for f in files:
+            rel = f.relative_to(root).parent if root.is_dir() else Path()
+            stem, k = (rel / f.stem).as_posix(), 2
+            while stem in used:
+                stem, k = (rel / f"{f.stem}_{k}").as_posix(), k + 1
+            used.add(stem)
+            jobs.append((stem, f))
+    return jobs, problems
+
+
+def _row(job: dict[str, Any]) -> dict[str, Any]:
+    """A manifest row as a report row."""
+    row = json.loads(job["row"]) if job.get("row") else {}
+    return {
+        "key": job["key"],
+        "input": job["path"],
+        "status": job["state"],
+        "outputs": json.loads(job["outputs"] or "[]"),
+        **row,
+        "attempts": job["attempts"],
+        "error": job["error"],
+        "model_name": job["model_name"],
+        "model_version": job["model_version"],
+        "weights_sha256": job["weights_sha256"],
+    }
+
+
+def write_report(report: Report, out: Path, extra: dict[str, Any] | None = None) -> list[str]:
+    """``<out>/report.csv`` and ``<out>/report.json`` (atomically); returns their paths."""
+    metric_cols = [f"{k}_{w}" for k in METRICS for w in ("sr", "bicubic")]
+    columns = list(dict.fromkeys([*REPORT_COLUMNS, *metric_cols]))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for r in report.rows:
+        writer.writerow({**r, "outputs": ";".join(r.get("outputs") or [])})
+    csv_path, json_path = out / REPORT_CSV, out / REPORT_JSON
+    _atomic(csv_path, lambda t: t.write_text(buf.getvalue()))
+    body = {**(extra or {}), **report.to_json()}
+    _atomic(json_path, lambda t: t.write_text(json.dumps(body, indent=2) + "\n"))
+    return [str(csv_path), str(json_path)]
+
+
+def _check_manifest(
+    manifest: Manifest, model: ModelIdentity, settings: Settings, on_change: str
+) -> str | None:
+    """Compare the manifest's model and settings with this run's; redo or refuse a change.
+    Returns a note when done rows were reset."""
+    before_model, before_settings = manifest.get_meta("model"), manifest.get_meta("settings")
+    now_settings = json.loads(json.dumps(settings.fingerprint(), sort_keys=True))
+    changes = []
+    if before_model is not None and before_model != asdict(model):
+        old = ModelIdentity(**before_model)
+        changes.append(
+            f"its results were made by model {old.short()}, the server now serves {model.short()}"
+        )
+    if before_settings is not None and before_settings != now_settings:
+        diff = sorted(k for k in now_settings if before_settings.get(k) != now_settings.get(k))
+        changes.append(f"its settings differ ({', '.join(diff)})")
+    note = None
+    if changes and manifest.count(DONE) + manifest.count(SKIPPED):
+        if on_change != "redo":
+            raise ManifestMismatchError(
+                f"{manifest.path}: {'; '.join(changes)}. Re-run with --on-change redo to redo "
+                "them, or use another --out"
+            )
+        manifest.redo()
+        note = f"redoing earlier results: {'; '.join(changes)}"
+    manifest.set_meta("model", asdict(model))
+    manifest.set_meta("settings", now_settings)
+    return note
+
+
+def run_batch(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    urls: Sequence[str] = ("127.0.0.1:8000",),
+    *,
+    protocol: str = "http",
+    model: str = "cxr_sr",
+    concurrency: int = 1,
+    mode: str = UPSCALE,
+    png: bool = True,
+    dicom: bool = False,
+    side_by_side: bool = False,
+    force: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    retries: int = DEFAULT_RETRIES,
+    backoff: float = DEFAULT_BACKOFF_S,
+    on_change: str = "refuse",
+    timeout_s: float = 300.0,
+    wait_s: float = 0.0,
+    in_flight: int = DEFAULT_IN_FLIGHT,
+    tile: int | None = None,
+    overlap: int | None = None,
+    sampling: dict[str, Any] | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] | None = None,
+    report_extra: dict[str, Any] | None = None,
+) -> Report:
+    """Super-resolve every image in ``inputs`` (files and folders) into ``out``, resumably.
+
+    Args:
+        inputs: image files (PNG, JPEG, TIFF, DICOM) and folders (searched recursively).
+        out: output folder: ``<stem>_sr.png`` (and ``_sr.dcm``, ``_compare.png``), the
+            manifest and the report files.
+        urls: Triton ``host:port`` addresses; the batch is spread over them.
+        concurrency: images in flight at once (each may send ``in_flight`` tile requests).
+        mode: ``upscale`` (each input is the LR), or ``reference`` / ``native`` (score the
+            model on a degraded copy, ``cxr_sr.imaging``).
+        png, dicom, side_by_side: which outputs to write (``dicom``: the derived instance of
+            each DICOM input, ``client.dicom``).
+        force: process DICOM inputs outside the model's domain too.
+        max_pixels: largest input in pixels, checked from the header before decoding.
+        retries, backoff: attempts after the first on transient errors, and the base delay
+            of their exponential backoff (seconds).
+        on_change: ``refuse`` or ``redo`` when the manifest's model or settings differ.
+        sampling: the request schema's sampling controls (``steps``, ``seed``, ...).
+        progress: None: a progress bar on a terminal; True / False: always / never.
+        log: where one-line messages go (default: stderr, through tqdm).
+
+    Returns the :class:`Report` (also written to ``<out>/report.csv`` and ``.json``). Raises
+    ``ValueError`` for bad arguments; server and input problems are in the report and its
+    ``exit_code`` (0 all done, 1 some failed or not done, 2 manifest mismatch, 3 unreachable).
+    """
+    t_start = time.perf_counter()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if on_change not in ON_CHANGE:
+        raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}")
+    if concurrency < 1 or retries < 0 or max_pixels < 1 or not backoff >= 0:
+        raise ValueError("concurrency and max_pixels must be >= 1, retries and backoff >= 0")
+    if dicom and mode != UPSCALE:
+        raise ValueError("derived DICOM is written in upscale mode only (it must be 4x its source)")
+    if not (png or dicom):
+        raise ValueError("nothing to write: enable PNG or DICOM outputs")
+    say = log or (lambda line: tqdm.write(line, file=sys.stderr))
+    settings = Settings(
+        mode=mode, png=png, dicom=dicom, side_by_side=side_by_side, force=force,
+        max_pixels=max_pixels, retries=retries, backoff_s=backoff, tile=tile, overlap=overlap,
+        sampling={k: v for k, v in (sampling or {}).items() if v is not None},
+    )  # fmt: skip
+
+    def make_client(url: str) -> SRClient:
+        return SRClient(url, protocol, model, timeout_s=timeout_s, in_flight=in_flight)
+
+    pool = ServerPool(urls, make_client)
+    try:
+        identity = _servers_identity(pool, wait_s, say)
+    except UnreachableError as e:
+        pool.close()
+        return Report([], None, EXIT_UNREACHABLE, str(e), time.perf_counter() - t_start)
+    except ManifestMismatchError as e:
+        pool.close()
+        return Report([], None, EXIT_USAGE, str(e), time.perf_counter() - t_start)
+
+    out = Path(out)
+    jobs, problems = collect(inputs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_partials(out)
+        manifest = Manifest(out / MANIFEST)
+    except (OSError, sqlite3.Error) as e:
+        pool.close()
+        return Report([], identity, EXIT_INPUT_FAILED, f"cannot open the manifest in {out}: {e}")
+    try:
+        try:
+            note = _check_manifest(manifest, identity, settings, on_change)
+        except ManifestMismatchError as e:
+            return Report([], identity, EXIT_USAGE, str(e), time.perf_counter() - t_start)
+        if note:
+            say(f"cxr-sr: {note}")
+        manifest.sync(jobs)
+        keys = [k for k, _ in jobs]
+        resumed = sum(1 for j in manifest.rows(keys) if j["state"] == DONE)
+        for path, reason in problems:
+            say(f"failed: {path}: {reason}")
+        worker = Worker(pool, settings, out, identity)
+        bar_disable = None if progress is None else not progress
+        if concurrency == 1:
+            worker.show_tiles = bar_disable
+        stop = _run(manifest, worker, jobs, concurrency, say, bar_disable)
+        rows = [_row(j) for j in manifest.rows(keys)]
+        rows += [
+            {"key": None, "input": p, "status": FAILED, "outputs": [], "error": r}
+            for p, r in problems
+        ]
+        exit_code = EXIT_OK
+        if stop is not None and isinstance(stop, UnreachableError):
+            exit_code = EXIT_UNREACHABLE
+        elif stop is not None or any(r["status"] in (FAILED, PENDING) for r in rows):
+            exit_code = EXIT_INPUT_FAILED
+        report = Report(
+            rows, identity, exit_code, _stop_message(stop, out), time.perf_counter() - t_start,
+            resumed=resumed,
+        )  # fmt: skip
+        try:
+            extra = {
+                "server": {"urls": pool.urls, "protocol": protocol, "model": model},
+                "mode": mode,
+                "sampling": settings.sampling,
+                **(report_extra or {}),
+            }
+            report.files = write_report(report, out, extra)
+        except (OSError, DiskFullError) as e:
+            say(f"cxr-sr: could not write the report in {out}: {e}")
+        return report
+    finally:
+        manifest.close()
+        pool.close()
+
+
+def _stop_message(stop: BaseException | None, out: Path) -> str:
+    if stop is None:
+        return ""
+    if isinstance(stop, DiskFullError):
+        return (
+            f"stopped: output disk full ({stop.strerror}); the manifest in {out} is intact: "
+            "free some space and re-run the same command to finish"
+        )
+    if isinstance(stop, UnreachableError):
+        return f"stopped: server unreachable: {stop}; re-run the same command to finish"
+    return f"stopped: {stop}"
+
+
+def _servers_identity(pool: ServerPool, wait_s: float, say: Callable[[str], None]) -> ModelIdentity:
+    """Wait for the servers; set aside those that do not answer (at least one must) and
+    check that all serve the same model; returns its identity."""
+    identities: dict[str, ModelIdentity] = {}
+    errors = []
+    for url in pool.urls:
+        c = pool.client(url)
+        try:
+            c.wait_ready(wait_s)
+            identities[url] = c.model_identity()
+        except SRServerError as e:
+            errors.append(str(e))
+            pool.set_aside(url, 3600.0)
+    if not identities:
+        raise UnreachableError("; ".join(errors))
+    for line in errors:
+        say(f"cxr-sr: warning: {line}; going on without it")
+    distinct = set(identities.values())
+    if len(distinct) > 1:
+        served = ", ".join(f"{u}: {m.short()}" for u, m in identities.items())
+        raise ManifestMismatchError(
+            f"the servers serve different models ({served}); give URLs of one model"
+        )
+    return distinct.pop()
+
+
+def _run(
+    manifest: Manifest,
+    worker: Worker,
+    jobs: Sequence[tuple[str, Path]],
+    concurrency: int,
+    say: Callable[[str], None],
+    bar_disable: bool | None,
+) -> BaseException | None:
+    """Run the pending jobs, ``concurrency`` at a time, recording each in the manifest as it
+    ends. Returns why the run stopped early (disk full, unreachable, interrupted) or None."""
+    todo = [(k, p) for k, p in jobs if manifest.state(k) == PENDING]
+    bar = tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(todo),
+        desc="cxr-sr",
+        unit="image",
+        disable=bar_disable,
+    )
+    stop: BaseException | None = None
+    running: dict[Future, str] = {}
+    it = iter(todo)
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="cxr-sr") as ex:
+        try:
+            while True:
+                while stop is None and len(running) < concurrency:
+                    nxt = next(it, None)
+                    if nxt is None:
+                        break
+                    key, path = nxt
+                    manifest.start(key)
+                    running[ex.submit(worker, key, path)] = key
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    key = running.pop(fut)
+                    why = _record(manifest, worker, key, fut, say)
+                    if why is not None and stop is None:
+                        stop = why
+                        say(f"cxr-sr: {_stop_message(why, worker.out)}")
+                    bar.update(1)
+        except KeyboardInterrupt as e:
+            stop = e
+            for fut, key in running.items():
+                fut.cancel()
+                manifest.release(key)
+            raise
+        except sqlite3.Error as e:
+            if not is_disk_full(e):
+                raise
+            stop = DiskFullError(errno.ENOSPC, f"manifest: {e}")
+        finally:
+            bar.close()
+    return stop
+
+
+def _record(
+    manifest: Manifest, worker: Worker, key: str, fut: Future, say: Callable[[str], None]
+) -> BaseException | None:
+    """Record one finished job; returns the error that must stop the run, if any."""
+    try:
+        outputs, row = fut.result()
+    except OutOfDomainError as e:
+        manifest.finish(key, SKIPPED, error=str(e))
+        say(f"skipped: {key}: {e}")
+        return None
+    except (DiskFullError, UnreachableError) as e:
+        manifest.release(key)
+        return e
+    except (ValueError, SRServerError) as e:
+        manifest.finish(key, FAILED, error=str(e))
+        say(f"failed: {key}: {e}")
+        return None
+    except Exception as e:  # a bug or an unexpected library error: this input fails
+        if is_disk_full(e):
+            manifest.release(key)
+            return DiskFullError(getattr(e, "errno", errno.ENOSPC), str(e))
+        manifest.finish(key, FAILED, error=f"{type(e).__name__}: {e}")
+        say(f"failed: {key}: {type(e).__name__}: {e}")
+        return None
+    manifest.finish(key, DONE, outputs=outputs, row=row, model=worker.model)
+    return None
