@@ -104,6 +104,7 @@ REPORT_COLUMNS = (
     "lr_psnr_bicubic",
     "seconds",
     "attempts",
+    "retries",
     "server",
     "error",
     "model_name",
@@ -425,9 +426,10 @@ class Worker:
         self.pool, self.settings, self.out, self.model = pool, settings, out, model
         self.show_tiles: bool | None = None  # tqdm's disable for a per-image tile bar
 
-    def upscale(self, lr: np.ndarray, progress=None) -> tuple[np.ndarray, str]:
+    def upscale(self, lr: np.ndarray, progress=None) -> tuple[np.ndarray, str, int]:
         """``SRClient.upscale`` on the least busy server, retried on transient errors;
-        returns the SR and the URL that made it. :class:`UnreachableError` after the retries."""
+        returns the SR, the URL that made it and the retries it took.
+        :class:`UnreachableError` after the retries."""
         s = self.settings
         last: SRServerError | None = None
         for attempt in range(s.retries + 1):
@@ -436,7 +438,7 @@ class Worker:
                 sr = self.pool.client(url).upscale(
                     lr, overlap=s.overlap, tile=s.tile, progress=progress, **s.sampling
                 )
-                return sr, url
+                return sr, url, attempt
             except SRServerError as e:
                 if not e.transient:
                     raise
@@ -466,7 +468,7 @@ class Worker:
         bar = _TileBar(self.show_tiles) if self.show_tiles is not None else None
         t0 = time.perf_counter()
         try:
-            sr, url = self.upscale(lr, progress=bar)
+            sr, url, retries = self.upscale(lr, progress=bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -478,6 +480,7 @@ class Worker:
             bits=image_bits(path),
             tiles=len(self.pool.client(url).tile_plan(*lr.shape, s.overlap, s.tile)),
             server=url,
+            retries=retries,
             **scores(sr, bic, lr, hr),
             seconds=seconds,
         )

@@ -17,13 +17,12 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fake_triton import FakeTriton, model_config
 
 from cxr_sr.client.cli import build_parser, main
 from cxr_sr.client.exit_codes import EXIT_CODES, EXIT_UNREACHABLE, EXIT_USAGE
@@ -45,89 +44,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(min_side: int = 16, max_side: int = 64) -> dict:
-    return {
-        "name": "cxr_sr",
-        "max_batch_size": 8,
-        "input": [{"name": "LR", "data_type": "TYPE_FP32", "dims": [1, -1, -1]}],
-        "output": [{"name": "SR", "data_type": "TYPE_FP32", "dims": [1, -1, -1]}],
-        "parameters": {
-            "lr_min_side": {"string_value": str(min_side)},
-            "lr_max_side": {"string_value": str(max_side)},
-        },
-    }
-
-
-class _FakeTriton(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    requests: list[dict] = []  # replaced per server
-    config: dict = _config()
-
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-    def _send(self, code: int, body: bytes, header_length: int | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(body)))
-        if header_length is not None:
-            self.send_header("Inference-Header-Content-Length", str(header_length))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        if self.path == "/v2/models/cxr_sr/config":
-            self._send(200, json.dumps(type(self).config).encode())
-            return
-        ok = self.path in ("/v2/health/live", "/v2/health/ready", "/v2/models/cxr_sr/ready")
-        self._send(200 if ok else 404, b"")
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.path != "/v2/models/cxr_sr/infer":
-            self._send(404, json.dumps({"error": "unknown model"}).encode())
-            return
-        n_json = int(self.headers.get("Inference-Header-Content-Length", len(body)))
-        request = json.loads(body[:n_json])
-        (inp,) = request["inputs"]
-        lr = np.frombuffer(body[n_json:], dtype=np.float32).reshape(inp["shape"])
-        params = request.get("parameters", {})
-        type(self).requests.append({"batch": lr.shape[0], "shape": lr.shape, "parameters": params})
-        if params.get("steps") == 999:
-            msg = {"error": "steps (999) exceeds the 300 timesteps the plan covers"}
-            self._send(400, json.dumps(msg).encode())
-            return
-        sr = bicubic_baseline(lr).astype(np.float32)
-        raw = sr.tobytes()
-        header = json.dumps(
-            {
-                "model_name": "cxr_sr",
-                "outputs": [
-                    {
-                        "name": "SR",
-                        "datatype": "FP32",
-                        "shape": list(sr.shape),
-                        "parameters": {"binary_data_size": len(raw)},
-                    }
-                ],
-            }
-        ).encode()
-        self._send(200, header + raw, header_length=len(header))
-
-
 @pytest.fixture()
 def fake_server(request) -> Iterator[tuple[str, list[dict]]]:
-    config = getattr(request, "param", _config())
-    handler = type("Handler", (_FakeTriton,), {"requests": [], "config": config})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}", handler.requests
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with FakeTriton(getattr(request, "param", None)) as fake:
+        yield fake.url, fake.requests
 
 
 # --- argparse ---------------------------------------------------------------------------
@@ -231,7 +151,7 @@ def test_srclient_validation_and_connection_error() -> None:
 
 
 def test_limits_from_config() -> None:
-    assert limits_from_config(_config(16, 256)) == SizeLimits(16, 256)
+    assert limits_from_config(model_config(16, 256)) == SizeLimits(16, 256)
     fixed = {"max_batch_size": 8, "input": [{"name": "LR", "dims": ["1", "64", "64"]}]}
     assert limits_from_config(fixed) == SizeLimits(64, 64)  # gRPC's JSON has string dims
     dynamic = {"max_batch_size": 8, "input": [{"name": "LR", "dims": [1, -1, -1]}]}
