@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -33,12 +34,17 @@ from pathlib import Path
 from cxr_sr.builders import specs as S
 from cxr_sr.builders import trt
 from cxr_sr.builders.triton_config import (
+    DEFAULT_LIMITS,
+    PRECISIONS,
     TARGETS,
+    TORCH_DEVICES,
+    ServingLimits,
     ensemble_config,
     network_config,
     sampler_config,
     write_config,
 )
+from cxr_sr.client.triton import ModelIdentity
 from cxr_sr.model_repository import SOURCES
 
 CACHE_VERSION = 2  # 2: dynamic sides, padding encoder, cropping decoder
@@ -52,6 +58,28 @@ def _digest(folder: Path, extra: dict) -> str:
         h.update(path.relative_to(folder).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def model_identity(checkpoint: Path) -> ModelIdentity:
+    """The checkpoint's identity as the ensemble publishes it: its name (``cxr_sr.json``'s
+    ``name``, else the folder's), its version (the recorded ``version``, else this package's)
+    and the SHA-256 over every file but the model card and other documentation, each
+    hashed as its relative path then its bytes, in sorted path order (stable across copies)."""
+    meta = json.loads((checkpoint / "cxr_sr.json").read_text())
+    h = hashlib.sha256()
+    files = sorted(
+        p
+        for p in checkpoint.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in (".md", ".txt")
+    )
+    for path in files:
+        name = path.relative_to(checkpoint).as_posix()
+        h.update(f"{name}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    version = meta.get("version") or importlib.metadata.version("cxr-sr")
+    return ModelIdentity(str(meta.get("name") or checkpoint.name), str(version), h.hexdigest())
 
 
 def served_geometry(
@@ -103,6 +131,20 @@ def served_geometry(
     return geometry, note
 
 
+def checkpoint_specs(
+    ckpt, max_batch: int, *, max_side: int | None = None, budget_mib: float = ATTENTION_BUDGET_MIB
+) -> dict[str, S.NetworkSpec]:
+    """The network specs of a loaded checkpoint at the served sizes (printed)."""
+    geometry, note = served_geometry(ckpt, max_side, budget_mib)
+    if note:
+        print(f"[geometry] {note}")
+    print(
+        f"[geometry] LR sides {geometry.min_side}-{geometry.max_side} (padded inside to "
+        f"multiples of {geometry.multiple}), VAE factor {geometry.vae_factor}"
+    )
+    return S.network_specs(ckpt.latent_shape[0], geometry, max_batch)
+
+
 def export_all(
     checkpoint: Path,
     onnx_dir: Path,
@@ -121,14 +163,7 @@ def export_all(
     key = _digest(checkpoint, {"max_batch": max_batch, "dynamo": dynamo})
     stamp = onnx_dir / "export.json"
     ckpt = load(checkpoint)
-    geometry, note = served_geometry(ckpt, max_side, budget_mib)
-    if note:
-        print(f"[geometry] {note}")
-    print(
-        f"[geometry] LR sides {geometry.min_side}-{geometry.max_side} (padded inside to "
-        f"multiples of {geometry.multiple}), VAE factor {geometry.vae_factor}"
-    )
-    specs = S.network_specs(ckpt.latent_shape[0], geometry, max_batch)
+    specs = checkpoint_specs(ckpt, max_batch, max_side=max_side, budget_mib=budget_mib)
     paths = {name: onnx_dir / f"{name}.onnx" for name in S.NETWORKS}
     cached = stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
     if cached and not force and all(p.is_file() for p in paths.values()):
@@ -162,6 +197,16 @@ def _install(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def _install_tree(src: Path, dst: Path) -> None:
+    """Copy a folder's files (changed ones only); files no longer in ``src`` are removed."""
+    wanted = {p.relative_to(src) for p in src.rglob("*") if p.is_file()}
+    for rel in sorted(wanted):
+        _install(src / rel, dst / rel)
+    for path in sorted(dst.rglob("*"), reverse=True) if dst.is_dir() else ():
+        if path.is_file() and path.relative_to(dst) not in wanted:
+            path.unlink()
+
+
 def assemble(
     checkpoint: Path,
     out: Path,
@@ -171,8 +216,12 @@ def assemble(
     *,
     instances: int = 1,
     engine: str = "auto",
+    limits: ServingLimits = DEFAULT_LIMITS,
+    torch_device: str = "auto",
+    precision: str = "fp16",
 ) -> Path:
-    """Stage 2-3: write the Triton repository for ``target`` into ``out``."""
+    """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
+    checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used)."""
     from cxr_sr import Schedule
 
     meta = json.loads((checkpoint / "cxr_sr.json").read_text())
@@ -191,19 +240,36 @@ def assemble(
                 trt.build_engine(onnx[name], specs[name], plan)
         elif target == "gpu":
             _install(onnx[name], version / "model.onnx")
+        elif target == "torch":
+            _install_tree(checkpoint, version / "checkpoint")
+            _install(SOURCES / "torch_python" / "model.py", version / "model.py")
         else:
             _install(onnx[name], version / "model.onnx")
             _install(SOURCES / "onnx_python" / "model.py", version / "model.py")
-        write_config(network_config(specs[name], target, instances=instances), out / name)
+        config = network_config(
+            specs[name],
+            target,
+            instances=instances,
+            limits=limits,
+            torch_device=torch_device,
+            precision=precision,
+        )
+        write_config(config, out / name)
 
     sampler = out / S.SAMPLER / "1"
     _install(SOURCES / S.SAMPLER / "1" / "model.py", sampler / "model.py")
     Schedule.load(checkpoint / "scheduler").save(sampler)
     (sampler / "sampling.json").write_text(json.dumps(meta["sampling"], indent=2) + "\n")
-    write_config(sampler_config(specs["unet"], instances=instances), out / S.SAMPLER)
+    # on the torch target with a GPU the loop keeps its latents there (DLPack)
+    on_gpu = target == "torch" and torch_device == "cuda"
+    config = sampler_config(
+        specs["unet"], instances=instances, limits=limits, tensor_device="cuda" if on_gpu else "cpu"
+    )
+    write_config(config, out / S.SAMPLER)
 
     (out / S.ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)
-    write_config(ensemble_config(specs), out / S.ENSEMBLE)
+    identity = model_identity(checkpoint).parameters()
+    write_config(ensemble_config(specs, identity, limits), out / S.ENSEMBLE)
     return out
 
 
@@ -222,7 +288,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=TARGETS,
         default="cpu",
         help="cpu: Python-backend onnxruntime models (the embedded tritonserver); "
-        "gpu: TensorRT UNet + onnxruntime_onnx VAE (NGC tritonserver)",
+        "gpu: TensorRT UNet + onnxruntime_onnx VAE (NGC tritonserver); "
+        "torch: Python-backend PyTorch models, fp16 on CUDA (the fallback where no TensorRT "
+        "plan exists; also runs on the CPU)",
+    )
+    p.add_argument(
+        "--torch-device",
+        choices=TORCH_DEVICES,
+        default="auto",
+        help="--target torch: cuda = KIND_GPU instances and a GPU-resident sampler loop; "
+        "auto = CUDA where torch sees a GPU at load time, else CPU; cpu (default: %(default)s)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp16",
+        help="--target torch on CUDA: network precision (default: %(default)s; the decoder's "
+        "bicubic base and sum stay fp32)",
     )
     p.add_argument(
         "--out",
@@ -257,6 +339,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"1/{HEAD_SHARE} of it for one head (default: %(default)s)",
     )
     p.add_argument("--instances", type=int, default=1, help="instances per model")
+    limits = p.add_argument_group(
+        "limits", "what one client can ask of the server (published in the ensemble's config)"
+    )
+    limits.add_argument(
+        "--max-steps",
+        type=int,
+        default=DEFAULT_LIMITS.max_steps,
+        help="sampling steps per request; more gets INVALID_ARG (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=None,
+        help="LR pixels per request (N x H x W, sides padded to the encoder's multiple); "
+        "default: 4 images of the largest side",
+    )
+    limits.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=DEFAULT_LIMITS.max_queue_size,
+        help="requests waiting in each model's queue; more are rejected at once "
+        "(default: %(default)s)",
+    )
+    limits.add_argument(
+        "--queue-timeout-s",
+        type=float,
+        default=DEFAULT_LIMITS.queue_timeout_s,
+        help="a request waiting longer in a model's queue is rejected (default: %(default)s)",
+    )
     p.add_argument(
         "--engine",
         choices=("auto", "build", "skip"),
@@ -291,18 +402,43 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        limits = ServingLimits(
+            args.max_steps, args.max_request_pixels, args.max_queue_size, args.queue_timeout_s
+        )
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out = args.out or Path(f"build/model_repository_{args.target}")
-    specs, onnx = export_all(
-        args.checkpoint,
-        args.onnx_dir,
-        args.max_batch,
-        max_side=args.max_side,
-        budget_mib=args.attention_budget_mib,
-        dynamo=args.dynamo,
-        force=args.force,
-    )
+    if args.target == "torch":  # the networks run as they are: no ONNX export
+        from cxr_sr.train.checkpoint import load
+
+        ckpt = load(args.checkpoint)
+        specs = checkpoint_specs(
+            ckpt, args.max_batch, max_side=args.max_side, budget_mib=args.attention_budget_mib
+        )
+        onnx = {}
+    else:
+        specs, onnx = export_all(
+            args.checkpoint,
+            args.onnx_dir,
+            args.max_batch,
+            max_side=args.max_side,
+            budget_mib=args.attention_budget_mib,
+            dynamo=args.dynamo,
+            force=args.force,
+        )
     assemble(
-        args.checkpoint, out, args.target, specs, onnx, instances=args.instances, engine=args.engine
+        args.checkpoint,
+        out,
+        args.target,
+        specs,
+        onnx,
+        instances=args.instances,
+        engine=args.engine,
+        limits=limits,
+        torch_device=args.torch_device,
+        precision=args.precision,
     )
     print(f"[repository] {args.target} target written to {out}")
     return 0

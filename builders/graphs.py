@@ -144,3 +144,36 @@ def attention_bytes(
             h.remove()
     ratio = (lr_side / probe_side) ** 2
     return {n: int(4 * found.get(n, 0) * ratio**2) for n in ("vae", "unet")}
+
+
+HALF_INPUTS = {"vae_encoder": ("LR",), "unet": ("x_t", "timestep", "z_lr"), "vae_decoder": ("z",)}
+
+
+class TorchStage:
+    """One served network as the ``torch`` target runs it: ``stage(*inputs) -> float32``.
+
+    ``half`` (meant for CUDA): fp16 weights and activations, the reference project's PyTorch
+    fallback where no TensorRT plan exists. The encoder and the UNet run wholly in fp16; the
+    decoder runs its VAE in fp16 but keeps the LR and so bicubic(LR) + residual in fp32 (an
+    fp16 sum would quantise the output to 2**-11 near white, coarser than a 12-bit radiograph).
+    Inputs are given in the order of the network's spec (``HALF_INPUTS`` names them).
+    """
+
+    def __init__(self, rvae, denoiser, network: str, device="cpu", half: bool = False):
+        if network not in HALF_INPUTS:
+            raise ValueError(f"network must be one of {tuple(HALF_INPUTS)}, got {network!r}")
+        self.network, self.device, self.half = network, torch.device(device), bool(half)
+        self.graph = graphs(rvae, denoiser)[network].to(self.device)
+        if self.half:
+            (rvae.vae if network == "vae_decoder" else self.graph).half()
+
+    def cast(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """An input on this stage's device, fp16 where the stage takes it so."""
+        want = torch.float16 if self.half and name in HALF_INPUTS[self.network] else torch.float32
+        return x.to(self.device, want, non_blocking=True)
+
+    @torch.inference_mode()
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        names = HALF_INPUTS[self.network] if self.network != "vae_decoder" else ("z", "LR")
+        args = [self.cast(n, x) for n, x in zip(names, inputs, strict=True)]
+        return self.graph(*args).float()

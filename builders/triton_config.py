@@ -14,6 +14,7 @@ model process's memory does not grow with batch x pixels.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -21,7 +22,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from cxr_sr.builders.specs import ENSEMBLE, SAMPLER, NetworkSpec, TensorSpec
 
-TARGETS = ("cpu", "gpu")
+TARGETS = ("cpu", "gpu", "torch")
+TORCH_DEVICES = ("auto", "cuda", "cpu")  # the torch target's device; auto: CUDA where torch sees it
+PRECISIONS = ("fp16", "fp32")  # the torch target's precision on CUDA (the CPU runs fp32)
 
 
 def _dtype(name: str) -> int:
@@ -32,11 +35,60 @@ def _io(cls, tensors: tuple[TensorSpec, ...]):
     return [cls(name=t.name, data_type=_dtype(t.dtype), dims=list(t.shape)) for t in tensors]
 
 
-def _batching(config: mc.ModelConfig, max_batch: int, queue_delay_us: int) -> None:
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one client can ask of the server, set at build time and published as parameters
+    of the ensemble (README, "Operating the server").
+
+    ``max_steps``: steps per request (the sampler answers INVALID_ARG above it).
+    ``max_request_pixels``: LR pixels per request, N x H x W with sides padded to the
+    encoder's multiple (INVALID_ARG above it); None: 4 images of the largest side.
+    ``max_queue_size``: requests waiting in each model's queue; one more is rejected at once
+    (UNAVAILABLE, "Exceeds maximum queue size"). ``queue_timeout_s``: a request waiting longer
+    than this in a model's queue is rejected; a client may ask for less with the ``timeout``
+    request parameter (microseconds; Triton's own).
+    """
+
+    max_steps: int = 50
+    max_request_pixels: int | None = None
+    max_queue_size: int = 64
+    queue_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.max_queue_size < 1 or not self.queue_timeout_s > 0:
+            raise ValueError(f"limits must be positive: {self}")
+        if self.max_request_pixels is not None and self.max_request_pixels < 1:
+            raise ValueError(f"max_request_pixels must be positive, got {self.max_request_pixels}")
+
+    def request_pixels(self, max_side: int) -> int:
+        return self.max_request_pixels or 4 * max_side * max_side
+
+    def parameters(self, max_side: int) -> dict[str, str]:
+        """The limits as config parameters (the ensemble publishes them; the sampler reads
+        ``max_steps`` and ``max_request_pixels``)."""
+        return {
+            "max_steps": str(self.max_steps),
+            "max_request_pixels": str(self.request_pixels(max_side)),
+            "max_queue_size": str(self.max_queue_size),
+            "queue_timeout_s": f"{self.queue_timeout_s:g}",
+        }
+
+
+DEFAULT_LIMITS = ServingLimits()
+
+
+def _batching(
+    config: mc.ModelConfig, max_batch: int, queue_delay_us: int, limits: ServingLimits
+) -> None:
     config.max_batch_size = max_batch
     db = config.dynamic_batching
     db.preferred_batch_size.extend(sorted({max(1, max_batch // 2), max_batch}))
     db.max_queue_delay_microseconds = queue_delay_us
+    policy = db.default_queue_policy
+    policy.max_queue_size = limits.max_queue_size
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = int(limits.queue_timeout_s * 1e6)
+    policy.allow_timeout_override = True
 
 
 def network_config(
@@ -47,32 +99,55 @@ def network_config(
     queue_delay_us: int = 2000,
     parameters: dict[str, str] | None = None,
     env_path: str | None = None,
+    limits: ServingLimits = DEFAULT_LIMITS,
+    torch_device: str = "auto",
+    precision: str = "fp16",
 ) -> mc.ModelConfig:
-    """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``."""
+    """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;
+    Python+PyTorch on ``torch`` (``torch_device`` cuda: KIND_GPU instances, one per GPU id
+    Triton assigns; auto or cpu: KIND_CPU instances that pick their device themselves)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     config = mc.ModelConfig(name=spec.name)
     config.input.extend(_io(mc.ModelInput, spec.inputs))
     config.output.extend(_io(mc.ModelOutput, spec.outputs))
-    _batching(config, spec.max_batch, queue_delay_us)
+    _batching(config, spec.max_batch, queue_delay_us, limits)
     group = config.instance_group.add()
     group.count = instances
+    params = dict(parameters or {})
     if target == "cpu":
         config.backend = "python"
         group.kind = mc.ModelInstanceGroup.KIND_CPU
+    elif target == "torch":
+        if torch_device not in TORCH_DEVICES or precision not in PRECISIONS:
+            raise ValueError(
+                f"torch_device must be one of {TORCH_DEVICES} and precision one of "
+                f"{PRECISIONS}, got {torch_device!r}, {precision!r}"
+            )
+        config.backend = "python"
+        on_gpu = torch_device == "cuda"
+        group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
+        params.update(network=spec.name, device=torch_device, precision=precision)
+        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"  # GPU tensors arrive as they are
     else:
         group.kind = mc.ModelInstanceGroup.KIND_GPU
         if spec.name == "unet":
             config.platform = "tensorrt_plan"
         else:
             config.platform = "onnxruntime_onnx"
-    params = dict(parameters or {})
     if config.backend == "python" and "LR" in spec.input_names:
         g = spec.geometry
         params.setdefault("input_ranges", json.dumps({"LR": [0.0, 1.0]}))
         params.setdefault("input_sides", json.dumps({"LR": [g.min_side, g.max_side]}))
     if config.backend == "python":
         params.setdefault("max_batch_pixels", str(spec.batch_pixels()))
+    if target == "cpu":
+        # onnxruntime's memory arena off, memory patterns on (README, "Operating the server")
+        params.setdefault("ort_cpu_mem_arena", "false")
+        params.setdefault("ort_mem_pattern", "true")
+        # idle onnxruntime threads sleep, not spin: the three network processes share the
+        # cores (README, "Served vs in-process")
+        params.setdefault("intra_op_spinning", "false")
     if env_path and config.backend == "python":
         params["EXECUTION_ENV_PATH"] = env_path
     for key, value in params.items():
@@ -87,13 +162,19 @@ def sampler_config(
     queue_delay_us: int = 2000,
     gpu: bool = False,
     env_path: str | None = None,
+    limits: ServingLimits = DEFAULT_LIMITS,
+    tensor_device: str = "cpu",
 ) -> mc.ModelConfig:
-    """The BLS sampler: z_lr -> z, calling ``unet`` once per step."""
+    """The BLS sampler: z_lr -> z, calling ``unet`` once per step.
+
+    ``tensor_device`` "cuda" (the torch target on a GPU): the loop keeps its latents on the
+    GPU (torch tensors through DLPack, UNet outputs requested in GPU memory), no host copy per
+    step; "cpu": numpy on the host."""
     z_lr = next(t for t in unet.inputs if t.name == "z_lr")
     config = mc.ModelConfig(name=SAMPLER, backend="python")
     config.input.extend(_io(mc.ModelInput, (z_lr,)))
     config.output.extend(_io(mc.ModelOutput, (TensorSpec("z", z_lr.shape, grid=z_lr.grid),)))
-    _batching(config, unet.max_batch, queue_delay_us)
+    _batching(config, unet.max_batch, queue_delay_us, limits)
     group = config.instance_group.add()
     group.count = instances
     group.kind = mc.ModelInstanceGroup.KIND_CPU  # the loop is host code; tensors stay where unet is
@@ -104,7 +185,11 @@ def sampler_config(
         "vae_factor": str(unet.geometry.vae_factor),
         "latent_sides": ",".join(map(str, unet.geometry.latent_sides())),
         "max_batch_pixels": str(unet.batch_pixels()),
+        **limits.parameters(unet.geometry.max_side),
+        "tensor_device": tensor_device,
     }
+    if tensor_device != "cpu":
+        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     if env_path:
         params["EXECUTION_ENV_PATH"] = env_path
     for key, value in params.items():
@@ -112,15 +197,22 @@ def sampler_config(
     return config
 
 
-def ensemble_config(specs: dict[str, NetworkSpec]) -> mc.ModelConfig:
-    """``cxr_sr``: LR -> vae_encoder -> sampler -> vae_decoder -> SR."""
+def ensemble_config(
+    specs: dict[str, NetworkSpec],
+    identity: dict[str, str] | None = None,
+    limits: ServingLimits = DEFAULT_LIMITS,
+) -> mc.ModelConfig:
+    """``cxr_sr``: LR -> vae_encoder -> sampler -> vae_decoder -> SR. ``identity``: the
+    model's name, version and weights hash as config parameters
+    (``cxr_sr.client.triton.ModelIdentity.parameters``), for clients to read."""
     enc, dec = specs["vae_encoder"], specs["vae_decoder"]
     config = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=enc.max_batch)
     config.input.extend(_io(mc.ModelInput, enc.inputs))
     config.output.extend(_io(mc.ModelOutput, dec.outputs))
     g = enc.geometry
     sizes = {"lr_min_side": g.min_side, "lr_max_side": g.max_side, "lr_multiple": g.multiple}
-    for key, value in sizes.items():
+    published = {**sizes, **limits.parameters(g.max_side), **(identity or {})}
+    for key, value in published.items():
         config.parameters[key].string_value = str(value)
     steps = [
         (enc.name, {"LR": "LR"}, {"z_lr": "z_lr"}),

@@ -1,0 +1,123 @@
+"""Triton Python-backend model running one served network in PyTorch (the ``torch`` target).
+
+Used for ``vae_encoder``, ``unet`` and ``vae_decoder`` where no TensorRT plan exists:
+``builders.build --target torch`` copies this file and the checkpoint (``checkpoint/``) next
+to each model's config. The network is ``builders.graphs.TorchStage``, the same module the
+ONNX graphs are exported from: on CUDA in fp16 (config parameter ``precision``: fp16 | fp32),
+on the CPU in fp32 (``device``: auto | cuda | cpu; auto takes CUDA when torch sees a GPU).
+
+Tensors stay on the GPU: with ``FORCE_CPU_ONLY_INPUT_TENSORS`` "no", inputs that another model
+left in GPU memory arrive there and are read through DLPack, and outputs are handed back
+through DLPack without a host copy. Requests of equal shapes run as one call (in chunks of at
+most ``max_batch_pixels``); inputs named in ``input_ranges`` / ``input_sides`` are checked per
+request, and a bad request gets its own INVALID_ARG while the rest of the batch is served.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import from_dlpack, to_dlpack
+
+from cxr_sr.builders.graphs import TorchStage
+from cxr_sr.serving import check_finite_range, check_image_shape, row_chunks
+from cxr_sr.train.checkpoint import load
+
+
+def _device(name: str, instance_gpu: str) -> torch.device:
+    """auto: the instance's GPU when torch sees one, else the CPU; cuda: the instance's GPU
+    (a KIND_GPU instance is given its device id); cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device(f"cuda:{int(instance_gpu or 0)}")
+    return torch.device(name)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.inputs = [t["name"] for t in config["input"]]
+        self.outputs = [t["name"] for t in config["output"]]
+        self.ranges = json.loads(params.get("input_ranges", "{}"))
+        self.sides = json.loads(params.get("input_sides", "{}"))
+        self.max_pixels = int(params.get("max_batch_pixels", "0")) or None
+        self.device = _device(params.get("device", "auto"), args.get("model_instance_device_id"))
+        half = self.device.type == "cuda" and params.get("precision", "fp16") == "fp16"
+        threads = int(params.get("intra_op_threads", "0"))
+        if self.device.type == "cpu" and threads > 0:
+            torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = True
+        here = Path(args["model_repository"]) / args["model_version"]
+        ckpt = load(here / "checkpoint")
+        self.stage = TorchStage(ckpt.vae, ckpt.denoiser, params["network"], self.device, half)
+
+    def _tensor(self, tensor) -> torch.Tensor:
+        """A request's input as a torch tensor, without a copy where it already is in place."""
+        if tensor.is_cpu():
+            return torch.from_numpy(tensor.as_numpy())
+        return from_dlpack(tensor.to_dlpack())
+
+    def _problem(self, feeds):
+        """None, or why a request's inputs are refused (sides first: they are cheap)."""
+        for name, (low, high) in self.sides.items():
+            problem = check_image_shape(name, tuple(feeds[name].shape), low, high)
+            if problem:
+                return problem
+        for name, limits in self.ranges.items():
+            problem = check_finite_range(name, feeds[name].float().cpu().numpy(), *limits)
+            if problem:
+                return problem
+        return None
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        batches = {}  # input shapes -> [(request index, {name: tensor})]
+        for i, request in enumerate(requests):
+            feeds = {
+                n: self._tensor(pb_utils.get_input_tensor_by_name(request, n)) for n in self.inputs
+            }
+            problem = self._problem(feeds)
+            if problem:
+                responses[i] = _error(problem, pb_utils.TritonError.INVALID_ARG)
+            else:
+                shapes = tuple(tuple(feeds[n].shape[1:]) for n in self.inputs)
+                batches.setdefault(shapes, []).append((i, feeds))
+        for batch in batches.values():
+            self._run(batch, responses)
+        return responses
+
+    def _run(self, batch, responses):
+        merged = [torch.cat([f[n] for _, f in batch]) for n in self.inputs]
+        pixels = int(merged[0].shape[2:].numel())
+        try:
+            out = torch.cat(
+                [
+                    self.stage(*(x[s] for x in merged))
+                    for s in row_chunks(len(merged[0]), pixels, self.max_pixels)
+                ]
+            )
+        except Exception as err:  # answer every request rather than failing the batch
+            for i, _ in batch:
+                responses[i] = _error(f"torch failed: {err}", pb_utils.TritonError.INTERNAL)
+            return
+        start = 0
+        for i, feeds in batch:
+            n = len(feeds[self.inputs[0]])
+            responses[i] = pb_utils.InferenceResponse(
+                output_tensors=[_output(self.outputs[0], out[start : start + n])]
+            )
+            start += n
+
+
+def _output(name: str, x: torch.Tensor):
+    x = x.contiguous()
+    if x.is_cuda:
+        return pb_utils.Tensor.from_dlpack(name, to_dlpack(x))
+    return pb_utils.Tensor(name, x.numpy())
+
+
+def _error(message, code):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))

@@ -1,0 +1,117 @@
+"""The ``torch`` target: the networks as Python-backend PyTorch models (the fallback where no
+TensorRT plan exists), served by the real tritonserver on the CPU here and held to the cpu
+(onnxruntime) target's results, request for request."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_sr.builders import build
+from cxr_sr.builders.graphs import HALF_INPUTS, TorchStage, graphs
+from cxr_sr.builders.serve import TritonServer
+from cxr_sr.builders.triton_config import read_config
+from cxr_sr.client import SRClient
+from cxr_sr.train.checkpoint import load
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def torch_repository(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torch") / "repo"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--target", "torch"]
+    assert build.main([*args, "--max-batch", "4", "--max-side", "128"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_server(torch_repository):
+    with TritonServer(torch_repository, log_file=torch_repository.parent / "triton.log") as s:
+        yield s
+
+
+@pytest.mark.slow
+def test_torch_repository_layout(torch_repository, checkpoint):
+    for name in HALF_INPUTS:
+        version = torch_repository / name / "1"
+        assert (version / "model.py").is_file()
+        assert (version / "checkpoint" / "cxr_sr.json").read_bytes() == (
+            checkpoint / "cxr_sr.json"
+        ).read_bytes()
+        assert not (version / "model.onnx").exists()
+        config = read_config(torch_repository / name / "config.pbtxt")
+        assert config.backend == "python"
+        assert config.parameters["network"].string_value == name
+        assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    sampler = read_config(torch_repository / "sampler" / "config.pbtxt")
+    assert sampler.parameters["tensor_device"].string_value == "cpu"  # device auto
+
+
+def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, tmp_path):
+    """What --torch-device cuda writes (checked without a GPU: configs only)."""
+    from cxr_sr.builders.specs import network_specs
+    from cxr_sr.builders.triton_config import network_config, sampler_config
+
+    specs = network_specs(4, build.S.Geometry(), 4)
+    unet = network_config(specs["unet"], "torch", torch_device="cuda", precision="fp16")
+    assert unet.instance_group[0].kind == unet.instance_group[0].KIND_GPU
+    assert unet.parameters["device"].string_value == "cuda"
+    loop = sampler_config(specs["unet"], tensor_device="cuda")
+    assert loop.parameters["tensor_device"].string_value == "cuda"
+    assert loop.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    with pytest.raises(ValueError, match="precision"):
+        network_config(specs["unet"], "torch", precision="int8")
+
+
+def test_torch_stage_fp32_is_the_exported_module(checkpoint):
+    ckpt = load(checkpoint)
+    lr = torch.rand(2, 1, 20, 24)
+    stage = TorchStage(ckpt.vae, ckpt.denoiser, "vae_encoder")
+    reference = graphs(ckpt.vae, ckpt.denoiser)["vae_encoder"]
+    with torch.no_grad():
+        torch.testing.assert_close(stage(lr), reference(lr))
+    with pytest.raises(ValueError, match="network"):
+        TorchStage(ckpt.vae, ckpt.denoiser, "sampler")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(2, 1, 64, 64), (1, 1, 37, 50)])
+def test_torch_target_serves_what_the_onnxruntime_target_serves(server, torch_server, shape):
+    """Same request, same seed: the torch target (PyTorch fp32 on CPU) and the cpu target
+    (onnxruntime) give the same SR to float tolerance, at the reference size and an odd one."""
+    lr = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
+    with SRClient(torch_server.http_url) as c:
+        served_torch = c.super_resolve(lr, steps=STEPS, seed=4)
+        again = c.super_resolve(lr, steps=STEPS, seed=4)
+    with SRClient(server.http_url) as c:
+        served_onnx = c.super_resolve(lr, steps=STEPS, seed=4)
+    assert served_torch.shape == (shape[0], 1, 4 * shape[2], 4 * shape[3])
+    np.testing.assert_array_equal(served_torch, again)
+    np.testing.assert_allclose(served_torch, served_onnx, atol=2e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_torch_target_refuses_bad_pixels_and_keeps_serving(torch_server):
+    """A request with out-of-range values gets its own 400 from the torch encoder (checked
+    with tritonclient directly: SRClient would refuse it before sending)."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    client = http.InferenceServerClient(torch_server.http_url)
+    bad = np.full((1, 1, 32, 32), 2.0, np.float32)
+    request = http.InferInput("LR", list(bad.shape), "FP32")
+    request.set_data_from_numpy(bad)
+    with pytest.raises(InferenceServerException, match="intensities") as err:
+        client.infer("cxr_sr", [request])
+    assert err.value.status() == "400"
+    with SRClient(torch_server.http_url) as c:
+        assert c.super_resolve(np.full((1, 1, 32, 32), 0.5, np.float32), steps=1).shape == (
+            1,
+            1,
+            128,
+            128,
+        )
