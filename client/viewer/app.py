@@ -1,0 +1,265 @@
+"""The viewer's web app (Starlette): one page, its static assets, and a small JSON/binary API.
+
+Routes (every asset is served from this package: the page loads with no network):
+
+    GET  /                              the page (static/index.html)
+    GET  /static/...                    its script, style sheet and icon
+    GET  /api/status                    Triton's state and limits, the viewer's own limits
+    POST /api/jobs?mode=&name=&steps=&seed=
+                                        body = the file's bytes; starts a job -> {"id": ...}
+    GET  /api/jobs/{id}                 the job's stage, tile progress, sizes and metrics
+    GET  /api/jobs/{id}/pixels/{kind}   lr | bicubic | sr | hr: little-endian uint16
+                                        [H, W] (headers X-Width, X-Height), windowed in the page
+    GET  /api/jobs/{id}/sr.png          the SR as a 16-bit PNG
+    GET  /api/jobs/{id}/sr.dcm          the SR as a derived DICOM instance in the upload's
+                                        study (``client.dicom.derive_instance``; DICOM
+                                        uploads in the upscale mode)
+
+Errors are JSON ``{"error": message}`` with a 4xx/5xx status and never carry a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from cxr_sr.client.dicom import derive_instance, dicom_file_name
+from cxr_sr.client.io import KNOWN_SUFFIXES, write_png
+from cxr_sr.client.triton import (
+    DEFAULT_IN_FLIGHT,
+    DEFAULT_MODEL,
+    SRClient,
+    SRServerError,
+    sampling_parameters,
+)
+from cxr_sr.client.viewer.jobs import DONE, KINDS, MODES, UPSCALE, Job, JobStore
+
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE_FIELDS = ("steps", "seed")  # the sampling controls the page offers
+# The page may load nothing from elsewhere (hospital networks are closed, and a viewer of
+# patient images should not talk to third parties): the browser enforces it too.
+CSP = (
+    "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclass
+class ViewerConfig:
+    """What the viewer talks to and what it accepts.
+
+    ``url``/``protocol``/``model``: the Triton server and ensemble (``SRClient``);
+    ``max_upload_bytes``: the largest file accepted; ``max_output_pixels``: the largest SR
+    (pixels) a job may produce (the page holds every image at that size, 16-bit, plus its
+    RGBA rendering); ``sampling``: request parameters every job sends unless the page sets
+    its own ``steps``/``seed``.
+    """
+
+    url: str = "127.0.0.1:8000"
+    protocol: str = "http"
+    model: str = DEFAULT_MODEL
+    timeout_s: float = 300.0
+    in_flight: int = DEFAULT_IN_FLIGHT
+    max_upload_bytes: int = 200 * 2**20
+    max_output_pixels: int = 40_000_000
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    def client(self, timeout_s: float | None = None) -> SRClient:
+        return SRClient(
+            self.url,
+            self.protocol,
+            self.model,
+            timeout_s=timeout_s or self.timeout_s,
+            in_flight=self.in_flight,
+        )
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _triton_status(config: ViewerConfig) -> dict[str, Any]:
+    """Whether the server is ready, and the LR sides it takes (a quick probe)."""
+    where = f"{config.protocol}://{config.url}"
+    try:
+        with config.client(timeout_s=3.0) as c:
+            c.wait_ready(0)
+            limits = c.limits()
+            model = c.model_identity()
+    except (SRServerError, ValueError) as e:
+        return {"url": where, "ready": False, "message": str(e)}
+    return {
+        "url": where,
+        "ready": True,
+        "model": model.short(),
+        "lr_sides": [limits.min_side, limits.max_side],
+        "message": f"ready; LR {limits.describe()} per request, larger images are tiled",
+    }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n / 1024:.0f} KB"
+
+
+def create_app(config: ViewerConfig | None = None) -> Starlette:
+    """The viewer as an ASGI app (``uvicorn.run(create_app(cfg), host="127.0.0.1")``)."""
+    config = config or ViewerConfig()
+    store = JobStore(
+        Path(tempfile.mkdtemp(prefix="cxr-sr-viewer-")),
+        config.client,
+        config.max_output_pixels,
+    )
+
+    async def index(request: Request) -> Response:
+        return FileResponse(
+            STATIC / "index.html",
+            headers={
+                "Content-Security-Policy": CSP,
+                "X-Content-Type-Options": "nosniff",
+                "Cache-Control": "no-cache",
+            },
+        )
+
+    async def status(request: Request) -> Response:
+        triton = await run_in_threadpool(_triton_status, config)
+        return JSONResponse(
+            {
+                "triton": triton,
+                "modes": MODES,
+                "max_upload_bytes": config.max_upload_bytes,
+                "max_output_pixels": config.max_output_pixels,
+                "sampling": config.sampling,
+            }
+        )
+
+    async def create_job(request: Request) -> Response:
+        q = request.query_params
+        mode = q.get("mode", UPSCALE)
+        if mode not in MODES:
+            return _error(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        try:
+            page = {k: q[k] for k in PAGE_FIELDS if q.get(k, "").strip()}
+            sampling = sampling_parameters(**{**config.sampling, **page})
+        except (TypeError, ValueError) as e:
+            return _error(400, str(e))
+        name = Path(q.get("name") or "upload").name or "upload"
+        limit = config.max_upload_bytes
+        too_big = f"{name} is larger than this viewer accepts ({_mb(limit)}, --max-upload-mb)"
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return _error(413, too_big)
+        folder = store.new_folder()
+        suffix = Path(name).suffix.lower()
+        path = folder / ("upload" + (suffix if suffix in KNOWN_SUFFIXES else ""))
+        size = 0
+        with open(path, "wb") as f:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    break
+                f.write(chunk)
+        if size > limit or size == 0:
+            path.unlink(missing_ok=True)
+            folder.rmdir()
+            return _error(413, too_big) if size else _error(400, f"{name} is empty")
+        job = store.submit(Job(name=name, mode=mode, path=path, sampling=sampling))
+        return JSONResponse(job.summary(), status_code=202)
+
+    def _job(request: Request) -> Job | Response:
+        job = store.get(request.path_params["job_id"])
+        if job is None:
+            return _error(404, "no such job (the viewer keeps the last few; upload again)")
+        return job
+
+    async def job_status(request: Request) -> Response:
+        job = _job(request)
+        return job if isinstance(job, Response) else JSONResponse(job.summary())
+
+    async def pixels(request: Request) -> Response:
+        job = _job(request)
+        if isinstance(job, Response):
+            return job
+        kind = request.path_params["kind"]
+        if kind not in KINDS:
+            return _error(404, f"image must be one of {', '.join(KINDS)}, got {kind!r}")
+        if job.state != DONE or kind not in job.pixels:
+            return _error(404, f"job {job.id} has no {kind} image")
+        x = job.pixels[kind]
+        return Response(
+            x.tobytes(),
+            media_type="application/octet-stream",
+            headers={
+                "X-Width": str(x.shape[1]),
+                "X-Height": str(x.shape[0]),
+                "Cache-Control": "no-store",
+            },
+        )
+
+    async def download_png(request: Request) -> Response:
+        job = _job(request)
+        if isinstance(job, Response):
+            return job
+        if job.state != DONE or job.sr is None:
+            return _error(404, f"job {job.id} has no SR yet")
+        out = job.folder / f"{Path(job.name).stem}_sr.png"
+        if not out.is_file():
+            await run_in_threadpool(write_png, out, job.sr, 16)
+        return FileResponse(out, media_type="image/png", filename=out.name)
+
+    def _derived(job: Job) -> tuple[str, bytes]:
+        source = pydicom.dcmread(job.path)
+        ds = derive_instance(source, job.sr, job.model, sampling=job.sampling)
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return dicom_file_name(ds), buffer.getvalue()
+
+    async def download_dicom(request: Request) -> Response:
+        job = _job(request)
+        if isinstance(job, Response):
+            return job
+        if job.state != DONE or job.sr is None:
+            return _error(404, f"job {job.id} has no SR yet")
+        problem = job.dicom_problem()
+        if problem:
+            return _error(409, problem)
+        try:
+            name, data = await run_in_threadpool(_derived, job)
+        except ValueError as e:
+            return _error(422, f"cannot derive a DICOM from {job.name}: {e}")
+        return Response(
+            data,
+            media_type="application/dicom",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        await run_in_threadpool(store.close)
+
+    routes = [
+        Route("/", index),
+        Route("/api/status", status),
+        Route("/api/jobs", create_job, methods=["POST"]),
+        Route("/api/jobs/{job_id}", job_status),
+        Route("/api/jobs/{job_id}/pixels/{kind}", pixels),
+        Route("/api/jobs/{job_id}/sr.png", download_png),
+        Route("/api/jobs/{job_id}/sr.dcm", download_dicom),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.config = config
+    app.state.jobs = store
+    return app
