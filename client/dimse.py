@@ -285,7 +285,7 @@ class StoreSCP:
             )
         except OSError as e:
             raise OSError(f"cannot listen on {self.host}:{self._port}: {e.strerror}") from None
-        log.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
+        log.debug("listening as %s on %s:%d", self.ae_title, self.host, self.port)
         return self
 
     def stop(self) -> None:

@@ -171,20 +171,16 @@ class Node:
             f.flush()
             os.fsync(f.fileno())
         source = Path(row["input"])
-        status, reason = row.get("status"), row.get("error") or ""
         derived = derived_file(row)
-        if status == DONE:
+        if row.get("status") == DONE:  # (run_batch already said what it skipped or failed)
             log.info("done %s -> %s (%s)", source.name, derived.name if derived else "?",
                      ", ".join(row.get("delivered_to", [])))  # fmt: skip
-        elif status == SKIPPED:
-            log.info("skipped %s: %s", source.name, reason)
-        else:
-            log.warning("failed %s: %s (kept in %s)", source.name, reason, self.failed_dir)
         if derived is not None:
             derived.unlink(missing_ok=True)
         if source.parent != self.incoming or not source.exists():
             return
-        if status in (DONE, SKIPPED):
+        if row.get("status") in (DONE, SKIPPED):
             source.unlink()
         else:
             os.replace(source, self.failed_dir / source.name)
+            log.warning("kept %s in %s for the operator", source.name, self.failed_dir)

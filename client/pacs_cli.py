@@ -406,7 +406,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for library in ("pynetdicom", "dicomweb_client"):
+        logging.getLogger(library).setLevel(logging.WARNING)
     log = logging.getLogger("cxr_sr.client.node")
     try:
         dest = parse_destination(

@@ -5,6 +5,7 @@ back; a spool left by a killed node is resumed; SIGTERM stops it cleanly."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,8 +15,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from orthanc import assert_derived, ct_slice, expected_derived, small_radiograph
+from orthanc import (
+    PASSWORD,
+    USER,
+    assert_derived,
+    ct_slice,
+    expected_derived,
+    small_radiograph,
+)
 
+from cxr_sr.client.pacs import ENV_PASSWORD, ENV_USER
 from cxr_sr.client.triton import SRClient
 
 pytestmark = pytest.mark.integration
@@ -32,13 +41,14 @@ def study(tmp_path_factory):
 class Listener:
     """``cxr-sr listen`` in a subprocess, its log in a file; stopped with SIGTERM."""
 
-    def __init__(self, spool: Path, orthanc, server) -> None:
+    def __init__(self, spool: Path, orthanc, server, dest: str | None = None, env=None) -> None:
         self.log = spool.parent / f"{spool.name}.log"
-        dest = f"dimse:ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+        dest = dest or f"dimse:ORTHANC@127.0.0.1:{orthanc.dicom_port}"
         cmd = [sys.executable, "-m", "cxr_sr.client.cli", "listen", "--spool", str(spool),
                "--dest", dest, "--port", str(orthanc.node_port), "--url", server.http_url,
                "--steps", "1", "--seed", "0"]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))  # noqa: SIM115
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
         self.wait_for("listening as CXRSR on 127.0.0.1")
 
     def text(self) -> str:
@@ -109,14 +119,16 @@ def test_node_receives_a_pushed_study_and_sends_the_derived_series(
 
 def test_node_resumes_the_spool_of_a_killed_node(orthanc, server, study, tmp_path):
     """Instances acknowledged by a node that died before processing them are in its spool:
-    the next node processes them at start, and only them (no duplicate in Orthanc)."""
+    the next node processes them at start, and only them (no duplicate in Orthanc). This
+    node delivers over DICOMweb (STOW-RS, credentials from the environment)."""
     orthanc.clear()
     rg = pydicom.dcmread(study / "rg.dcm")
     orthanc.upload(study / "rg.dcm")
     spool = tmp_path / "spool"
     (spool / "incoming").mkdir(parents=True)
     shutil.copy(study / "rg.dcm", spool / "incoming" / f"{rg.SOPInstanceUID}.dcm")
-    node = Listener(spool, orthanc, server)
+    env = {**os.environ, ENV_USER: USER, ENV_PASSWORD: PASSWORD}
+    node = Listener(spool, orthanc, server, dest=f"dicomweb:{orthanc.dicomweb_url}", env=env)
     try:
         stored = _wait_instances(orthanc, rg.StudyInstanceUID, 2)
         assert len(stored) == 2, node.text()
@@ -124,4 +136,5 @@ def test_node_resumes_the_spool_of_a_killed_node(orthanc, server, study, tmp_pat
     finally:
         assert node.stop() == 0
     assert "resuming 1 spooled instance(s)" in node.text()
+    assert PASSWORD not in node.text()
     assert not list((spool / "incoming").iterdir())
