@@ -36,6 +36,7 @@ from cxr_sr.client.report import (
     scores,
     side_by_side,
 )
+from cxr_sr.client.studies import submit_study
 from cxr_sr.client.triton import (
     ModelIdentity,
     SizeLimits,
@@ -70,6 +71,7 @@ __all__ = [
     "scores",
     "side_by_side",
     "ssim",
+    "submit_study",
     "to_reference_hr",
     "upscale_dataset",
     "write_png",
