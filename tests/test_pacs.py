@@ -28,6 +28,7 @@ from cxr_sr.client.pacs import (
     credentials_from_env,
     study_filters,
 )
+from cxr_sr.client.studies import submit_study
 from cxr_sr.client.triton import SRClient
 
 SAMPLING = ["--steps", "1", "--seed", "0"]
@@ -226,3 +227,37 @@ def test_unreachable_triton_exits_3(orthanc, study, capsys, monkeypatch):
     assert pacs_cli.main(argv) == EXIT_UNREACHABLE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "127.0.0.1" in err[0]
+
+
+@pytest.mark.integration
+def test_submit_study_python_api(orthanc, server, study, tmp_path, monkeypatch):
+    """``submit_study(uid, pacs=URL)``: WADO-RS in, STOW-RS back and a folder copy; the
+    report names each instance's outcome and the model."""
+    orthanc.clear()
+    folder, rg, ct = study
+    for f in ("rg.dcm", "ct.dcm"):
+        orthanc.upload(folder / f)
+    monkeypatch.setenv(ENV_USER, USER)
+    monkeypatch.setenv(ENV_PASSWORD, PASSWORD)
+    copies = tmp_path / "copies"
+    report = submit_study(
+        rg.StudyInstanceUID,
+        url=server.http_url,
+        pacs=orthanc.dicomweb_url,
+        dest=[f"folder:{copies}"],
+        out=tmp_path / "run",
+        steps=1,
+        seed=0,
+    )
+    assert report.exit_code == EXIT_OK, report.message
+    assert (report.count("done"), report.count("skipped"), report.count("failed")) == (1, 1, 0)
+    (row,) = report.done
+    assert row["delivered_to"] == [f"dicomweb:{orthanc.dicomweb_url}", f"folder:{copies}"]
+    (copy,) = copies.rglob("*.dcm")
+    derived = pydicom.dcmread(copy)
+    assert copy.parent.name == rg.StudyInstanceUID and copy.name == f"{derived.SOPInstanceUID}.dcm"
+    assert derived.SOPInstanceUID in {
+        i["SOPInstanceUID"] for i in orthanc.instances(rg.StudyInstanceUID)
+    }
+    with pytest.raises(ValueError, match="not a Study Instance UID"):
+        submit_study("no/such/path", url=server.http_url, pacs=orthanc.dicomweb_url)
