@@ -290,6 +290,7 @@ def scan_inputs(
         p = Path(p)
         if p.is_dir():
             candidates = []
+            known = len(problems)
             for f in sorted(p.rglob("*")):
                 if not _candidate(p, f):
                     continue
@@ -300,7 +301,7 @@ def scan_inputs(
                 elif f.suffix.lower() in KNOWN_SUFFIXES:
                     what = "a folder" if f.is_dir() else "not a regular file"
                     problems.append((f, f"named like an image but {what}"))
-            if not candidates:
+            if not candidates and len(problems) == known:  # nothing, not even a bad entry
                 problems.append((p, "folder holds no image files"))
         elif p.is_file():
             candidates = [p]
