@@ -12,8 +12,9 @@ PACS are usually configured for derived objects), and ``DicomModalities`` naming
 may push to. Loopback only, as far as Orthanc 1.10 allows: ``RemoteAccessAllowed: false``
 makes its HTTP server refuse every client but 127.0.0.1, but neither the HTTP nor the DICOM
 listener has a bind-address option in 1.10 (both listen on every interface); the DICOM side
-is limited with ``DicomCheckModalityHost`` and no ``DicomAlwaysAllow*`` beyond C-ECHO and
-C-STORE from known modalities.
+answers only the modalities it knows, from their own host (``DicomAlwaysAllowEcho`` and
+``DicomAlwaysAllowStore`` off, ``DicomCheckModalityHost`` on): the tests call it as
+``CXRSR`` from 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ class Orthanc:
             "DicomAet": self.aet,
             "DicomPort": self.dicom_port,
             "DicomCheckModalityHost": True,
-            "DicomAlwaysAllowEcho": True,
-            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": False,
+            "DicomAlwaysAllowStore": False,
             "DicomModalities": {
                 name: {"AET": aet, "Host": host, "Port": port}
                 for name, (aet, host, port) in self.modalities.items()
