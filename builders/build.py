@@ -260,11 +260,9 @@ def assemble(
     _install(SOURCES / S.SAMPLER / "1" / "model.py", sampler / "model.py")
     Schedule.load(checkpoint / "scheduler").save(sampler)
     (sampler / "sampling.json").write_text(json.dumps(meta["sampling"], indent=2) + "\n")
-    # on the torch target with a GPU the loop keeps its latents there (DLPack)
-    on_gpu = target == "torch" and torch_device == "cuda"
-    config = sampler_config(
-        specs["unet"], instances=instances, limits=limits, tensor_device="cuda" if on_gpu else "cpu"
-    )
+    # on the torch target the loop runs on torch tensors where the networks are (DLPack)
+    loop = f"torch-{torch_device}" if target == "torch" else "numpy"
+    config = sampler_config(specs["unet"], instances=instances, limits=limits, loop_device=loop)
     write_config(config, out / S.SAMPLER)
 
     (out / S.ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)

@@ -163,13 +163,14 @@ def sampler_config(
     gpu: bool = False,
     env_path: str | None = None,
     limits: ServingLimits = DEFAULT_LIMITS,
-    tensor_device: str = "cpu",
+    loop_device: str = "numpy",
 ) -> mc.ModelConfig:
     """The BLS sampler: z_lr -> z, calling ``unet`` once per step.
 
-    ``tensor_device`` "cuda" (the torch target on a GPU): the loop keeps its latents on the
-    GPU (torch tensors through DLPack, UNet outputs requested in GPU memory), no host copy per
-    step; "cpu": numpy on the host."""
+    ``loop_device`` (the sampler's ``model.py`` has the details): ``numpy`` on the host (cpu
+    and gpu targets); ``torch-cuda`` keeps the latents on the GPU (DLPack, UNet outputs
+    requested in GPU memory: no host copy per step); ``torch-cpu``; ``torch-auto`` (the torch
+    target: CUDA where torch sees a GPU)."""
     z_lr = next(t for t in unet.inputs if t.name == "z_lr")
     config = mc.ModelConfig(name=SAMPLER, backend="python")
     config.input.extend(_io(mc.ModelInput, (z_lr,)))
@@ -186,9 +187,9 @@ def sampler_config(
         "latent_sides": ",".join(map(str, unet.geometry.latent_sides())),
         "max_batch_pixels": str(unet.batch_pixels()),
         **limits.parameters(unet.geometry.max_side),
-        "tensor_device": tensor_device,
+        "loop_device": loop_device,
     }
-    if tensor_device != "cpu":
+    if loop_device != "numpy":
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     if env_path:
         params["EXECUTION_ENV_PATH"] = env_path

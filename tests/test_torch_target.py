@@ -46,7 +46,7 @@ def test_torch_repository_layout(torch_repository, checkpoint):
         assert config.parameters["network"].string_value == name
         assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     sampler = read_config(torch_repository / "sampler" / "config.pbtxt")
-    assert sampler.parameters["tensor_device"].string_value == "cpu"  # device auto
+    assert sampler.parameters["loop_device"].string_value == "torch-auto"
 
 
 def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, tmp_path):
@@ -58,8 +58,8 @@ def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, t
     unet = network_config(specs["unet"], "torch", torch_device="cuda", precision="fp16")
     assert unet.instance_group[0].kind == unet.instance_group[0].KIND_GPU
     assert unet.parameters["device"].string_value == "cuda"
-    loop = sampler_config(specs["unet"], tensor_device="cuda")
-    assert loop.parameters["tensor_device"].string_value == "cuda"
+    loop = sampler_config(specs["unet"], loop_device="torch-cuda")
+    assert loop.parameters["loop_device"].string_value == "torch-cuda"
     assert loop.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     with pytest.raises(ValueError, match="precision"):
         network_config(specs["unet"], "torch", precision="int8")

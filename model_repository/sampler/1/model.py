@@ -17,6 +17,14 @@ padded to the encoder's multiple). Between steps the loop asks Triton whether it
 still there (``request.is_cancelled()``): when every request of a loop was cancelled, it
 stops and answers CANCELLED.
 
+Where the loop's arrays live (config parameter ``loop_device``, written by ``builders.build``):
+``numpy`` (the cpu target) keeps them on the host; ``torch-cuda`` (the torch target on a GPU)
+keeps the latents on the GPU from the encoder's output to the decoder's input: inputs arrive
+in GPU memory (``FORCE_CPU_ONLY_INPUT_TENSORS`` "no"), tensors go to and come from ``unet``
+through DLPack with the UNet's outputs requested in GPU memory, so no step copies to the host;
+``torch-cpu`` runs the same torch path on the CPU (the torch target without a GPU);
+``torch-auto`` is ``torch-cuda`` where torch sees a GPU, else ``torch-cpu``.
+
 Requests with the same options and latent size are sampled in one loop, so the UNet sees the
 whole dynamic batch each step (Triton only batches requests of equal shapes anyway). Every
 row's noise is keyed by (seed, row, global latent position) (``cxr_sr.noise``), so a result
@@ -64,6 +72,7 @@ class TritonPythonModel:
         self.max_request_pixels = int(params.get("max_request_pixels", "0")) or None
         sides = params.get("latent_sides", "")
         self.latent_sides = tuple(int(v) for v in sides.split(",")) if sides else None
+        self.arrays = _Arrays(params.get("loop_device", "numpy"))
 
     def _check_latent(self, z_lr):
         """None, or why this latent is outside what the UNet was built for."""
@@ -98,27 +107,29 @@ class TritonPythonModel:
         outs = []
         pixels = int(np.prod(x_t.shape[2:]))
         limit = min(self.max_pixels or pixels * self.max_batch, pixels * self.max_batch)
+        a = self.arrays
         for s in row_chunks(len(x_t), pixels, limit):
             request = pb_utils.InferenceRequest(
                 model_name=self.unet,
                 requested_output_names=[self.out_name],
                 inputs=[
-                    pb_utils.Tensor(self.x_name, np.ascontiguousarray(x_t[s])),
-                    pb_utils.Tensor(self.t_name, np.ascontiguousarray(t[s, None])),
-                    pb_utils.Tensor(self.cond_name, np.ascontiguousarray(z_lr[s])),
+                    a.tensor(self.x_name, x_t[s]),
+                    a.tensor(self.t_name, t[s].reshape(-1, 1)),
+                    a.tensor(self.cond_name, z_lr[s]),
                 ],
+                **a.request_memory,
             )
             response = request.exec()
             if response.has_error():
                 raise UNetError(f"unet failed: {response.error().message()}")
-            outs.append(pb_utils.get_output_tensor_by_name(response, self.out_name).as_numpy())
-        return np.concatenate(outs) if len(outs) > 1 else outs[0]
+            outs.append(a.array(pb_utils.get_output_tensor_by_name(response, self.out_name)))
+        return a.cat(outs)
 
     def execute(self, requests):
         responses = [None] * len(requests)
         groups = {}
         for i, request in enumerate(requests):
-            z_lr = pb_utils.get_input_tensor_by_name(request, "z_lr").as_numpy()
+            z_lr = self.arrays.array(pb_utils.get_input_tensor_by_name(request, "z_lr"))
             try:
                 options, seed, origin = parse_parameters(
                     request.parameters(),
@@ -138,7 +149,7 @@ class TritonPythonModel:
             groups.setdefault(key, (options, []))[1].append((i, z_lr, (seed, origin)))
 
         for options, items in groups.values():
-            z_lr = np.concatenate([z for _, z, _ in items])
+            z_lr = self.arrays.cat([z for _, z, _ in items])
             keys = noise_keys(
                 [s for _, _, (s, _) in items],
                 [len(z) for _, z, _ in items],
@@ -167,9 +178,56 @@ class TritonPythonModel:
                 out = z[start : start + len(rows)]
                 start += len(rows)
                 responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor("z", out)]
+                    output_tensors=[self.arrays.tensor("z", out)]
                 )
         return responses
+
+
+class _Arrays:
+    """The loop's arrays: numpy on the host, or torch tensors on the CPU or a GPU, exchanged
+    with Triton through DLPack (torch is imported only for the torch loops)."""
+
+    def __init__(self, device: str):
+        if device not in ("numpy", "torch-cpu", "torch-cuda", "torch-auto"):
+            raise ValueError(f"loop_device must be numpy or torch-cpu|cuda|auto, got {device!r}")
+        self.torch = None
+        self.request_memory = {}
+        if device != "numpy":
+            import torch  # only the torch target's sampler needs it
+
+            self.torch = torch
+            if device == "torch-auto":
+                device = "torch-cuda" if torch.cuda.is_available() else "torch-cpu"
+            self.device = torch.device("cuda" if device == "torch-cuda" else "cpu")
+            if self.device.type == "cuda":  # ask unet for its outputs where the loop keeps state
+                memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, 0)
+                self.request_memory = {"preferred_memory": memory}
+        self.host_copies = 0  # tensors that came from Triton in host memory (torch-cuda: 0)
+
+    def array(self, tensor):
+        """A Triton tensor as this loop's array (no copy where it already is in place)."""
+        if self.torch is None:
+            return tensor.as_numpy()
+        if tensor.is_cpu():
+            if self.device.type == "cuda":
+                self.host_copies += 1
+                if self.host_copies == 1:
+                    pb_utils.Logger.log_warn(
+                        "sampler: a tensor arrived in host memory although the loop runs on "
+                        "the GPU; copying it (once per tensor from now on)"
+                    )
+            return self.torch.from_numpy(tensor.as_numpy()).to(self.device)
+        return self.torch.from_dlpack(tensor.to_dlpack()).clone()
+
+    def tensor(self, name, x):
+        if self.torch is None:
+            return pb_utils.Tensor(name, np.ascontiguousarray(x))
+        return pb_utils.Tensor.from_dlpack(name, self.torch.utils.dlpack.to_dlpack(x.contiguous()))
+
+    def cat(self, parts):
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if self.torch is None else self.torch.cat(parts)
 
 
 def _error(message, code):
