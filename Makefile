@@ -9,7 +9,7 @@ PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 export HTTP_PORT METRICS_PORT GRPC_PORT
 
 .PHONY: demo test test-fast install venv system constraints weights build build-gpu serve \
-	eval bench soak style lint clean
+	viewer eval bench perf bench-more soak style lint clean
 
 # Python packages, every extra, pinned; re-installed when pyproject.toml or the pins change.
 $(BIN)/.installed: pyproject.toml constraints.txt
@@ -46,6 +46,12 @@ build-gpu: weights ## gpu-target repository (TensorRT UNet where TensorRT is imp
 serve: build ## tritonserver on 127.0.0.1 (HTTP_PORT, GRPC_PORT, METRICS_PORT)
 	$(BIN)/python -m cxr_sr.builders.serve --repository $(REPO)
 
+# the viewer's port; it talks to Triton on HTTP_PORT and starts one there when none answers
+VIEWER_PORT ?= 8090
+viewer: build ## browser viewer on 127.0.0.1:$(VIEWER_PORT) (starts tritonserver when none answers on HTTP_PORT)
+	$(BIN)/python -m cxr_sr.client.viewer --url 127.0.0.1:$(or $(HTTP_PORT),8000) \
+	  --port $(VIEWER_PORT) --serve-repository $(REPO)
+
 demo: build ## serve, super-resolve the bundled radiograph, print and save the figures
 	$(BIN)/python -m cxr_sr.builders.demo --repository $(REPO) --checkpoint $(CKPT)
 
@@ -69,9 +75,15 @@ eval: weights ## offline evaluation (reference + native scale) -> outputs/eval[_
 	    --plot outputs/quality_vs_steps_nih.png --figure outputs/eval_nih_zoom.png,\
 	  --out outputs/eval.json --plot outputs/quality_vs_steps.png --figure outputs/eval_zoom.png)
 
-bench: build install ## cost per megapixel by LR size, perf_analyzer sweep, stage timings -> outputs/bench*.json
-	$(BIN)/python -m benchmarks.cost --repository $(REPO) --out outputs/bench.json
-	$(BIN)/python -m benchmarks.perf --repository $(REPO)
+bench: build install ## served cxr_sr vs the same graphs in one process, LR 64/128/256, 1 and 4 clients -> outputs/bench.json
+	$(BIN)/python -m benchmarks.bench --repository $(REPO) --out outputs/bench.json
+
+perf: build install ## perf_analyzer sweep, concurrency 1-16, LR 64 and 128 -> outputs/perf.csv, outputs/perf.png
+	$(BIN)/python -m benchmarks.perf --repository $(REPO) --sizes 64,128 --concurrency 1,2,4,8,16 \
+	  --measurement-ms 4000 --max-trials 5
+
+bench-more: build install ## memory by LR size, client tiling, stage timings, VAE cost -> outputs/cost.json, bench_stages.json, vae_cost.json
+	$(BIN)/python -m benchmarks.cost --repository $(REPO) --out outputs/cost.json
 	$(BIN)/python -m benchmarks.stages --repository $(REPO)
 	$(BIN)/python -m benchmarks.vae_cost --checkpoint $(CKPT) --out outputs/vae_cost.json
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cxr_sr import SamplingOptions, Schedule
 from cxr_sr.imaging import HR_SIZE, SCALE, native_pair, reference_pair
 
 
@@ -174,6 +175,18 @@ def lr_images(count: int, seed: int = 0) -> np.ndarray:
         out.append(reference_pair(crop).lr)
     lr = np.stack(out)[:, None].astype(np.float32)  # [count, 1, 64, 64]
     return np.clip(lr, 0.0, 1.0)
+
+
+def repository_sampling(repository: str | Path) -> tuple[Schedule, SamplingOptions]:
+    """The schedule and sampling defaults a built repository's sampler serves with (copied
+    there from the checkpoint by ``builders.build``)."""
+    folder = Path(repository) / "sampler" / "1"
+    if not (folder / "sampling.json").is_file():
+        raise FileNotFoundError(
+            f"{repository}: no sampler/1/sampling.json (run `python -m cxr_sr.builders.build`)"
+        )
+    defaults = SamplingOptions(**json.loads((folder / "sampling.json").read_text()))
+    return Schedule.load(folder), defaults
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

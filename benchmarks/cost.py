@@ -17,7 +17,7 @@ as request parameters:
 
 After each size the resident memory (VmRSS) and its peak so far (VmHWM) of the tritonserver
 process and of every Python-backend stub (one per model instance) are read from /proc; the
-table shows them at the largest size. Writes ``outputs/bench.json`` with device and versions.
+table shows them at the largest size. Writes ``outputs/cost.json`` with device and versions.
 
 The client side adds its rows (a 512x512 image through the client's tiling) in
 :func:`client_tiling_rows`, timed with :func:`time_case` like the server rows.
@@ -324,7 +324,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--crop-seed", type=int, default=0, help="seed of the LR crops (default 0)")
     p.add_argument(
-        "--out", type=Path, default=Path("outputs/bench.json"), help="JSON report (%(default)s)"
+        "--out", type=Path, default=Path("outputs/cost.json"), help="JSON report (%(default)s)"
     )
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.concurrency < 1:

@@ -1,15 +1,23 @@
-"""Load-test ``cxr_sr`` with the real ``perf_analyzer`` and print a throughput/latency table.
+"""Load-test ``cxr_sr`` with the real ``perf_analyzer``: a concurrency sweep per LR size.
 
-    python -m benchmarks.perf --repository build/model_repository_cpu --concurrency 1,2,4
+    python -m benchmarks.perf --repository build/model_repository_cpu \
+        --sizes 64,128 --concurrency 1,2,4,8,16 --request-count 32      (``make perf``)
 
 Starts the embedded tritonserver on the repository (127.0.0.1, free ports) or uses a
-running one (``--url``, gRPC). For each concurrency level, ``perf_analyzer`` (2.51, from
-the ``tritonclient`` wheel, matching the server) sends batch-1 requests over gRPC, the only
-protocol its ``--request-parameter`` supports in 2.51, with the sampling flags (one per key
-of the request schema, ``cxr_sr.sampling.REQUEST_PARAMS``) as request parameters and real
-LR images as input data (its default random inputs fall outside [0, 1] and the server
-rejects them). Results come from its CSV report (``-f``); failed requests
-are counted from the server's statistics. Writes ``outputs/bench_perf.json``.
+running one (``--url``, gRPC). For each LR side of ``--sizes`` and each concurrency level,
+``perf_analyzer`` (2.51, from the ``tritonclient`` wheel, matching the server) sends batch-1
+requests over gRPC, the only protocol its ``--request-parameter`` supports in 2.51, with the
+sampling flags (one per key of the request schema, ``cxr_sr.sampling.REQUEST_PARAMS``) as
+request parameters and real LR images as input data (native-scale crops of the bundled
+radiograph, ``benchmarks.common.lr_crops``; without ``--sizes``, 64x64 ones at the reference
+protocol). Its default random inputs fall outside [0, 1] and the server rejects them.
+Results come from its CSV report (``-f``); failed requests are counted from the server's
+statistics.
+
+Writes ``outputs/perf.csv`` (one row per size and concurrency: images/s, output MP/s,
+latency percentiles, server queue and compute time, failed requests), ``outputs/perf.png``
+(p50 and p95 latency against throughput, one line per size) and ``outputs/bench_perf.json``.
+Exit status 1 when a level failed or the server counted a failed request.
 
 perf_analyzer needs Debian's ``libb64-0d`` and ``libcudart.so.12`` (the pip package
 ``nvidia-cuda-runtime-cu12``, in the dev extra): :func:`perf_analyzer_env` puts the latter
@@ -37,12 +45,15 @@ import numpy as np
 from benchmarks.common import (
     describe,
     device_info,
+    lr_crops,
     lr_images,
+    positive_ints,
     server_version,
     software_versions,
     table,
     write_json,
 )
+from cxr_sr.imaging import SCALE
 from cxr_sr.serving import add_arguments, namespace_parameters, request_parameters
 
 UNSTABLE_EXIT = 2  # perf_analyzer: "Failed to obtain stable measurement"
@@ -216,6 +227,7 @@ class PerfResult:
     ``stable`` is False when the time-window search did not settle within ``max_trials``
     windows and the level was measured again over a fixed request count instead.
     ``failed_requests``: the server's failure count for the model over the run.
+    ``lr_side``: the side of the square LR inputs (None: the 64x64 reference-protocol set).
     """
 
     concurrency: int
@@ -230,6 +242,14 @@ class PerfResult:
     stable: bool
     returncode: int
     error: str | None = None
+    lr_side: int | None = None
+
+    @property
+    def output_mp_per_s(self) -> float | None:
+        """Output megapixels per second (throughput x the SR image's pixels)."""
+        if self.throughput is None:
+            return None
+        return self.throughput * (SCALE * (self.lr_side or 64)) ** 2 / 1e6
 
     @classmethod
     def from_row(
@@ -328,29 +348,21 @@ def _failed(concurrency: int, code: int, reason: str, failed: int | None = None)
     )
 
 
-def parse_levels(text: str) -> list[int]:
-    """``"1,2,4"`` -> [1, 2, 4]; every level a positive integer."""
-    try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers: {text!r}")
-    return levels
-
-
 def sweep(
     url: str,
     levels: Sequence[int],
     settings: PerfSettings,
     *,
     model: str = "cxr_sr",
+    sizes: Sequence[int] | None = None,
     images: int = 8,
     seed: int = 0,
     timeout_s: float = 900.0,
     verbose: bool = False,
 ) -> list[PerfResult]:
-    """perf_analyzer at each concurrency level against the gRPC server at ``url``."""
+    """perf_analyzer at each concurrency level against the gRPC server at ``url``, for each
+    LR side of ``sizes`` (``images`` native-scale crops of that side as input data; None:
+    64x64 LR images at the reference protocol)."""
     binary = locate_perf_analyzer()
     env = perf_analyzer_env()
     missing = missing_libraries(binary, env)
@@ -362,23 +374,27 @@ def sweep(
     results = []
     with tempfile.TemporaryDirectory(prefix="cxr-perf-") as tmp:
         work = Path(tmp)
-        data = write_input_data(work / "lr.json", lr_images(images, seed=seed))
-        for level in levels:
-            result, log = run_level(
-                binary,
-                env,
-                model=model,
-                url=url,
-                concurrency=level,
-                input_data=data,
-                workdir=work,
-                settings=settings,
-                timeout_s=timeout_s,
-            )
-            if verbose:
-                print(log)
-            print(f"[perf] concurrency {level}: {_summary(result)}", flush=True)
-            results.append(result)
+        for side in sizes or [None]:
+            lr = lr_images(images, seed=seed) if side is None else lr_crops(side, images, seed)
+            data = write_input_data(work / f"lr_{side}.json", lr)
+            for level in levels:
+                result, log = run_level(
+                    binary,
+                    env,
+                    model=model,
+                    url=url,
+                    concurrency=level,
+                    input_data=data,
+                    workdir=work,
+                    settings=settings,
+                    timeout_s=timeout_s,
+                )
+                result.lr_side = side
+                if verbose:
+                    print(log)
+                size = f"LR {side or 64}"
+                print(f"[perf] {size} concurrency {level}: {_summary(result)}", flush=True)
+                results.append(result)
     return results
 
 
@@ -390,8 +406,10 @@ def _summary(r: PerfResult) -> str:
 
 
 HEADERS = (
+    "LR side",
     "concurrency",
     "img/s",
+    "out MP/s",
     "p50 ms",
     "p95 ms",
     "p99 ms",
@@ -405,8 +423,10 @@ HEADERS = (
 def result_rows(results: Sequence[PerfResult]) -> list[list[Any]]:
     return [
         [
+            r.lr_side or 64,
             r.concurrency,
             r.throughput,
+            r.output_mp_per_s,
             r.p50_ms,
             r.p95_ms,
             r.p99_ms,
@@ -419,9 +439,81 @@ def result_rows(results: Sequence[PerfResult]) -> list[list[Any]]:
     ]
 
 
+CSV_FIELDS = (
+    "lr_side",
+    "concurrency",
+    "throughput",
+    "output_mp_per_s",
+    "p50_ms",
+    "p90_ms",
+    "p95_ms",
+    "p99_ms",
+    "server_queue_ms",
+    "server_compute_ms",
+    "failed_requests",
+    "stable",
+    "error",
+)
+
+
+def write_csv(path: str | Path, results: Sequence[PerfResult]) -> Path:
+    """One row per (LR side, concurrency): :data:`CSV_FIELDS`, throughput in images/s,
+    latencies in ms."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in results:
+            row = {**asdict(r), "output_mp_per_s": r.output_mp_per_s, "lr_side": r.lr_side or 64}
+            writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_FIELDS})
+    return path
+
+
+def plot(path: str | Path, results: Sequence[PerfResult], title: str) -> Path:
+    """Latency (p50 solid, p95 dashed) against throughput, one colour per LR side, each point
+    labelled with its concurrency."""
+    import matplotlib  # lazy: plotting is optional for the sweep itself
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for side in dict.fromkeys(r.lr_side for r in results):
+        ok = [r for r in results if r.lr_side == side and r.error is None]
+        if not ok:
+            continue
+        x = [r.throughput for r in ok]
+        label = f"LR {side or 64} -> {SCALE * (side or 64)}"
+        (line,) = ax.plot(x, [r.p50_ms for r in ok], "o-", label=f"{label} p50")
+        ax.plot(x, [r.p95_ms for r in ok], "s--", color=line.get_color(), label=f"{label} p95")
+        for r in ok:
+            ax.annotate(
+                f"c{r.concurrency}",
+                (r.throughput, r.p50_ms),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("throughput (images / s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.perf",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--repository",
@@ -437,9 +529,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="cxr_sr", help="model to load-test (default: %(default)s)")
     p.add_argument(
         "--concurrency",
-        type=parse_levels,
+        type=positive_ints,
         default=[1, 2, 4],
         help="comma-separated concurrency levels (default: 1,2,4)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=positive_ints,
+        default=None,
+        help="LR sides, comma-separated: a sweep per side with native-scale crops of that "
+        "side (default: one sweep with 64x64 LR images at the reference protocol)",
     )
     add_arguments(p, DEFAULT_PARAMETERS)  # one flag per request-schema key
     p.add_argument(
@@ -479,6 +578,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=Path("outputs/bench_perf.json"),
         help="JSON results (default: %(default)s)",
     )
+    p.add_argument(
+        "--csv",
+        type=Path,
+        default=Path("outputs/perf.csv"),
+        help="one row per LR side and concurrency (default: %(default)s)",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=Path("outputs/perf.png"),
+        help="latency against throughput (default: %(default)s; 'none': no plot)",
+    )
     p.add_argument("--verbose", action="store_true", help="print perf_analyzer's own output")
     args = p.parse_args(argv)
     if args.measurement_ms < 100 or args.max_trials < 1 or args.images < 1:
@@ -495,7 +606,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_trials=args.max_trials,
         request_count=args.request_count,
     )
-    kwargs = {"model": args.model, "images": args.images, "timeout_s": args.timeout}
+    kwargs = {
+        "model": args.model,
+        "sizes": args.sizes,
+        "images": args.images,
+        "timeout_s": args.timeout,
+    }
     try:
         if args.url:
             url = args.url
@@ -526,6 +642,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(describe(device, versions))
     print(table(HEADERS, result_rows(results)))
+    write_csv(args.csv, results)
+    print(f"wrote {args.csv}")
+    if str(args.plot).lower() != "none":
+        params = ", ".join(f"{k}={v}" for k, v in settings.parameters.items())
+        plot(args.plot, results, f"perf_analyzer, {args.model}, batch 1, {params}\n{device['cpu']}")
+        print(f"wrote {args.plot}")
     write_json(
         args.out,
         {
@@ -540,7 +662,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     print(f"wrote {args.out}")
-    return 0 if all(r.error is None for r in results) else 1
+    failed = sum(r.failed_requests or 0 for r in results)
+    if failed or any(r.error for r in results):
+        print(
+            f"error: {failed} failed requests; levels failed: "
+            f"{[r.concurrency for r in results if r.error]}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ timed calls, in ms. Writes ``outputs/bench_stages.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from benchmarks.common import (
     device_info,
     lr_images,
     positive_ints,
+    repository_sampling,
     server_version,
     software_versions,
     table,
@@ -167,7 +167,6 @@ def offline_timings(
     ``session.intra_op.allow_spinning``): with three sessions on a shared 2-core machine the
     spinning pools of the idle sessions take CPU from the busy one.
     """
-    from cxr_sr import SamplingOptions, Schedule
     from cxr_sr.train.pipeline import ORT_DTYPES, OnnxPipeline
 
     pipe = OnnxPipeline(onnx_dir, threads=threads, spinning=spinning)
@@ -185,13 +184,11 @@ def offline_timings(
         stage[name] = timeit(lambda s=sess, x=x: s.run(None, x), runs, warmup)
         print(f"[offline] {name}: {stage[name]['median_ms']:.1f} ms", flush=True)
     result: dict[str, Any] = {"stages": stage}
-    sampler_dir = repository / "sampler" / "1" if repository else None
-    if sampler_dir is None or not (sampler_dir / "sampling.json").is_file():
+    try:
+        schedule, defaults = repository_sampling(repository or Path("-"))
+    except FileNotFoundError:
         print("[offline] no repository sampler folder: full pipeline skipped", flush=True)
         return result
-
-    schedule = Schedule.load(sampler_dir)
-    defaults = SamplingOptions(**json.loads((sampler_dir / "sampling.json").read_text()))
 
     def pipeline(k: int) -> Callable[[], np.ndarray]:
         opts = defaults.replace(steps=k)

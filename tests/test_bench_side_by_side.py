@@ -1,0 +1,61 @@
+"""benchmarks.bench: the served cxr_sr and the same graphs in one process, side by side."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import bench
+
+
+def test_served_round_runs_clients_at_once_and_reports_failures():
+    calls = [lambda i=i: np.full((1, 1, 2, 2), i, np.float32) for i in range(3)]
+    elapsed, outs = bench.served_round(calls)
+    assert elapsed >= 0 and [int(o[0, 0, 0, 0]) for o in outs] == [0, 1, 2]
+
+    def broken():
+        raise ConnectionError("server went away")
+
+    with pytest.raises(RuntimeError, match="1 of 2 served requests failed: server went away"):
+        bench.served_round([calls[0], broken])
+
+
+@pytest.mark.integration
+def test_side_by_side_cases_do_the_same_work(server, built_repository):
+    """Every (size, concurrency) case has both timings and their ratio; the served SR equals
+    the in-process SR (same graphs, inputs, schedule, seed): the comparison is like for like.
+    The calibration picked the fastest candidate thread setting."""
+    repo, _ = built_repository
+    params = {"steps": 2, "seed": 3, "sampler": "dpmpp"}
+    report = bench.run(
+        server.grpc_url,
+        repo,
+        params,
+        [16, 32, 512],
+        [1, 2],
+        rounds=1,
+        warmup=0,
+        calibration_rounds=1,
+    )
+    cases = report["cases"]
+    assert [(c["lr_side"], c["concurrency"]) for c in cases] == [(16, 1), (16, 2), (32, 1), (32, 2)]
+    assert report["skipped_sizes"] == [512]
+    for c in cases:
+        assert c["served_ms"] > 0 and c["inprocess_ms"] > 0
+        assert c["ratio"] == pytest.approx(c["served_ms"] / c["inprocess_ms"])
+        assert c["mp_per_s"] == pytest.approx(c["output_mp"] / c["served_ms"] * 1e3)
+        assert c["max_abs_diff"] < 1e-5
+    candidates = report["calibration"]["candidates"]
+    best = min(candidates, key=lambda r: r["median_ms"])
+    assert report["inprocess"] == {"threads": best["threads"], "spinning": best["spinning"]}
+    assert {r["spinning"] for r in candidates} == {True, False}
+    settings = report["served_settings"]
+    assert settings["unet"]["intra_op_spinning"] == "false"  # what the builder writes
+    json.dumps(report)
+
+
+def test_in_process_refuses_a_folder_without_the_graphs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no ONNX graph for .vae_encoder"):
+        bench.InProcess(tmp_path, {"steps": 1}, threads=1, spinning=False)
