@@ -1,0 +1,182 @@
+"""Limits a careless or hostile client cannot exceed, on a real tritonserver.
+
+Steps and pixels per request, queue length and queue timeout are build-time settings
+(``builders.build --max-steps --max-request-pixels --max-queue-size --queue-timeout-s``),
+published in the ensemble's config; a request beyond them gets its own clear error while the
+others are served; the sampler's loop stops when its gRPC client has gone.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from cxr_sr.builders import build
+from cxr_sr.builders.serve import TritonServer
+from cxr_sr.builders.triton_config import ServingLimits, read_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def limited_server(checkpoint, built_repository, tmp_path_factory):
+    """The tiny model with tight limits: 3 steps, 2048 LR pixels, queues of 2."""
+    _, onnx = built_repository  # its ONNX cache: only the configs are written here
+    repo = tmp_path_factory.mktemp("limited") / "repo"
+    args = ["--checkpoint", str(checkpoint), "--out", str(repo), "--onnx-dir", str(onnx)]
+    limits = ["--max-steps", "3", "--max-request-pixels", "2048", "--max-queue-size", "2"]
+    assert build.main([*args, "--max-batch", "4", "--max-side", "128", *limits]) == 0
+    with TritonServer(repo, log_file=repo.parent / "triton.log") as server:
+        yield server, repo
+
+
+def _input(lr: np.ndarray, name: str = "LR") -> grpcclient.InferInput:
+    x = grpcclient.InferInput(name, list(lr.shape), "FP32")
+    x.set_data_from_numpy(np.ascontiguousarray(lr, dtype=np.float32))
+    return x
+
+
+def _lr(n: int, side: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0.2, 0.8, (n, 1, side, side)).astype(np.float32)
+
+
+def _infer(url: str, lr: np.ndarray, **params) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(url)
+    return client.infer("cxr_sr", [_input(lr)], parameters=params).as_numpy("SR")
+
+
+def test_limits_are_published_in_the_config(limited_server):
+    server, repo = limited_server
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    params = client.get_model_config("cxr_sr", as_json=True)["config"]["parameters"]
+    published = {k: v["string_value"] for k, v in params.items()}
+    assert published["max_steps"] == "3" and published["max_request_pixels"] == "2048"
+    assert published["max_queue_size"] == "2" and published["queue_timeout_s"] == "120"
+    for model in ("vae_encoder", "sampler", "unet", "vae_decoder"):
+        policy = read_config(repo / model / "config.pbtxt").dynamic_batching.default_queue_policy
+        assert policy.max_queue_size == 2 and policy.default_timeout_microseconds == 120_000_000
+        assert policy.allow_timeout_override
+
+
+def test_limits_reject_nonsense_at_build_time():
+    with pytest.raises(ValueError):
+        ServingLimits(max_steps=0)
+    with pytest.raises(ValueError):
+        ServingLimits(max_request_pixels=-1)
+    assert ServingLimits().request_pixels(256) == 4 * 256 * 256
+
+
+def test_too_many_steps_or_pixels_get_invalid_arg_naming_the_limit(limited_server):
+    server, _ = limited_server
+    assert _infer(server.grpc_url, _lr(2, 32), steps=3).shape == (2, 1, 128, 128)
+    with pytest.raises(InferenceServerException, match=r"'steps' must be <= 3 .*max_steps") as e:
+        _infer(server.grpc_url, _lr(1, 16), steps=4)
+    assert "INVALID_ARG" in str(e.value.status())
+    with pytest.raises(InferenceServerException, match=r"3,072 pixels.*max_request_pixels") as e:
+        _infer(server.grpc_url, _lr(3, 32), steps=1)
+    assert "INVALID_ARG" in str(e.value.status())
+
+
+def test_a_full_queue_is_a_clear_rejection_and_the_server_goes_on(limited_server):
+    server, _ = limited_server
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        try:
+            _infer(server.grpc_url, _lr(1, 32, seed=i), steps=3, seed=i)
+            result = "ok"
+        except InferenceServerException as err:
+            result = err.message()
+        with lock:
+            outcomes.append(result)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    rejected = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) == 16
+    assert rejected, "16 concurrent requests never filled a queue of 2"
+    assert all("Exceeds maximum queue size" in o for o in rejected), rejected
+    # the server is not worse for it: the next request is served
+    assert _infer(server.grpc_url, _lr(1, 32), steps=3).shape == (1, 1, 128, 128)
+
+
+def test_concurrent_good_and_bad_requests_good_ones_equal_serial(server):
+    """Bad requests (too many steps, NaN, unknown key, too large) batched with good ones get
+    their own errors; every good one equals the same request sent alone."""
+    goods = [(_lr(1, 32, seed=i), {"steps": 2, "seed": i}) for i in range(4)]
+    serial = [_infer(server.grpc_url, lr, **p) for lr, p in goods]
+    nan = _lr(1, 32)
+    nan[0, 0, 3, 3] = np.nan
+    bads = [
+        (_lr(1, 32), {"steps": 51}),
+        (nan, {"steps": 2}),
+        (_lr(1, 32), {"steps": 2, "stpes": 3}),
+        (_lr(1, 32), {"steps": 2, "seed": -5}),
+    ]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    done = threading.Semaphore(0)
+    results: dict[int, object] = {}
+
+    def callback(i, result, error):
+        results[i] = error if error is not None else result.as_numpy("SR")
+        done.release()
+
+    mixed = [x for pair in zip(goods, bads, strict=True) for x in pair]
+    for i, (lr, params) in enumerate(mixed):
+        client.async_infer(
+            "cxr_sr", [_input(lr)], functools.partial(callback, i), parameters=params
+        )
+    for _ in mixed:
+        assert done.acquire(timeout=120)
+    for k, expected in enumerate(serial):
+        got = results[2 * k]
+        assert isinstance(got, np.ndarray), got
+        np.testing.assert_array_equal(got, expected)
+    for k in range(len(bads)):
+        err = results[2 * k + 1]
+        assert isinstance(err, InferenceServerException), err
+        assert "INVALID_ARG" in str(err.status()), err.message()
+
+
+def _unet_calls(client: grpcclient.InferenceServerClient) -> int:
+    stats = client.get_inference_statistics("unet", as_json=True)
+    return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats["model_stats"])
+
+
+def test_sampling_loop_stops_when_its_grpc_client_is_gone(server):
+    """A client that gives up (gRPC deadline) cancels the request; the sampler asks between
+    steps and stops. Triton 2.51 passes cancellation to a model called directly, not to the
+    steps of an ensemble, so this calls ``sampler`` itself."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    config = client.get_model_config("sampler", as_json=True)["config"]
+    channels = int(config["input"][0]["dims"][0])
+    z_lr = np.zeros((1, channels, 64, 64), np.float32)
+    t0 = time.monotonic()
+    client.infer("sampler", [_input(z_lr, "z_lr")], parameters={"steps": 5})
+    per_step = (time.monotonic() - t0) / 5
+    before = _unet_calls(client)
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        client.infer(
+            "sampler",
+            [_input(z_lr, "z_lr")],
+            parameters={"steps": 50},
+            client_timeout=max(0.2, 8 * per_step),
+        )
+    calls, deadline = -1, time.monotonic() + 50 * per_step + 5
+    while time.monotonic() < deadline:  # until the loop has stopped (or run all 50 steps)
+        time.sleep(max(0.3, 3 * per_step))
+        now = _unet_calls(client) - before
+        if now == calls:
+            break
+        calls = now
+    assert 0 < calls < 50, f"{calls} UNet calls after the client left"
