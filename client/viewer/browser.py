@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from pydicom.data import get_testdata_file
 from selenium import webdriver
@@ -193,13 +194,29 @@ def wheel_zoom(driver: webdriver.Chrome, clicks: int, fx: float = 0.5, fy: float
         ActionChains(driver).scroll_from_origin(origin, 0, -100 if clicks > 0 else 100).perform()
 
 
+def _palette(image: Image.Image, grays: int) -> Image.Image:
+    """A 256-entry palette for a screenshot of gray images in a coloured UI: ``grays`` even
+    gray levels, the rest the UI's own colours (median cut of its coloured pixels)."""
+    rgb = np.asarray(image)
+    coloured = (rgb.max(-1).astype(int) - rgb.min(-1)) > 12
+    entries = [v for i in range(grays) for v in (round(i * 255 / (grays - 1)),) * 3]
+    if coloured.any():
+        ui = Image.fromarray(rgb[coloured].reshape(1, -1, 3))
+        entries += ui.quantize(256 - grays, method=Image.Quantize.MEDIANCUT).getpalette()
+    palette = Image.new("P", (1, 1))
+    palette.putpalette((entries + [0] * 768)[:768])
+    return palette
+
+
 def save_small_png(screenshot: bytes, out: Path, max_kb: int) -> int:
-    """Write a screenshot as a palette PNG under ``max_kb`` (fewer colours until it fits);
-    returns its size in bytes."""
+    """Write a screenshot as a palette PNG under ``max_kb`` if it can (fewer gray levels
+    until it fits); returns its size in bytes."""
     image = Image.open(io.BytesIO(screenshot)).convert("RGB")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for colours in (256, 192, 128, 96, 64):
-        image.quantize(colours, dither=Image.Dither.NONE).save(out, optimize=True)
+    for grays in (224, 160, 96, 64):
+        image.quantize(palette=_palette(image, grays), dither=Image.Dither.NONE).save(
+            out, optimize=True
+        )
         if out.stat().st_size <= max_kb * 1024:
             break
     return out.stat().st_size
@@ -224,11 +241,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image", type=Path, default=None, help="default: the bundled RG1_UNCI.dcm")
     p.add_argument("--mode", choices=("native", "upscale"), default="native", help="job mode")
     p.add_argument("--out", type=Path, default=Path("docs/images/viewer.png"), help="PNG to write")
-    p.add_argument("--max-kb", type=int, default=390, help="largest PNG size, KB")
-    p.add_argument("--zoom", type=int, default=4, help="wheel notches into the image")
+    p.add_argument("--max-kb", type=int, default=390, help="largest PNG, KB (default: %(default)s)")
+    p.add_argument(
+        "--zoom", type=int, default=7, help="wheel notches into the image (default: %(default)s)"
+    )
+    p.add_argument(
+        "--left",
+        choices=("lr", "bicubic", "sr", "hr"),
+        default="lr",
+        help="image left of the split slider (default: %(default)s; SR is on the right)",
+    )
     p.add_argument(
         "--at",
-        default="0.30,0.45",
+        default="0.32,0.45",
         help="where to zoom, as fractions x,y of the view (default: %(default)s, a lung field)",
     )
     args = p.parse_args(argv)
@@ -248,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(driver.find_element(By.ID, "message").text, file=sys.stderr)
                 return 1
             seconds = time.perf_counter() - t0
+            driver.find_element(By.CSS_SELECTOR, f"#left option[value={args.left}]").click()
             wheel_zoom(driver, args.zoom, fx, fy)
             drag_split(driver, -60)
             time.sleep(0.5)
