@@ -784,8 +784,13 @@ def run_batch(
             worker.show_tiles = bar_disable
         stop = _run(manifest, worker, jobs, concurrency, say, bar_disable)
         rows = [_row(j) for j in manifest.rows(keys)]
+        ident = {
+            "model_name": identity.name,
+            "model_version": identity.version,
+            "weights_sha256": identity.weights_sha256,
+        }
         rows += [
-            {"key": None, "input": p, "status": FAILED, "outputs": [], "error": r}
+            {"key": None, "input": p, "status": FAILED, "outputs": [], "error": r, **ident}
             for p, r in problems
         ]
         exit_code = EXIT_OK
@@ -915,21 +920,21 @@ def _record(
     try:
         outputs, row = fut.result()
     except OutOfDomainError as e:
-        manifest.finish(key, SKIPPED, error=str(e))
+        manifest.finish(key, SKIPPED, error=str(e), model=worker.model)
         say(f"skipped: {key}: {e}")
         return None
     except (DiskFullError, UnreachableError) as e:
         manifest.release(key)
         return e
     except (ValueError, SRServerError) as e:
-        manifest.finish(key, FAILED, error=str(e))
+        manifest.finish(key, FAILED, error=str(e), model=worker.model)
         say(f"failed: {key}: {e}")
         return None
     except Exception as e:  # a bug or an unexpected library error: this input fails
         if is_disk_full(e):
             manifest.release(key)
             return DiskFullError(getattr(e, "errno", errno.ENOSPC), str(e))
-        manifest.finish(key, FAILED, error=f"{type(e).__name__}: {e}")
+        manifest.finish(key, FAILED, error=f"{type(e).__name__}: {e}", model=worker.model)
         say(f"failed: {key}: {type(e).__name__}: {e}")
         return None
     manifest.finish(key, DONE, outputs=outputs, row=row, model=worker.model)

@@ -172,6 +172,7 @@ def test_manifest_and_report_files(tmp_path: Path) -> None:
     assert rows["img00"]["weights_sha256"] == "c" * 64 and rows["img00"]["model_version"] == "0.1.0"
     assert float(rows["img00"]["seconds"]) > 0 and rows["img00"]["server"] == f.url
     assert rows["bad"]["status"] == "failed" and "bad.png" in rows["bad"]["error"]
+    assert {r["weights_sha256"] for r in rows.values()} == {"c" * 64}  # every row says the model
     data = json.loads((out / REPORT_JSON).read_text())
     assert data["summary"] == {"done": 2, "failed": 1, "skipped": 0, "pending": 0}
     assert data["model"]["weights_sha256"] == "c" * 64 and data["sampling"] == {"seed": 4}
