@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cxr_sr.client.batch import DONE, FAILED, SKIPPED, run_batch
+from cxr_sr.client.batch import DONE, FAILED, MANIFEST, SKIPPED, Manifest, run_batch
 from cxr_sr.client.dimse import DEFAULT_AE_TITLE, Received, StoreSCP
 from cxr_sr.client.exit_codes import EXIT_UNREACHABLE
 from cxr_sr.client.studies import Destination, deliver, derived_file
@@ -155,12 +155,21 @@ class Node:
         report = run_batch(files, self.work, **self.batch_args)
         if report.exit_code != EXIT_UNREACHABLE:
             deliver(report, [self.destination])
+        log.info("batch of %d: %s", len(files), report.summary())
         if report.exit_code == EXIT_UNREACHABLE or not report.rows:
             log.warning("%s; the spooled instances wait for the next try", report.message)
             return False
-        for row in report.rows:
-            if row.get("status") in (DONE, SKIPPED, FAILED):
-                self._finish(row)
+        finished = [r for r in report.rows if r.get("status") in (DONE, SKIPPED, FAILED)]
+        for row in finished:
+            self._finish(row)
+        # the manifest forgets finished instances: one pushed again later is done afresh
+        manifest = Manifest(self.work / MANIFEST)
+        try:
+            for row in finished:
+                if row.get("key"):
+                    manifest.release(row["key"])
+        finally:
+            manifest.close()
         return True
 
     def _finish(self, row: dict[str, Any]) -> None:

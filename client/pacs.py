@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -321,6 +321,20 @@ class DicomWebPacs:
         if not found:
             raise PacsError(f"DICOMweb {self.url}: study {study_uid} has no instances")
         return found
+
+    def iter_study(self, study_uid: str) -> Iterator[Dataset]:
+        """Every instance of a study (WADO-RS), one at a time as the response streams in
+        (memory bounded by one instance, not the study)."""
+        action = f"retrieve study {study_uid}"
+        n = 0
+        try:
+            for ds in self._client.iter_study(study_uid):
+                n += 1
+                yield ds
+        except (requests.RequestException, ValueError) as e:
+            raise self._error(e, action) from None
+        if n == 0:
+            raise PacsError(f"DICOMweb {self.url}: study {study_uid} has no instances")
 
     def store(self, datasets: Sequence[Dataset]) -> int:
         """STOW-RS the datasets (one request per study); returns how many were stored.

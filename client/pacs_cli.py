@@ -442,7 +442,10 @@ def cmd_listen(args: argparse.Namespace) -> int:
     stop = threading.Event()
 
     def _stop(signum, frame) -> None:
-        log.info("%s: stopping (finishing the instances in hand)", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():  # a second signal: stop now, the spool keeps what is unfinished
+            raise KeyboardInterrupt(name)
+        log.info("%s: stopping (finishing the batch in hand; again to stop at once)", name)
         stop.set()
 
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -460,6 +463,9 @@ def cmd_listen(args: argparse.Namespace) -> int:
     except OSError as e:
         _error(str(e))
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.warning("stopped at once; unfinished instances stay in %s", node.incoming)
+        return EXIT_INPUT_FAILED
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

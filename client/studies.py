@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from cxr_sr.client.batch import DONE, FAILED, Report, run_batch, write_report
 from cxr_sr.client.dicom import dicom_file_name, safe_name
@@ -136,7 +137,7 @@ def fetch_study(pacs: DicomWebPacs, study_uid: str, folder: str | os.PathLike) -
     sanitized, each written whole or not at all); returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for ds in pacs.retrieve_study(study_uid):
+    for ds in pacs.iter_study(study_uid):
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         write_durably(folder / dicom_file_name(ds), buffer.getvalue())
@@ -167,7 +168,12 @@ def deliver(report: Report, destinations: Sequence[Destination]) -> None:
         path = derived_file(row)
         if path is None:
             continue
-        ds = pydicom.dcmread(path)
+        try:
+            ds = pydicom.dcmread(path)
+        except (OSError, InvalidDicomError) as e:
+            row["status"], row["error"] = FAILED, f"cannot read the derived instance {path}: {e}"
+            report.exit_code = max(report.exit_code, EXIT_INPUT_FAILED)
+            continue
         for dest in destinations:
             try:
                 dest.send([ds])

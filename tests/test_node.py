@@ -24,6 +24,7 @@ from orthanc import (
     small_radiograph,
 )
 
+from cxr_sr.builders.serve import free_port
 from cxr_sr.client.pacs import ENV_PASSWORD, ENV_USER
 from cxr_sr.client.triton import SRClient
 
@@ -106,6 +107,16 @@ def test_node_receives_a_pushed_study_and_sends_the_derived_series(
         assert len(stored) == 3, node.text()
         _check_derived_in_orthanc(orthanc, server, rg, stored)
         node.wait_for("skipped")
+        # pushed again: processed afresh, and the derived instance replaces itself
+        orthanc.push("CXRSR", rg.StudyInstanceUID)
+        deadline = time.monotonic() + 60
+        while node.text().count("INFO done ") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert node.text().count("INFO done ") == 2, node.text()
+        again = orthanc.instances(rg.StudyInstanceUID)
+        assert sorted(i["SOPInstanceUID"] for i in again) == sorted(
+            i["SOPInstanceUID"] for i in stored
+        )
     finally:
         code = node.stop()
     assert code == 0
@@ -113,7 +124,10 @@ def test_node_receives_a_pushed_study_and_sends_the_derived_series(
     assert "SIGTERM: stopping" in log and "0 instance(s) left in the spool" in log
     assert "modality CT" in log
     rows = [json.loads(line) for line in (spool / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["status"] for r in rows) == ["done", "skipped"]
+    # CR done twice; CT skipped twice; our own derived instance (in the study when it was
+    # pushed again) skipped as outside the domain, never super-resolved a second time
+    assert sorted(r["status"] for r in rows) == ["done", "done", "skipped", "skipped", "skipped"]
+    assert sum("modality OT" in (r["error"] or "") for r in rows) == 1
     assert not list((spool / "incoming").iterdir())
 
 
@@ -138,3 +152,32 @@ def test_node_resumes_the_spool_of_a_killed_node(orthanc, server, study, tmp_pat
     assert "resuming 1 spooled instance(s)" in node.text()
     assert PASSWORD not in node.text()
     assert not list((spool / "incoming").iterdir())
+
+
+def test_node_keeps_the_spool_while_the_destination_is_down(orthanc, server, study, tmp_path):
+    """Destination unreachable: the instance stays spooled (computed once, in the manifest);
+    the next node, with the destination back, delivers it without computing it again."""
+    orthanc.clear()
+    rg = pydicom.dcmread(study / "rg.dcm")
+    orthanc.upload(study / "rg.dcm")
+    spool = tmp_path / "spool"
+    (spool / "incoming").mkdir(parents=True)
+    spooled = spool / "incoming" / f"{rg.SOPInstanceUID}.dcm"
+    shutil.copy(study / "rg.dcm", spooled)
+    node = Listener(spool, orthanc, server, dest=f"dimse:ORTHANC@127.0.0.1:{free_port()}")
+    try:
+        node.wait_for("wait for the next try")
+    finally:
+        assert node.stop() == 0
+    assert spooled.is_file() and "1 instance(s) left in the spool" in node.text()
+    assert len(orthanc.instances(rg.StudyInstanceUID)) == 1
+
+    node = Listener(spool, orthanc, server)
+    try:
+        stored = _wait_instances(orthanc, rg.StudyInstanceUID, 2)
+        assert len(stored) == 2, node.text()
+        node.wait_for("batch of 1")
+    finally:
+        assert node.stop() == 0
+    assert "1 done (1 by an earlier run)" in node.text()  # delivered, not recomputed
+    assert not spooled.exists()
