@@ -38,6 +38,7 @@ from cxr_sr.builders.triton_config import (
     PRECISIONS,
     TARGETS,
     TORCH_DEVICES,
+    TORCH_IO,
     ServingLimits,
     ensemble_config,
     network_config,
@@ -219,6 +220,7 @@ def assemble(
     limits: ServingLimits = DEFAULT_LIMITS,
     torch_device: str = "auto",
     precision: str = "fp16",
+    torch_io: str = "dlpack",
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
     checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used)."""
@@ -253,6 +255,7 @@ def assemble(
             limits=limits,
             torch_device=torch_device,
             precision=precision,
+            torch_io=torch_io,
         )
         write_config(config, out / name)
 
@@ -261,7 +264,7 @@ def assemble(
     Schedule.load(checkpoint / "scheduler").save(sampler)
     (sampler / "sampling.json").write_text(json.dumps(meta["sampling"], indent=2) + "\n")
     # on the torch target the loop runs on torch tensors where the networks are (DLPack)
-    loop = f"torch-{torch_device}" if target == "torch" else "numpy"
+    loop = f"torch-{torch_device}" if target == "torch" and torch_io == "dlpack" else "numpy"
     config = sampler_config(specs["unet"], instances=instances, limits=limits, loop_device=loop)
     write_config(config, out / S.SAMPLER)
 
@@ -303,6 +306,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="fp16",
         help="--target torch on CUDA: network precision (default: %(default)s; the decoder's "
         "bicubic base and sum stay fp32)",
+    )
+    p.add_argument(
+        "--torch-io",
+        choices=TORCH_IO,
+        default="dlpack",
+        help="--target torch: dlpack = tensors stay where they are (GPU memory on the GPU, the "
+        "sampler's loop there too); host = every hop through host memory, for Python "
+        "backends that cannot share GPU memory between processes (default: %(default)s)",
     )
     p.add_argument(
         "--out",
@@ -437,6 +448,7 @@ def main(argv=None) -> int:
         limits=limits,
         torch_device=args.torch_device,
         precision=args.precision,
+        torch_io=args.torch_io,
     )
     print(f"[repository] {args.target} target written to {out}")
     return 0

@@ -25,6 +25,10 @@ from cxr_sr.builders.specs import ENSEMBLE, SAMPLER, NetworkSpec, TensorSpec
 TARGETS = ("cpu", "gpu", "torch")
 TORCH_DEVICES = ("auto", "cuda", "cpu")  # the torch target's device; auto: CUDA where torch sees it
 PRECISIONS = ("fp16", "fp32")  # the torch target's precision on CUDA (the CPU runs fp32)
+# how the torch target's tensors travel between models: dlpack = where they are (GPU memory
+# stays on the GPU); host = through host memory at every hop (a fallback for Python backends
+# that cannot share GPU memory between processes)
+TORCH_IO = ("dlpack", "host")
 
 
 def _dtype(name: str) -> int:
@@ -102,6 +106,7 @@ def network_config(
     limits: ServingLimits = DEFAULT_LIMITS,
     torch_device: str = "auto",
     precision: str = "fp16",
+    torch_io: str = "dlpack",
 ) -> mc.ModelConfig:
     """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;
     Python+PyTorch on ``torch`` (``torch_device`` cuda: KIND_GPU instances, one per GPU id
@@ -119,16 +124,22 @@ def network_config(
         config.backend = "python"
         group.kind = mc.ModelInstanceGroup.KIND_CPU
     elif target == "torch":
-        if torch_device not in TORCH_DEVICES or precision not in PRECISIONS:
+        if (
+            torch_device not in TORCH_DEVICES
+            or precision not in PRECISIONS
+            or torch_io not in TORCH_IO
+        ):
             raise ValueError(
-                f"torch_device must be one of {TORCH_DEVICES} and precision one of "
-                f"{PRECISIONS}, got {torch_device!r}, {precision!r}"
+                f"torch_device must be one of {TORCH_DEVICES}, precision one of {PRECISIONS} "
+                f"and torch_io one of {TORCH_IO}, got {torch_device!r}, {precision!r}, "
+                f"{torch_io!r}"
             )
         config.backend = "python"
         on_gpu = torch_device == "cuda"
         group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
-        params.update(network=spec.name, device=torch_device, precision=precision)
-        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"  # GPU tensors arrive as they are
+        params.update(network=spec.name, device=torch_device, precision=precision, io=torch_io)
+        if torch_io == "dlpack":
+            params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"  # GPU tensors arrive as they are
     else:
         group.kind = mc.ModelInstanceGroup.KIND_GPU
         if spec.name == "unet":

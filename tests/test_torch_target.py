@@ -63,6 +63,9 @@ def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, t
     assert loop.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     with pytest.raises(ValueError, match="precision"):
         network_config(specs["unet"], "torch", precision="int8")
+    host = network_config(specs["unet"], "torch", torch_device="cuda", torch_io="host")
+    assert host.parameters["io"].string_value == "host"
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in host.parameters
 
 
 def test_torch_stage_fp32_is_the_exported_module(checkpoint):

@@ -6,11 +6,13 @@ to each model's config. The network is ``builders.graphs.TorchStage``, the same 
 ONNX graphs are exported from: on CUDA in fp16 (config parameter ``precision``: fp16 | fp32),
 on the CPU in fp32 (``device``: auto | cuda | cpu; auto takes CUDA when torch sees a GPU).
 
-Tensors stay on the GPU: with ``FORCE_CPU_ONLY_INPUT_TENSORS`` "no", inputs that another model
-left in GPU memory arrive there and are read through DLPack, and outputs are handed back
-through DLPack without a host copy. Requests of equal shapes run as one call (in chunks of at
-most ``max_batch_pixels``); inputs named in ``input_ranges`` / ``input_sides`` are checked per
-request, and a bad request gets its own INVALID_ARG while the rest of the batch is served.
+Tensors stay on the GPU (config parameter ``io`` "dlpack"): with
+``FORCE_CPU_ONLY_INPUT_TENSORS`` "no", inputs that another model left in GPU memory arrive there
+and are read through DLPack, and outputs are handed back through DLPack without a host copy.
+``io`` "host" hands every output back in host memory instead. Requests of equal shapes run as
+one call (in chunks of at most ``max_batch_pixels``); inputs named in ``input_ranges`` /
+``input_sides`` are checked per request, and a bad request gets its own INVALID_ARG while the
+rest of the batch is served.
 """
 
 import json
@@ -45,6 +47,7 @@ class TritonPythonModel:
         self.sides = json.loads(params.get("input_sides", "{}"))
         self.max_pixels = int(params.get("max_batch_pixels", "0")) or None
         self.device = _device(params.get("device", "auto"), args.get("model_instance_device_id"))
+        self.host_io = params.get("io", "dlpack") == "host"
         half = self.device.type == "cuda" and params.get("precision", "fp16") == "fp16"
         threads = int(params.get("intra_op_threads", "0"))
         if self.device.type == "cpu" and threads > 0:
@@ -106,8 +109,9 @@ class TritonPythonModel:
         start = 0
         for i, feeds in batch:
             n = len(feeds[self.inputs[0]])
+            part = out[start : start + n]
             responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[_output(self.outputs[0], out[start : start + n])]
+                output_tensors=[_output(self.outputs[0], part.cpu() if self.host_io else part)]
             )
             start += n
 

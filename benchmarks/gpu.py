@@ -1,0 +1,337 @@
+"""The torch target on a GPU: served through Triton and in one process, side by side.
+
+    python -m benchmarks.gpu --checkpoint weights/demo --out outputs/gpu.json
+
+Builds the ``torch`` target for CUDA (``builders.build --target torch --torch-device cuda``:
+fp16 networks as Python-backend PyTorch models, the sampler's loop on GPU tensors through
+DLPack), serves it with the embedded tritonserver and measures, for the checkpoint's default
+sampling (1 step):
+
+- batch-1 latency through Triton (gRPC, ``SRClient``) at each LR side;
+- throughput with perf_analyzer at concurrency 1..64 (LR 64 -> 256x256 out);
+- the same ``builders.graphs.TorchStage`` modules in this process (``cxr_sr.sample`` on torch
+  tensors), eager and with each network replayed as a CUDA graph, at batch 1 and at a large
+  batch (the in-process ceiling);
+- whether the served loop kept its tensors on the GPU (the sampler logs a warning the first
+  time a tensor reaches it in host memory), and the served SR's largest difference from the
+  in-process one for the same input and seed.
+
+``--device cpu`` runs the same script on the CPU, at small sizes, as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.common import (
+    describe,
+    device_info,
+    lr_crops,
+    positive_ints,
+    server_version,
+    software_versions,
+    table,
+    write_json,
+)
+from benchmarks.perf import PerfSettings, sweep
+from cxr_sr import sample
+from cxr_sr.builders.graphs import TorchStage
+from cxr_sr.builders.serve import TritonServer
+from cxr_sr.client import SRClient
+from cxr_sr.imaging import SCALE
+from cxr_sr.noise import legacy_block, noise_keys
+from cxr_sr.train.checkpoint import load
+
+HOST_COPY_WARNING = "arrived in host memory"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in ms, synchronised with the device."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class GraphedStage:
+    """A :class:`TorchStage` replayed as one CUDA graph per input shape (captured on first
+    use): inputs are copied into static buffers, the graph replays every kernel with one
+    launch. The numpy noise draws of the loop stay outside the graphs."""
+
+    def __init__(self, stage: TorchStage):
+        self.stage = stage
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, torch.Tensor]] = {}
+
+    def _capture(self, inputs: Sequence[torch.Tensor]):
+        static = [x.clone() for x in inputs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.stage(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.stage(*static)
+        return graph, static, out
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        graph, static, out = self.graphs[key]
+        for buffer, x in zip(static, inputs, strict=True):
+            buffer.copy_(x)
+        graph.replay()
+        return out.clone()
+
+
+class InProcess:
+    """LR -> SR with the served modules in this process, the loop on torch tensors."""
+
+    def __init__(self, ckpt, device: torch.device, half: bool, graphed: bool = False):
+        self.ckpt, self.device = ckpt, device
+        stages = {
+            name: TorchStage(ckpt.vae, ckpt.denoiser, name, device, half)
+            for name in ("vae_encoder", "unet", "vae_decoder")
+        }
+        self.stages = {n: GraphedStage(s) if graphed else s for n, s in stages.items()}
+        factor = 2 ** (len(ckpt.vae.vae.config.block_out_channels) - 1)
+        self.noise_block = legacy_block(factor)
+
+    @torch.inference_mode()
+    def __call__(self, lr: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        z_lr = self.stages["vae_encoder"](lr)
+        keys = noise_keys([seed], [len(lr)], [(0, 0)], self.noise_block)
+        unet = self.stages["unet"]
+        z = sample(
+            lambda x, t, c: unet(x, t.reshape(-1, 1), c),
+            z_lr,
+            self.ckpt.schedule,
+            self.ckpt.sampling,
+            keys,
+        )
+        return self.stages["vae_decoder"](z, lr)
+
+
+def build_repository(
+    checkpoint: Path, out: Path, device: str, max_batch: int, io: str = "dlpack"
+) -> Path:
+    cmd = [
+        sys.executable,
+        "-m",
+        "cxr_sr.builders.build",
+        "--checkpoint",
+        str(checkpoint),
+        "--target",
+        "torch",
+        "--torch-device",
+        "cuda" if device == "cuda" else "cpu",
+        "--max-batch",
+        str(max_batch),
+        "--torch-io",
+        io,
+        "--out",
+        str(out),
+    ]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def in_process_rows(ckpt, device, sides, batch, reps) -> list[dict[str, Any]]:
+    half = device.type == "cuda"
+    variants = {"eager": InProcess(ckpt, device, half)}
+    if device.type == "cuda":
+        variants["cuda graphs"] = InProcess(ckpt, device, half, graphed=True)
+    rows = []
+    for name, pipe in variants.items():
+        for side in sides:
+            lr = torch.from_numpy(lr_crops(side, 1)).to(device)
+            ms = timed(lambda pipe=pipe, lr=lr: pipe(lr), device, reps)
+            rows.append({"path": f"in-process {name}", "lr_side": side, "batch": 1, "ms": ms})
+        lr = torch.from_numpy(lr_crops(sides[0], 1)).to(device).repeat(batch, 1, 1, 1)
+        ms = timed(lambda pipe=pipe, lr=lr: pipe(lr), device, max(3, reps // 4))
+        rows.append({"path": f"in-process {name}", "lr_side": sides[0], "batch": batch, "ms": ms})
+    for row in rows:
+        row["images_per_s"] = row["batch"] / row["ms"] * 1e3
+        row["mp_per_s"] = row["images_per_s"] * (SCALE * row["lr_side"]) ** 2 / 1e6
+    return rows
+
+
+def served_rows(server, sides, reps) -> list[dict[str, Any]]:
+    rows = []
+    with SRClient(server.grpc_url, protocol="grpc") as client:
+        for side in sides:
+            lr = lr_crops(side, 1)
+            ms = timed(lambda lr=lr: client.super_resolve(lr), torch.device("cpu"), reps)
+            rows.append(
+                {
+                    "path": "served (gRPC, batch 1)",
+                    "lr_side": side,
+                    "batch": 1,
+                    "ms": ms,
+                    "images_per_s": 1e3 / ms,
+                    "mp_per_s": 1e3 / ms * (SCALE * side) ** 2 / 1e6,
+                }
+            )
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--checkpoint", type=Path, default=Path("weights/demo"), help="checkpoint")
+    p.add_argument(
+        "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a small smoke test"
+    )
+    p.add_argument(
+        "--sides", type=positive_ints, default=[64, 128, 256], help="LR sides (batch-1 rows)"
+    )
+    p.add_argument("--batch", type=int, default=64, help="in-process large batch (LR 64)")
+    p.add_argument("--reps", type=int, default=50, help="timed repetitions per case")
+    p.add_argument(
+        "--concurrency",
+        type=positive_ints,
+        default=[1, 4, 16, 32, 64],
+        help="perf_analyzer levels (empty: skip)",
+    )
+    p.add_argument("--max-batch", type=int, default=32, help="the served models' max batch")
+    p.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer window")
+    p.add_argument("--out", type=Path, default=Path("outputs/gpu.json"), help="JSON report")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA GPU visible to torch (use --device cpu for a smoke test)")
+        return 2
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    ckpt = load(args.checkpoint)
+    print("[gpu] in-process", flush=True)
+    rows = in_process_rows(ckpt, device, args.sides, args.batch, args.reps)
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="cxr-gpu-") as tmp:
+        for io in ("dlpack", "host"):  # host: where GPU memory cannot cross processes
+            repo = build_repository(
+                args.checkpoint, Path(tmp) / io, args.device, args.max_batch, io
+            )
+            log = Path(tmp) / f"triton_{io}.log"
+            print(f"[gpu] served, tensors between models: {io}", flush=True)
+            try:
+                with TritonServer(repo, log_file=log) as server:
+                    served_rows(server, args.sides[:1], 2)
+                break
+            except Exception as err:  # noqa: BLE001 - reported, then the host path is tried
+                text = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+                print(f"[gpu] {io} failed: {err}\n{text}", flush=True)
+                report[f"{io}_error"] = str(err)[:2000]
+        report["torch_io"] = io
+        with TritonServer(repo, log_file=log) as server:
+            rows += served_rows(server, args.sides, args.reps)
+            lr = lr_crops(args.sides[0], 1)
+            with SRClient(server.grpc_url, protocol="grpc") as client:
+                served = client.super_resolve(lr, seed=3)
+            local = InProcess(ckpt, device, device.type == "cuda")(
+                torch.from_numpy(lr).to(device), seed=3
+            )
+            report["served_vs_in_process_max_abs"] = float(
+                np.abs(served - local.cpu().numpy()).max()
+            )
+            perf = []
+            if args.concurrency:
+                settings = PerfSettings(measurement_ms=args.measurement_ms)
+                perf = sweep(server.grpc_url, args.concurrency, settings, sizes=[args.sides[0]])
+            versions = software_versions(triton=server_version(server.grpc_url))
+            versions["torch"] = torch.__version__
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        report["gpu_resident_loop"] = HOST_COPY_WARNING not in text
+    device_text = describe(device_info(), versions)
+    print(device_text)
+    print(
+        table(
+            ["path", "LR", "batch", "ms", "images/s", "output MP/s"],
+            [
+                [
+                    r["path"],
+                    r["lr_side"],
+                    r["batch"],
+                    f"{r['ms']:.2f}",
+                    f"{r['images_per_s']:.1f}",
+                    f"{r['mp_per_s']:.2f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    perf_rows = [
+        {
+            "concurrency": r.concurrency,
+            "lr_side": r.lr_side,
+            "images_per_s": r.throughput,
+            "p50_ms": r.p50_ms,
+            "p99_ms": r.p99_ms,
+            "failed_requests": r.failed_requests,
+            "error": r.error,
+        }
+        for r in perf
+    ]
+    if perf_rows:
+        print(
+            table(
+                ["concurrency", "LR", "images/s", "p50 ms", "p99 ms", "failed"],
+                [
+                    [
+                        r["concurrency"],
+                        r["lr_side"],
+                        "-" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}",
+                        "-" if r["p50_ms"] is None else f"{r['p50_ms']:.2f}",
+                        "-" if r["p99_ms"] is None else f"{r['p99_ms']:.2f}",
+                        r["failed_requests"],
+                    ]
+                    for r in perf_rows
+                ],
+            )
+        )
+    print(
+        f"GPU-resident served loop: {report['gpu_resident_loop']}; served vs in-process "
+        f"max |diff| {report['served_vs_in_process_max_abs']:.2e}"
+    )
+    report.update(
+        device=device_info(),
+        versions=versions,
+        date=time.strftime("%Y-%m-%d"),
+        rows=rows,
+        perf=perf_rows,
+    )
+    write_json(args.out, report)
+    print(f"[gpu] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
