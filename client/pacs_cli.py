@@ -370,7 +370,8 @@ def _run(args: argparse.Namespace) -> int:
     for uid, source in studies:
         out = args.out / safe_name(uid, "study") if (args.out and uid) else args.out
         report = submit_study(source, source=pacs, out=out, **common)
-        print(f"{uid or 'inputs'}: {report.summary()}", file=sys.stderr)
+        if report.exit_code != EXIT_UNREACHABLE:  # that one gets its own error line
+            print(f"{uid or 'inputs'}: {report.summary()}", file=sys.stderr)
         reports.append((uid, report))
         if report.exit_code == EXIT_UNREACHABLE:
             break
@@ -382,8 +383,8 @@ def _finish_run(args: argparse.Namespace, reports) -> int:
     for _, r in reports:
         for row in r.rows:
             if row.get("status") == DONE:
-                where = ", ".join(row.get("delivered_to") or []) or "(kept in --out)"
-                print(f"{row['input']}: {row.get('size')} -> {row.get('out_size')}  {where}")
+                where = ", ".join(row.get("delivered_to") or []) or f"kept in {args.out}"
+                print(f"{row['key']}: {row.get('size')} -> {row.get('out_size')}  {where}")
     if args.json:
         body = {
             "studies": [{"study": uid, **r.to_json()} for uid, r in reports],

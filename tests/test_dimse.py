@@ -121,3 +121,13 @@ def test_send_command_stores_files(orthanc, study, capsys):
     assert "2 instance(s) stored" in capsys.readouterr().out
     rg = pydicom.dcmread(study / "rg.dcm", stop_before_pixels=True)
     assert len(orthanc.instances(rg.StudyInstanceUID)) == 2
+
+
+@pytest.mark.integration
+def test_unreachable_destination_exits_3_with_one_line(server, study, tmp_path, capsys):
+    dead = f"dimse:PACS@127.0.0.1:{free_port()}"
+    argv = ["pacs", "run", "--input", str(study / "rg.dcm"), "--dest", dead, "--quiet",
+            "--out", str(tmp_path / "run"), "--url", server.http_url, "--steps", "1"]  # fmt: skip
+    assert pacs_cli.main(argv) == EXIT_UNREACHABLE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "PACS@127.0.0.1" in err[0] and "no answer" in err[0], err
