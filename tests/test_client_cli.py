@@ -62,8 +62,12 @@ def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParse
 
 
 def test_every_flag_of_every_command_has_help() -> None:
+    """Flags and positional arguments of every command (a command selector's choices are
+    the commands, each checked in turn)."""
     for parser in _parsers(build_parser()):
         for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
             assert action.help, f"{parser.prog}: {action.option_strings or action.dest} has no help"
 
 
