@@ -134,15 +134,19 @@ def _small_rg1(path: Path, factor: int) -> Path:
     return path
 
 
+TILE = 72  # the viewer's --tile: the radiograph's LR (122x115) is 4 tiles of 70x67
+
+
 @pytest.fixture(scope="module")
 def radiograph(tmp_path_factory) -> Path:
-    """RG1 3x smaller (651x613): in the native protocol, LR 162x153, tiled on this server."""
-    return _small_rg1(tmp_path_factory.mktemp("viewer") / "rg1_small.dcm", 3)
+    """RG1 4x smaller (488x460): in the native protocol, LR 122x115."""
+    return _small_rg1(tmp_path_factory.mktemp("viewer") / "rg1_small.dcm", 4)
 
 
 @pytest.fixture(scope="module")
 def viewer(server, tmp_path_factory):
-    v = ViewerProcess(server.http_url, tmp_path_factory.mktemp("viewer_log") / "viewer.log")
+    log = tmp_path_factory.mktemp("viewer_log") / "viewer.log"
+    v = ViewerProcess(server.http_url, log, "--tile", str(TILE))
     yield v
     assert v.stop() == 0, v.log.read_text()
 
@@ -202,7 +206,7 @@ def test_browser_compares_lr_bicubic_sr_of_the_radiograph(viewer, browser, radio
     SHOTS.mkdir(exist_ok=True)
     d.save_screenshot(str(SHOTS / "viewer_test_loaded.png"))
 
-    # sizes: HR 648x612 (651x613 cropped to a multiple of 4), LR 162x153 shown 4x nearest
+    # sizes: HR 488x460, LR 122x115 shown 4x (nearest)
     image = read_image(radiograph)
     hr, lr = native_pair(image)
     sizes = _panel_sizes(d)
@@ -214,8 +218,8 @@ def test_browser_compares_lr_bicubic_sr_of_the_radiograph(viewer, browser, radio
         "hr": (*hw, *hw),
     }
     with SRClient(server.http_url) as c:
-        assert len(c.tile_plan(*lr.shape)) > 1  # the radiograph was tiled
-        sr = c.upscale(lr)
+        assert len(c.tile_plan(*lr.shape, tile=TILE)) == 4  # the radiograph was tiled
+        sr = c.upscale(lr, tile=TILE)
     assert any(re.search(r"\d+ / \d+", s) for s in stages), stages  # tile progress shown
 
     # metrics: the page shows what the protocol gives, computed here independently
@@ -281,6 +285,18 @@ def test_browser_reports_a_bad_file_without_a_traceback(viewer, browser, tmp_pat
     assert "scan.png: not a readable image" in message
     assert "Traceback" not in browser.page_source
     assert str(tmp_path) not in message and "upload" not in message
+
+
+def test_browser_refuses_to_upscale_the_whole_radiograph(viewer, browser):
+    """The real RG1_UNCI.dcm (6.9 MB, 1955x1841) uploads, and upscaling it (a 7820x7364 SR,
+    57.6 MP) is refused by the default output limit with a message that names the way out."""
+    browser.get(viewer.base)
+    upload(browser, Path(get_testdata_file("RG1_UNCI.dcm")), UPSCALE)
+    assert wait_job(browser, timeout_s=60) == "failed"
+    message = browser.find_element(By.ID, "message").text
+    assert "a 1955x1841 LR gives a 7820x7364 SR (57.6 MP)" in message
+    assert "limit of 40.0 MP (--max-output-mp)" in message
+    assert "'score on this image' works at its own size" in message
 
 
 def test_server_down_and_limits(browser, radiograph, tmp_path):
@@ -353,7 +369,7 @@ def test_run_job_messages(tmp_path, radiograph):
         job = Job(name="rg1.dcm", mode=NATIVE, path=radiograph, sampling={})
         run_job(job, c, 10**9)
         assert job.state == FAILED and "not answering" in job.message
-        assert job.input_size == (651, 613)
+        assert job.input_size == (488, 460)
 
 
 def test_cli_usage_errors(tmp_path, capsys):

@@ -64,7 +64,8 @@ class ViewerConfig:
     ``max_upload_bytes``: the largest file accepted; ``max_output_pixels``: the largest SR
     (pixels) a job may produce (the page holds every image at that size, 16-bit, plus its
     RGBA rendering); ``sampling``: request parameters every job sends unless the page sets
-    its own ``steps``/``seed``.
+    its own ``steps``/``seed``; ``tile``: the LR tile side for images larger than it
+    (None: the server's largest side).
     """
 
     url: str = "127.0.0.1:8000"
@@ -75,6 +76,7 @@ class ViewerConfig:
     max_upload_bytes: int = 200 * 2**20
     max_output_pixels: int = 40_000_000
     sampling: dict[str, Any] = field(default_factory=dict)
+    tile: int | None = None
 
     def client(self, timeout_s: float | None = None) -> SRClient:
         return SRClient(
@@ -120,6 +122,7 @@ def create_app(config: ViewerConfig | None = None) -> Starlette:
         Path(tempfile.mkdtemp(prefix="cxr-sr-viewer-")),
         config.client,
         config.max_output_pixels,
+        tile=config.tile,
     )
 
     async def index(request: Request) -> Response:

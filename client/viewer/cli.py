@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         "that size, so larger requests are refused with a message (default: %(default)g)",
     )
     p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="LR tile side for images larger than it (default: the largest side the server takes)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=300.0,
@@ -156,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_upload_bytes=int(args.max_upload_mb * 2**20),
             max_output_pixels=int(args.max_output_mp * 1e6),
             sampling=sampling,
+            tile=args.tile,
         )
         config.client().close()  # checks --url, --protocol, --in-flight
         server = _local_server(args)

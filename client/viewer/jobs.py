@@ -144,13 +144,15 @@ def run_job(
     client: SRClient,
     max_output_pixels: int,
     should_stop: Callable[[], bool] = lambda: False,
+    tile: int | None = None,
 ) -> None:
     """Read, super-resolve and score one job, recording every stage on ``job``.
 
     Never raises for the user's file or the server: a bad file, an image over
     ``max_output_pixels`` (SR pixels), an unreachable or refusing server end the job as
     ``failed`` with a message meant for the page. ``should_stop()`` is asked after each
-    tile; True ends the job there.
+    tile; True ends the job there. ``tile``: the LR tile side (default: the server's
+    largest).
     """
     t0 = time.perf_counter()
     job.state = RUNNING
@@ -173,7 +175,7 @@ def run_job(
             )
         job.stage = "bicubic"
         bicubic = bicubic_baseline(lr)
-        job.total = len(client.tile_plan(h, w))
+        job.total = len(client.tile_plan(h, w, tile=tile))
         job.stage = "super-resolving" + (f" ({job.total} tiles)" if job.total > 1 else "")
 
         def progress(done: int, total: int) -> None:
@@ -181,7 +183,7 @@ def run_job(
             if should_stop():
                 raise JobStopped
 
-        sr = client.upscale(lr, progress=progress, **job.sampling)
+        sr = client.upscale(lr, tile=tile, progress=progress, **job.sampling)
         job.model = client.model_identity()
         job.stage = "scoring" if hr is not None else "LR consistency"
         job.metrics = image_metrics(sr, bicubic, lr, hr)
@@ -216,7 +218,8 @@ class JobStore:
     :data:`KEEP_JOBS` are kept (with their upload folders), older ones are deleted.
 
     ``client_factory()`` makes the ``SRClient`` a job uses, in the worker thread
-    (tritonclient's HTTP client is not shared across threads).
+    (tritonclient's HTTP client is not shared across threads); ``tile``: the LR tile side
+    (None: the server's largest).
     """
 
     def __init__(
@@ -225,11 +228,13 @@ class JobStore:
         client_factory: Callable[[], SRClient],
         max_output_pixels: int,
         keep: int = KEEP_JOBS,
+        tile: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.client_factory = client_factory
         self.max_output_pixels = int(max_output_pixels)
         self.keep = keep
+        self.tile = tile
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-sr-viewer")
@@ -257,7 +262,7 @@ class JobStore:
             job.state, job.stage, job.message = FAILED, "failed", str(e)
             return
         with client:
-            run_job(job, client, self.max_output_pixels, self._stopping.is_set)
+            run_job(job, client, self.max_output_pixels, self._stopping.is_set, self.tile)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
