@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr_sr import SamplingOptions
+from cxr_sr import SAMPLERS, SamplingOptions
 from cxr_sr.client import metrics
 from cxr_sr.imaging import PROTOCOLS, SCALE, bicubic_baseline, native_pair
 from cxr_sr.train.figures import (
@@ -414,8 +414,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sampler",
         default=None,
-        choices=["ddim", "ddpm"],
+        choices=SAMPLERS,
         help="sampler (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--early-stop",
+        type=float,
+        default=None,
+        help="stop an image once its x0 estimate changes by less than this (relative) between "
+        "steps; 0 = off (default: the checkpoint's)",
     )
     p.add_argument(
         "--start",
@@ -521,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             ("start", args.start),
             ("strength", args.strength),
             ("eta", args.eta),
+            ("early_stop", args.early_stop),
         )
         if v is not None
     }
