@@ -424,7 +424,8 @@ class Worker:
         self, pool: ServerPool, settings: Settings, out: Path, model: ModelIdentity
     ) -> None:
         self.pool, self.settings, self.out, self.model = pool, settings, out, model
-        self.show_tiles: bool | None = None  # tqdm's disable for a per-image tile bar
+        self.tile_bar = False  # a progress bar over the tiles of each image (one at a time)
+        self.bar_disable: bool | None = None  # tqdm's disable: None shows it on a terminal
 
     def upscale(self, lr: np.ndarray, progress=None) -> tuple[np.ndarray, str, int]:
         """``SRClient.upscale`` on the least busy server, retried on transient errors;
@@ -465,7 +466,7 @@ class Worker:
                 raise BadInputError(f"{path}: {e}") from e
             lr, hr = pair.lr, pair.hr
             row["scale"] = f"{_size(pair.hr)} / {_size(pair.lr)}"
-        bar = _TileBar(self.show_tiles) if self.show_tiles is not None else None
+        bar = _TileBar(self.bar_disable) if self.tile_bar else None
         t0 = time.perf_counter()
         try:
             sr, url, retries = self.upscale(lr, progress=bar)
@@ -780,8 +781,7 @@ def run_batch(
             say(f"failed: {path}: {reason}")
         worker = Worker(pool, settings, out, identity)
         bar_disable = None if progress is None else not progress
-        if concurrency == 1:
-            worker.show_tiles = bar_disable
+        worker.tile_bar, worker.bar_disable = concurrency == 1, bar_disable
         stop = _run(manifest, worker, jobs, concurrency, say, bar_disable)
         rows = [_row(j) for j in manifest.rows(keys)]
         ident = {
