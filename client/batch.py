@@ -22,6 +22,7 @@ error, attempts, timings, report row and the identity of the model that made it.
 - when no server answers after the retries the run stops (exit code 3), its manifest
   intact; when the output disk is full (ENOSPC, EDQUOT, EFBIG) the run stops with one line
   saying so (exit code 1), and a re-run once space is back finishes the job;
+- one run per output folder at a time (a lock file); a second is refused (exit code 2);
 - bad inputs (corrupt, truncated, empty, unreadable, not an image, no pixel data, a header
   claiming more than ``max_pixels`` pixels: refused before decoding, a DICOM outside the
   model's domain) get one line in the report each and the batch goes on.
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import fcntl
 import io
 import json
 import os
@@ -75,6 +77,7 @@ from cxr_sr.client.triton import (
 from cxr_sr.imaging import native_pair, reference_pair
 
 MANIFEST = "cxr-sr-manifest.sqlite"
+LOCK = ".cxr-sr.lock"  # held (flock) by the run using the folder; the OS drops it on exit
 REPORT_CSV, REPORT_JSON = "report.csv", "report.json"
 PENDING, RUNNING, DONE, FAILED, SKIPPED = "pending", "running", "done", "failed", "skipped"
 UPSCALE = "upscale"
@@ -762,9 +765,22 @@ def run_batch(
     jobs, problems = collect(inputs)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "a")  # noqa: SIM115 (held until the run ends)
+    except OSError as e:
+        pool.close()
+        return Report([], identity, EXIT_INPUT_FAILED, f"cannot use {out}: {e}")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        pool.close()
+        busy = f"another cxr-sr run is using {out}; wait for it to end or give another --out"
+        return Report([], identity, EXIT_USAGE, busy, time.perf_counter() - t_start)
+    try:
         remove_partials(out)
         manifest = Manifest(out / MANIFEST)
     except (OSError, sqlite3.Error) as e:
+        lock.close()
         pool.close()
         return Report([], identity, EXIT_INPUT_FAILED, f"cannot open the manifest in {out}: {e}")
     try:
@@ -816,6 +832,7 @@ def run_batch(
     finally:
         manifest.close()
         pool.close()
+        lock.close()  # releases the flock
 
 
 def _stop_message(stop: BaseException | None, out: Path) -> str:

@@ -200,3 +200,20 @@ def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
 def test_run_batch_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         run_batch([tmp_path], tmp_path / "out", **kwargs)
+
+
+def test_one_run_per_output_folder(tmp_path: Path) -> None:
+    import fcntl
+
+    from cxr_sr.client.batch import LOCK
+
+    _inputs(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    with FakeTriton() as f, open(out / LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as another run would
+        busy = run_batch([tmp_path / "in"], out, [f.url], **FAST)
+        assert busy.exit_code == EXIT_USAGE and "another cxr-sr run" in busy.message
+        assert not f.requests
+        fcntl.flock(held, fcntl.LOCK_UN)
+        assert run_batch([tmp_path / "in"], out, [f.url], **FAST).exit_code == EXIT_OK
