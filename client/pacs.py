@@ -39,6 +39,8 @@ ENV_USER = "CXR_SR_PACS_USER"
 ENV_PASSWORD = "CXR_SR_PACS_PASSWORD"
 ENV_TOKEN = "CXR_SR_PACS_TOKEN"
 ENV_CREDENTIALS_FILE = "CXR_SR_PACS_CREDENTIALS_FILE"
+# attempts per HTTP request on a connection error or HTTP 408/429/503/504 (1 s, then 2 s apart)
+HTTP_ATTEMPTS = 3
 
 # STOW-RS response attributes (PS3.18 10.5.3): instances not stored, and why
 _FAILED_SOP_SEQUENCE = "FailedSOPSequence"
@@ -225,7 +227,9 @@ class DicomWebPacs:
     Args:
         url: http(s) base URL of the QIDO/WADO/STOW services, without credentials.
         credentials: from :func:`credentials_from_env`; None for an open server.
-        timeout_s: limit for one HTTP request (connect and each read), seconds.
+        timeout_s: limit for one HTTP request (connect and each read), seconds; a request
+            that fails to connect or gets HTTP 408/429/503/504 is tried :data:`HTTP_ATTEMPTS`
+            times in all.
     """
 
     def __init__(
@@ -244,9 +248,13 @@ class DicomWebPacs:
         session = requests.Session()
         if credentials is not None:
             session.auth = credentials.auth()
-        session.request = _with_timeout(session.request, timeout_s)
         self._session = session
-        self._client = DICOMwebClient(self.url, session=session)
+        self._client = DICOMwebClient(self.url, session=session, timeout=timeout_s)
+        # dicomweb-client retries every failed connection 5 times (a minute of waiting for a
+        # PACS that is down); keep a short retry for a passing hiccup
+        self._client.set_http_retry_params(
+            retry=True, max_attempts=HTTP_ATTEMPTS, wait_exponential_multiplier=500
+        )
 
     def __repr__(self) -> str:
         auth = self.credentials.kind if self.credentials else "no credentials"
@@ -367,13 +375,3 @@ def _stow_failures(response: Dataset | None) -> list[str]:
         code = f"reason 0x{int(reason):04X}" if reason is not None else "no reason given"
         out.append(f"{item.get('ReferencedSOPInstanceUID', '?')} ({code})")
     return out
-
-
-def _with_timeout(request, timeout_s: float):
-    """Wrap ``Session.request`` so every call has a timeout (dicomweb-client sets none)."""
-
-    def call(method, url, **kwargs):
-        kwargs.setdefault("timeout", timeout_s)
-        return request(method, url, **kwargs)
-
-    return call

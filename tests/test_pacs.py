@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from orthanc import PASSWORD, USER, assert_derived, ct_slice, expected_derived, small_radiograph
 
 from cxr_sr.builders.serve import free_port
@@ -24,11 +25,10 @@ from cxr_sr.client.pacs import (
     Credentials,
     DicomWebPacs,
     PacsAccessError,
-    PacsUnreachableError,
     credentials_from_env,
     study_filters,
 )
-from cxr_sr.client.studies import submit_study
+from cxr_sr.client.studies import parse_destination, submit_study
 from cxr_sr.client.triton import SRClient
 
 SAMPLING = ["--steps", "1", "--seed", "0"]
@@ -89,6 +89,26 @@ def test_group_readable_credentials_file_warns(tmp_path, caplog):
     assert "readable by other users" in caplog.text
 
 
+def test_bearer_token_is_set_per_request_and_never_shown():
+    pacs = DicomWebPacs("http://127.0.0.1:1/dicom-web", Credentials(token="tok-789"))
+    request = requests.Request("GET", "http://127.0.0.1:1/dicom-web/studies").prepare()
+    assert pacs._session.auth(request).headers["Authorization"] == "Bearer tok-789"
+    assert "tok-789" not in repr(pacs) and "tok-789" not in repr(pacs._session.auth)
+    assert "bearer token" in repr(pacs)
+
+
+def test_parse_destination():
+    dimse = parse_destination("dimse:PACS@10.0.0.5:104", calling_ae="ME")
+    assert str(dimse) == "dimse:PACS@10.0.0.5:104" and dimse.calling_ae == "ME"
+    web = parse_destination("dicomweb:https://pacs/dicom-web", credentials=Credentials("u", "p"))
+    assert str(web) == "dicomweb:https://pacs/dicom-web" and "p" not in repr(web.pacs)[-12:]
+    assert str(parse_destination("http://pacs/dicom-web")) == "dicomweb:http://pacs/dicom-web"
+    assert str(parse_destination("folder:out/x")) == "folder:out/x"
+    for bad in ("PACS@h:1", "dimse:PACS", "folder:", "s3://bucket"):
+        with pytest.raises(ValueError):
+            parse_destination(bad)
+
+
 def test_url_with_credentials_is_refused():
     with pytest.raises(ValueError, match="must not carry credentials"):
         DicomWebPacs("http://u:secret@127.0.0.1:8042/dicom-web")
@@ -115,8 +135,6 @@ def test_study_filters():
 
 def test_unreachable_dicomweb_exits_3_with_one_line(capsys):
     url = f"http://127.0.0.1:{free_port()}/dicom-web"
-    with pytest.raises(PacsUnreachableError):
-        DicomWebPacs(url).ping()
     assert pacs_cli.main(["pacs", "find", "--dicomweb", url]) == EXIT_UNREACHABLE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no answer" in err[0] and url in err[0]
