@@ -131,3 +131,10 @@ def test_unreachable_destination_exits_3_with_one_line(server, study, tmp_path, 
     assert pacs_cli.main(argv) == EXIT_UNREACHABLE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "PACS@127.0.0.1" in err[0] and "no answer" in err[0], err
+
+
+def test_listen_without_a_server_exits_3(tmp_path, capsys):
+    argv = ["listen", "--spool", str(tmp_path / "spool"), "--dest", f"folder:{tmp_path}",
+            "--port", "0", "--url", f"127.0.0.1:{free_port()}"]  # fmt: skip
+    assert pacs_cli.main(argv) == EXIT_UNREACHABLE
+    assert "127.0.0.1" in capsys.readouterr().err
