@@ -292,3 +292,33 @@ def test_served_identity_and_upscale_dataset(server, checkpoint, tmp_path: Path)
     assert ident.weights_sha256 in derived.DerivationDescription
     assert "seed=3" in derived.DerivationDescription
     np.testing.assert_allclose(read_image(path), np.clip(want, 0, 1), atol=0.5 / 29999 + 1e-6)
+
+
+def test_cli_dicom_outputs_of_other_sources_validate(server, tmp_path: Path) -> None:
+    """Low-resolution DICOMs of other kinds (MONOCHROME1 8-bit, MONOCHROME2 16-bit with
+    rescale, with Pixel and Imager Pixel Spacing) through ``cxr-sr --dicom``: 4x, spacing / 4,
+    same study, source referenced, no dciodvfy error their source did not have."""
+    from cxr_sr.client.cli import main
+
+    sources = {
+        "m1_8bit": synthetic("MONOCHROME1", 8),
+        "m2_16bit": synthetic("MONOCHROME2", 16, rescale=True, shape=(30, 17)),
+    }
+    for name, ds in sources.items():
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    args = [*(str(tmp_path / f"{n}.dcm") for n in sources), "--out", str(out), "--url",
+            server.http_url, "--dicom", "--no-png", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    for name, source in sources.items():
+        path = out / f"{name}_sr.dcm"
+        derived = pydicom.dcmread(path)
+        assert (derived.Rows, derived.Columns) == (4 * source.Rows, 4 * source.Columns)
+        assert derived.StudyInstanceUID == source.StudyInstanceUID
+        assert derived.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert [float(v) for v in derived.PixelSpacing] == pytest.approx([0.1, 0.125])
+        assert [float(v) for v in derived.ImagerPixelSpacing] == pytest.approx([0.11, 0.1375])
+        assert derived.PhotometricInterpretation == source.PhotometricInterpretation
+        new_errors = _errors(path) - _errors(tmp_path / f"{name}.dcm")
+        assert not new_errors, f"{name}: {sorted(new_errors)}"
+    assert not list(out.glob("*.png"))  # --no-png
