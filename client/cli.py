@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from cxr_sr.imaging import SCALE
 from cxr_sr.serving import add_arguments, namespace_parameters
 
 PROG = "cxr-sr"
+WIDTH = 88  # --help text width of the descriptions and epilogs
 DEFAULT_URL = "127.0.0.1:8000"
 PACS_CLI = "cxr_sr.client.pacs_cli"  # its register(subparsers) adds the PACS commands
 EVAL_PROTOCOLS = ("reference", "native")
@@ -133,13 +135,20 @@ def _add_upscale(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         UPSCALE,
         help="4x each image of files and folders (the default command)",
-        description="4x super-resolution of chest radiographs through Triton servers "
-        "(ensemble cxr_sr). Every input is the LR and comes back 4x larger, at its own "
-        "geometry and bit depth; --eval scores the model on degraded copies instead. The run "
-        "is resumable: the same command after an interruption does only what is left.",
+        description=textwrap.fill(
+            "4x super-resolution of chest radiographs through Triton servers (ensemble "
+            "cxr_sr). Every input is the LR and comes back 4x larger, at its own geometry and "
+            "bit depth; --eval scores the model on degraded copies instead. The run is "
+            "resumable: the same command after an interruption does only what is left.",
+            WIDTH,
+        ),
         epilog=exit_code_epilog()
-        + "\n\nA run stopped by a full output disk exits with 1 and a line saying so; free "
-        "space and re-run the same command.",
+        + "\n\n"
+        + textwrap.fill(
+            "A run stopped by a full output disk exits with 1 and a line saying so; free "
+            "space and re-run the same command.",
+            WIDTH,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -255,9 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     """``cxr-sr`` and its commands (``upscale``, and those of ``pacs_cli`` when installed)."""
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="4x super-resolution of chest radiographs through Triton servers. "
-        f"A first argument that is not a command runs '{UPSCALE}' "
-        f"('{PROG} scans/ --out results/'); '{PROG} COMMAND --help' for each command.",
+        description=textwrap.fill(
+            "4x super-resolution of chest radiographs through Triton servers. A first "
+            f"argument that is not a command runs '{UPSCALE}' ('{PROG} scans/ --out "
+            f"results/'); '{PROG} COMMAND --help' for each command.",
+            WIDTH,
+        ),
         epilog=exit_code_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
