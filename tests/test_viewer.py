@@ -23,12 +23,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from orthanc import PASSWORD, USER, ct_slice, small_radiograph
 from PIL import Image
 from pydicom.data import get_testdata_file
 from selenium import webdriver
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 from cxr_sr.builders.serve import free_port
 from cxr_sr.client.io import read_image
@@ -309,6 +311,8 @@ def test_server_down_and_limits(browser, radiograph, tmp_path):
         "2",
         "--max-output-mp",
         "1",
+        "--dicomweb-url",
+        f"http://127.0.0.1:{free_port()}/dicom-web",
     )
     try:
         browser.get(v.base)
@@ -327,6 +331,8 @@ def test_server_down_and_limits(browser, radiograph, tmp_path):
         status, body = _post(v.base + "api/jobs?steps=0", b"1")
         assert status == 400 and "'steps'" in body["error"]
         assert _get(v.base + "api/jobs/nope")[0] == 404
+        status, _, body = _get(v.base + "api/pacs/studies?patient_id=P1")
+        assert status == 503 and "The PACS is not answering" in json.loads(body)["error"]
     finally:
         assert v.stop() == 0
 
@@ -355,6 +361,43 @@ def test_downloads_derived_dicom_of_an_upscaled_dicom(viewer, tmp_path):
     assert job["state"] == "done" and "needs a DICOM upload" in job["dicom"]
     status, _, body = _get(f"{viewer.base}api/jobs/{job['id']}/sr.dcm")
     assert status == 409 and "needs a DICOM upload" in json.loads(body)["error"]
+
+
+@pytest.mark.integration
+def test_browser_opens_a_study_from_the_pacs(orthanc, server, browser, tmp_path):
+    """With --dicomweb-url, the page searches the PACS (a real Orthanc, QIDO-RS), lists the
+    study and opens its chest radiograph (WADO-RS; the study's CT is passed over)."""
+    orthanc.clear()
+    rg = small_radiograph(tmp_path / "study" / "rg.dcm", factor=16)  # 122x115
+    orthanc.upload(rg)
+    orthanc.upload(ct_slice(tmp_path / "study" / "ct.dcm", rg))
+    source = pydicom.dcmread(rg)
+    credentials = {"CXR_SR_PACS_USER": USER, "CXR_SR_PACS_PASSWORD": PASSWORD}
+    args = ("--tile", str(TILE), "--dicomweb-url", orthanc.dicomweb_url)
+    with ViewerProcess(server.http_url, tmp_path / "v.log", *args, env=credentials) as v:
+        d = browser
+        d.get(v.base)
+        wait_server_status(d, ready=True)
+        assert d.find_element(By.ID, "pacs").is_displayed()
+        d.find_element(By.ID, "patient_id").send_keys("nobody")
+        d.find_element(By.ID, "pacs-find").click()
+        note = d.find_element(By.ID, "pacs-note")
+        WebDriverWait(d, 30).until(lambda d: note.text == "no study matches")
+        d.find_element(By.ID, "patient_id").clear()
+        d.find_element(By.ID, "patient_id").send_keys(str(source.PatientID))
+        d.find_element(By.ID, "pacs-find").click()
+        WebDriverWait(d, 30).until(lambda d: note.text == "1 study")
+        studies = d.find_element(By.ID, "studies")
+        assert studies.get_attribute("value") == source.StudyInstanceUID
+        assert "CR" in studies.text and "CT" in studies.text
+        d.find_element(By.CSS_SELECTOR, "input[name=mode][value=upscale]").click()
+        d.find_element(By.ID, "pacs-open").click()
+        assert wait_job(d) == "done", d.find_element(By.ID, "message").text
+        rows, cols = source.Rows, source.Columns
+        assert _panel_sizes(d)["sr"] == (4 * cols, 4 * rows, 4 * cols, 4 * rows)
+        assert d.find_element(By.ID, "dl-dcm").get_attribute("aria-disabled") == "false"
+        assert str(source.PatientID) in d.find_element(By.ID, "metrics-note").text
+        d.save_screenshot(str(SHOTS / "viewer_test_pacs.png"))
 
 
 def test_run_job_messages(tmp_path, radiograph):

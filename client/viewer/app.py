@@ -14,6 +14,10 @@ Routes (every asset is served from this package: the page loads with no network)
     GET  /api/jobs/{id}/sr.dcm          the SR as a derived DICOM instance in the upload's
                                         study (``client.dicom.derive_instance``; DICOM
                                         uploads in the upscale mode)
+    GET  /api/pacs/studies?patient_id=&modality=&date_from=&date_to=
+                                        QIDO-RS study search (with ``dicomweb_url`` only)
+    POST /api/pacs/jobs?study_uid=&mode=&steps=&seed=
+                                        a job on the study's first chest radiograph (WADO-RS)
 
 Errors are JSON ``{"error": message}`` with a 4xx/5xx status and never carry a traceback.
 """
@@ -21,6 +25,7 @@ Errors are JSON ``{"error": message}`` with a 4xx/5xx status and never carry a t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import tempfile
 from dataclasses import dataclass, field
@@ -35,8 +40,9 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from cxr_sr.client.dicom import derive_instance, dicom_file_name
+from cxr_sr.client.dicom import derive_instance, dicom_file_name, domain_problem, safe_name
 from cxr_sr.client.io import KNOWN_SUFFIXES, write_png
+from cxr_sr.client.pacs import Credentials, DicomWebPacs, PacsError, PacsUnreachableError
 from cxr_sr.client.triton import (
     DEFAULT_IN_FLIGHT,
     DEFAULT_MODEL,
@@ -65,7 +71,8 @@ class ViewerConfig:
     (pixels) a job may produce (the page holds every image at that size, 16-bit, plus its
     RGBA rendering); ``sampling``: request parameters every job sends unless the page sets
     its own ``steps``/``seed``; ``tile``: the LR tile side for images larger than it
-    (None: the server's largest side).
+    (None: the server's largest side); ``dicomweb_url`` (+ ``pacs_credentials``): a PACS
+    whose studies the page can search and open.
     """
 
     url: str = "127.0.0.1:8000"
@@ -77,6 +84,11 @@ class ViewerConfig:
     max_output_pixels: int = 40_000_000
     sampling: dict[str, Any] = field(default_factory=dict)
     tile: int | None = None
+    dicomweb_url: str | None = None
+    pacs_credentials: Credentials | None = field(default=None, repr=False)
+
+    def pacs(self, timeout_s: float = 60.0) -> DicomWebPacs:
+        return DicomWebPacs(self.dicomweb_url, self.pacs_credentials, timeout_s=timeout_s)
 
     def client(self, timeout_s: float | None = None) -> SRClient:
         return SRClient(
@@ -109,6 +121,42 @@ def _triton_status(config: ViewerConfig) -> dict[str, Any]:
         "lr_sides": [limits.min_side, limits.max_side],
         "message": f"ready; LR {limits.describe()} per request, larger images are tiled",
     }
+
+
+def _pacs_message(e: PacsError) -> str:
+    if isinstance(e, PacsUnreachableError):
+        return f"The PACS is not answering or refused us: {e}"
+    return f"The PACS answered with an error: {e}"
+
+
+PACS_SEARCH_LIMIT = 50
+PACS_FIELDS = ("patient_id", "modality", "date_from", "date_to")
+
+
+def _find_studies(config: ViewerConfig, criteria: dict[str, str]) -> list[dict[str, Any]]:
+    with config.pacs(timeout_s=30.0) as pacs:
+        found = pacs.find_studies(**criteria, limit=PACS_SEARCH_LIMIT)
+    return [dataclasses.asdict(s) for s in found]
+
+
+def _fetch_study(config: ViewerConfig, study_uid: str, path: Path) -> str:
+    """Write the study's first chest radiograph (``client.dicom.domain_problem``) to
+    ``path``, streaming the study from WADO-RS; its display name. ValueError (a message for
+    the page) when the PACS fails or the study holds none."""
+    skipped = []
+    try:
+        with config.pacs() as pacs:
+            for ds in pacs.iter_study(study_uid):
+                problem = domain_problem(ds) if "PixelData" in ds else "no pixel data"
+                if problem is None:
+                    ds.save_as(path, enforce_file_format=True)
+                    parts = (ds.get("PatientID"), ds.get("StudyDate"), ds.get("Modality"))
+                    return safe_name(" ".join(str(p) for p in parts if p)) + ".dcm"
+                skipped.append(problem)
+    except PacsError as e:
+        raise ValueError(_pacs_message(e)) from None
+    why = "; ".join(sorted(set(skipped)))
+    raise ValueError(f"study {study_uid} holds no chest radiograph ({why})")
 
 
 def _mb(n: int) -> str:
@@ -144,19 +192,28 @@ def create_app(config: ViewerConfig | None = None) -> Starlette:
                 "max_upload_bytes": config.max_upload_bytes,
                 "max_output_pixels": config.max_output_pixels,
                 "sampling": config.sampling,
+                "pacs": config.dicomweb_url,
             }
         )
 
-    async def create_job(request: Request) -> Response:
+    def _job_options(request: Request) -> tuple[str, dict[str, Any]] | Response:
+        """The mode and sampling parameters a job request asks for, or a 400."""
         q = request.query_params
         mode = q.get("mode", UPSCALE)
         if mode not in MODES:
             return _error(400, f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         try:
             page = {k: q[k] for k in PAGE_FIELDS if q.get(k, "").strip()}
-            sampling = sampling_parameters(**{**config.sampling, **page})
+            return mode, sampling_parameters(**{**config.sampling, **page})
         except (TypeError, ValueError) as e:
             return _error(400, str(e))
+
+    async def create_job(request: Request) -> Response:
+        options = _job_options(request)
+        if isinstance(options, Response):
+            return options
+        mode, sampling = options
+        q = request.query_params
         name = Path(q.get("name") or "upload").name or "upload"
         limit = config.max_upload_bytes
         too_big = f"{name} is larger than this viewer accepts ({_mb(limit)}, --max-upload-mb)"
@@ -247,6 +304,40 @@ def create_app(config: ViewerConfig | None = None) -> Starlette:
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
 
+    async def pacs_studies(request: Request) -> Response:
+        if not config.dicomweb_url:
+            return _error(404, "no PACS configured (start the viewer with --dicomweb-url)")
+        q = request.query_params
+        criteria = {k: q[k].strip() for k in PACS_FIELDS if q.get(k, "").strip()}
+        try:
+            studies = await run_in_threadpool(_find_studies, config, criteria)
+        except ValueError as e:
+            return _error(400, str(e))
+        except PacsError as e:
+            return _error(503 if isinstance(e, PacsUnreachableError) else 502, _pacs_message(e))
+        return JSONResponse({"studies": studies, "limit": PACS_SEARCH_LIMIT})
+
+    async def pacs_job(request: Request) -> Response:
+        if not config.dicomweb_url:
+            return _error(404, "no PACS configured (start the viewer with --dicomweb-url)")
+        options = _job_options(request)
+        if isinstance(options, Response):
+            return options
+        mode, sampling = options
+        study_uid = request.query_params.get("study_uid", "").strip()
+        if not study_uid:
+            return _error(400, "pick a study first")
+        path = store.new_folder() / "upload.dcm"
+        job = Job(
+            name=f"study {study_uid}",
+            mode=mode,
+            path=path,
+            sampling=sampling,
+            fetch=lambda p: _fetch_study(config, study_uid, p),
+        )
+        store.submit(job)
+        return JSONResponse(job.summary(), status_code=202)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         yield
@@ -260,6 +351,8 @@ def create_app(config: ViewerConfig | None = None) -> Starlette:
         Route("/api/jobs/{job_id}/pixels/{kind}", pixels),
         Route("/api/jobs/{job_id}/sr.png", download_png),
         Route("/api/jobs/{job_id}/sr.dcm", download_dicom),
+        Route("/api/pacs/studies", pacs_studies),
+        Route("/api/pacs/jobs", pacs_job, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

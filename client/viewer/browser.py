@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -55,10 +56,16 @@ def http_get(url: str, timeout: float = 10.0) -> tuple[int, dict[str, str], byte
 
 class ViewerProcess:
     """``python -m cxr_sr.client.viewer --url TRITON --port <free> ARGS...`` on 127.0.0.1,
-    waited for until its API answers; ``base`` is its URL, ``stop()`` sends Ctrl-C."""
+    waited for until its API answers; ``base`` is its URL, ``stop()`` sends Ctrl-C. ``env``
+    adds to the environment (e.g. PACS credentials)."""
 
     def __init__(
-        self, triton_url: str, log: Path, *args: str, start_timeout_s: float = 180.0
+        self,
+        triton_url: str,
+        log: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        start_timeout_s: float = 180.0,
     ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}/"
@@ -67,7 +74,11 @@ class ViewerProcess:
         cmd += ["--port", str(self.port), "--log-level", "info", *args]
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
             )
         deadline = time.monotonic() + start_timeout_s
         while True:

@@ -23,6 +23,7 @@ import uvicorn
 
 from cxr_sr.builders.serve import TritonServer, free_port
 from cxr_sr.client.exit_codes import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+from cxr_sr.client.pacs import credentials_from_env
 from cxr_sr.client.triton import DEFAULT_IN_FLIGHT, DEFAULT_MODEL, PROTOCOLS
 from cxr_sr.client.viewer.app import ViewerConfig, create_app
 from cxr_sr.serving import add_arguments, namespace_parameters
@@ -99,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="tile requests in flight at once (default: %(default)s; raise it for a GPU server)",
     )
     p.add_argument(
+        "--dicomweb-url",
+        default=None,
+        help="a PACS (DICOMweb base URL, e.g. http://pacs:8042/dicom-web) whose studies the "
+        "page can search and open; credentials from CXR_SR_PACS_USER + CXR_SR_PACS_PASSWORD, "
+        "CXR_SR_PACS_TOKEN or --credentials-file, never on the command line",
+    )
+    p.add_argument(
+        "--credentials-file",
+        type=Path,
+        default=None,
+        help='JSON file with the DICOMweb credentials ({"username": ..., "password": ...} '
+        'or {"token": ...})',
+    )
+    p.add_argument(
         "--log-level",
         choices=("critical", "error", "warning", "info", "debug"),
         default="warning",
@@ -165,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             tile=args.tile,
         )
         config.client().close()  # checks --url, --protocol, --in-flight
+        if args.dicomweb_url:
+            config.dicomweb_url = args.dicomweb_url
+            config.pacs_credentials = credentials_from_env(args.credentials_file)
+            config.pacs().close()  # checks the URL
         server = _local_server(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"cxr-sr-viewer: error: {e}", file=err)

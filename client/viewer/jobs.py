@@ -91,6 +91,9 @@ class Job:
     pixels: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> uint16 [H, W]
     sr: np.ndarray | None = None  # float32 [4h, 4w], for the downloads
     model: ModelIdentity | None = None  # the served model that made the SR
+    # a job from the PACS: fetch(path) writes the image there and returns its display name;
+    # ValueError with a message for the page when it cannot
+    fetch: Callable[[Path], str] | None = field(default=None, repr=False)
     created: float = field(default_factory=time.time)
 
     @property
@@ -257,8 +260,11 @@ class JobStore:
 
     def _run(self, job: Job) -> None:
         try:
+            if job.fetch is not None:
+                job.state, job.stage = RUNNING, "retrieving the study from the PACS"
+                job.name = job.fetch(job.path)
             client = self.client_factory()
-        except ValueError as e:  # a bad --url / --protocol
+        except ValueError as e:  # the PACS had no image for us, or a bad --url / --protocol
             job.state, job.stage, job.message = FAILED, "failed", str(e)
             return
         with client:

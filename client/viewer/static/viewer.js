@@ -69,6 +69,8 @@ async function refreshStatus() {
     pill.dataset.ready = String(t.ready);
     pill.textContent = t.ready ? `Triton ${t.url} ready: ${t.model}` : `Triton ${t.url}: not answering`;
     pill.title = t.message;
+    $("#pacs").hidden = !state.status.pacs;
+    $("#pacs-url").textContent = state.status.pacs || "";
   } catch (e) {
     pill.dataset.ready = "false";
     pill.textContent = "viewer not answering";
@@ -78,7 +80,9 @@ async function refreshStatus() {
 }
 
 function updateRunButton() {
-  $("#run").disabled = !state.file || (state.job && !["done", "failed"].includes(state.job.state));
+  const busy = state.job && !["done", "failed"].includes(state.job.state);
+  $("#run").disabled = !state.file || busy;
+  $("#pacs-open").disabled = !$("#studies").value || busy;
 }
 
 // ------------------------------------------------------------------ upload and jobs
@@ -91,6 +95,41 @@ function chooseFile(file) {
   updateRunButton();
 }
 
+function jobParams(extra) {
+  // the mode and the sampling controls of the form, plus what the caller adds
+  const params = new URLSearchParams({
+    mode: document.querySelector("input[name=mode]:checked").value,
+    ...extra,
+  });
+  for (const key of ["steps", "seed"]) {
+    const v = $(`#${key}`).value.trim();
+    if (v) params.set(key, v);
+  }
+  return params;
+}
+
+async function startJob(url, body, stage) {
+  showMessage("");
+  state.job = { state: "queued" };
+  setJobState("uploading");
+  updateRunButton();
+  setProgress(true, 0, 0, stage);
+  let response;
+  try {
+    const init = { method: "POST" };
+    if (body) {
+      init.body = body;
+      init.headers = { "Content-Type": "application/octet-stream" };
+    }
+    response = await fetch(url, init);
+  } catch (e) {
+    return failed("The request did not reach the viewer (is it still running?).");
+  }
+  if (!response.ok) return failed(await readError(response));
+  state.job = await response.json();
+  poll();
+}
+
 async function run(event) {
   event.preventDefault();
   const file = state.file;
@@ -100,32 +139,52 @@ async function run(event) {
     showMessage(`${file.name} is larger than this viewer accepts (${Math.round(limit / 2 ** 20)} MB, --max-upload-mb).`);
     return;
   }
-  showMessage("");
-  const params = new URLSearchParams({
-    mode: document.querySelector("input[name=mode]:checked").value,
-    name: file.name,
-  });
-  for (const key of ["steps", "seed"]) {
+  startJob(`api/jobs?${jobParams({ name: file.name })}`, file, "uploading");
+}
+
+// ------------------------------------------------------------------ the PACS picker
+
+async function searchStudies(event) {
+  event.preventDefault();
+  const params = new URLSearchParams();
+  for (const key of ["patient_id", "modality", "date_from", "date_to"]) {
     const v = $(`#${key}`).value.trim();
     if (v) params.set(key, v);
   }
-  state.job = { state: "queued" };
-  setJobState("uploading");
-  updateRunButton();
-  setProgress(true, 0, 0, "uploading");
-  let response;
+  const list = $("#studies");
+  list.innerHTML = "";
+  $("#pacs-open").disabled = true;
+  $("#pacs-note").textContent = "searching...";
+  let body;
   try {
-    response = await fetch(`api/jobs?${params}`, {
-      method: "POST",
-      body: file,
-      headers: { "Content-Type": "application/octet-stream" },
-    });
+    const r = await fetch(`api/pacs/studies?${params}`, { cache: "no-store" });
+    if (!r.ok) {
+      $("#pacs-note").textContent = "";
+      return showMessage(await readError(r));
+    }
+    body = await r.json();
   } catch (e) {
-    return failed("The upload did not reach the viewer (is it still running?).");
+    $("#pacs-note").textContent = "";
+    return showMessage("The viewer did not answer.");
   }
-  if (!response.ok) return failed(await readError(response));
-  state.job = await response.json();
-  poll();
+  showMessage("");
+  for (const s of body.studies) {
+    const what = [s.study_date, s.patient_id, s.description, s.modalities.join("/")]
+      .filter(Boolean).join("  ");
+    const option = new Option(what || s.study_uid, s.study_uid);
+    option.title = s.study_uid;
+    list.add(option);
+  }
+  const n = body.studies.length;
+  $("#pacs-note").textContent = n ? `${n} ${n === 1 ? "study" : "studies"}` +
+    (n >= body.limit ? ` (the first ${body.limit}; narrow the search)` : "") : "no study matches";
+  if (n) list.selectedIndex = 0;
+  updateRunButton();
+}
+
+function openStudy() {
+  const uid = $("#studies").value;
+  if (uid) startJob(`api/pacs/jobs?${jobParams({ study_uid: uid })}`, null, "asking the PACS");
 }
 
 function setJobState(value) {
@@ -502,6 +561,10 @@ function init() {
   });
   $("#wl-center").addEventListener("input", (e) => setWindow(Number(e.target.value), state.wl.width));
   $("#wl-width").addEventListener("input", (e) => setWindow(state.wl.center, Number(e.target.value)));
+  $("#pacs-search").addEventListener("submit", searchStudies);
+  $("#pacs-open").addEventListener("click", openStudy);
+  $("#studies").addEventListener("change", updateRunButton);
+  $("#studies").addEventListener("dblclick", openStudy);
   $("#wl-auto").addEventListener("click", autoWindow);
   $("#wl-full").addEventListener("click", () => setWindow(32768, 65536));
   $("#fit").addEventListener("click", fit);
