@@ -14,9 +14,14 @@ of ``--concurrency`` (1, 4), the same work two ways, on the same real LR crops (
   images go through as one batch, in calls of at most the pixels one served network call
   takes (the decoder's ``max_batch_pixels``), as the server's dynamic batcher would.
 
-The in-process side is the best single process, not a handicapped one: before the cases, a
-calibration times every candidate thread setting (intra-op threads 1 and all usable cores,
-idle threads spinning or not) on the same input, interleaved, and keeps the fastest.
+The in-process side is the best single process, not a handicapped one: before the server
+starts, a calibration times every candidate thread setting (intra-op threads 1 and all usable
+cores, idle threads spinning or not) on the same input, interleaved, and keeps the fastest
+(on a busy machine one thread can beat two). The served network models then get the same
+intra-op thread count (``--served-threads match``, through ``CXR_ORT_THREADS``), so the
+ratio measures what serving adds, not a thread setting; their idle threads never spin (the
+repository's ``intra_op_spinning``: three pools spinning on shared cores made serving ~1.5x
+slower).
 
 Rounds alternate served / in-process (``--rounds`` of each after ``--warmup``), so load from
 other processes hits both alike; each figure is the median over rounds. Per case:
@@ -66,6 +71,7 @@ DEFAULT_SIZES = (64, 128, 256)
 DEFAULT_CONCURRENCY = (1, 4)
 DEFAULT_PARAMETERS = {"steps": 1, "seed": 0}  # 1 step: the committed checkpoint's default
 TARGET_RATIO = 1.15
+THREADS_ENV = "CXR_ORT_THREADS"  # read by model_repository/onnx_python/model.py
 # the served network models' onnxruntime settings worth reporting (config parameters)
 THREAD_PARAMETERS = ("intra_op_threads", "intra_op_spinning", "ort_cpu_mem_arena")
 
@@ -237,26 +243,22 @@ def run_case(
 
 def run(
     url: str,
-    repository: Path,
+    inproc: InProcess,
     params: Mapping[str, Any],
     sizes: Sequence[int],
     concurrency: Sequence[int],
     *,
     rounds: int,
     warmup: int,
-    calibration_rounds: int,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Calibrate the in-process side, then every case; the report's payload."""
+    """Every case against the server at ``url``; the report's payload (sizes the server does
+    not take are skipped)."""
     low, high = served_sides(url)
     skipped = [s for s in sizes if not low <= s <= high]
     sizes = [s for s in sizes if low <= s <= high]
     if not sizes:
         raise RuntimeError(f"none of the sizes {skipped} is within the server's [{low}, {high}]")
-    cores = device_info()["usable_cores"] or 1
-    probe = lr_crops(min(sizes), 1, seed=seed)
-    inproc, calibration = calibrate(repository, params, probe, calibration_rounds, cores)
-    print(f"[bench] in-process: {inproc.label} (fastest of {len(calibration)})", flush=True)
     cases = []
     for side in sizes:
         for clients in concurrency:
@@ -267,14 +269,19 @@ def run(
                 f"{case['inprocess_ms']:.0f}, ratio {case['ratio']:.2f}",
                 flush=True,
             )
-    return {
-        "served_sides": [low, high],
-        "skipped_sizes": skipped,
-        "inprocess": {"threads": inproc.threads, "spinning": inproc.spinning},
-        "calibration": {"lr_side": min(sizes), "candidates": calibration},
-        "served_settings": served_thread_settings(repository),
-        "cases": cases,
-    }
+    return {"served_sides": [low, high], "skipped_sizes": skipped, "cases": cases}
+
+
+def served_threads(choice: str, inproc: InProcess) -> int | None:
+    """The intra-op threads the served network models get (``CXR_ORT_THREADS``, which they
+    read where their config sets no ``intra_op_threads``): ``match`` = the calibrated
+    in-process count, ``default`` = none given (the models' default: all cores), or a
+    number."""
+    if choice == "default":
+        return None
+    if choice == "match":
+        return inproc.threads
+    return int(choice)
 
 
 def case_rows(cases: Sequence[Mapping[str, Any]], target: float) -> list[list[Any]]:
@@ -337,6 +344,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--crop-seed", type=int, default=0, help="seed of the LR crops (default 0)")
     p.add_argument(
+        "--served-threads",
+        default="match",
+        help="intra-op threads of the served network models: 'match' the calibrated "
+        "in-process setting (default: the comparison then measures serving, not thread "
+        "tuning), 'default' (as the repository is configured: all cores), or a number",
+    )
+    p.add_argument(
         "--target",
         type=float,
         default=TARGET_RATIO,
@@ -351,6 +365,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or args.calibration_rounds < 1:
         p.error("--rounds >= 1, --warmup >= 0 and --calibration-rounds >= 1 are required")
+    if args.served_threads not in ("match", "default") and not args.served_threads.isdigit():
+        p.error(f"--served-threads must be match, default or a number, got {args.served_threads!r}")
     if not args.repository.is_dir():
         p.error(f"--repository {args.repository} is not a folder: run `make build` first")
     return args
@@ -360,15 +376,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     params = namespace_parameters(args)
     load_before = os.getloadavg()
-    kwargs = {
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "calibration_rounds": args.calibration_rounds,
-        "seed": args.crop_seed,
-    }
-    measure = (args.repository, params, args.sizes, args.concurrency)
+    cores = device_info()["usable_cores"] or 1
+    side = min(args.sizes)
     try:
+        # in-process first, with the machine to itself: the fastest thread setting
+        probe = lr_crops(side, 1, seed=args.crop_seed)
+        calibration = calibrate(args.repository, params, probe, args.calibration_rounds, cores)
+        inproc, candidates = calibration
+        print(f"[bench] in-process: {inproc.label} (fastest of {len(candidates)})", flush=True)
+        threads = served_threads(args.served_threads, inproc)
+        measure = (inproc, params, args.sizes, args.concurrency)
+        kwargs = {"rounds": args.rounds, "warmup": args.warmup, "seed": args.crop_seed}
         if args.url:
+            threads = None  # a running server keeps its own settings
             triton = server_version(args.url)
             report = run(args.url, *measure, **kwargs)
         else:
@@ -376,9 +396,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             log = args.out.with_name(args.out.stem + "_triton.log")
             log.parent.mkdir(parents=True, exist_ok=True)
-            with TritonServer(args.repository, log_file=log) as server:
-                triton = server_version(server.grpc_url)
-                report = run(server.grpc_url, *measure, **kwargs)
+            env_before = os.environ.get(THREADS_ENV)
+            if threads is not None:
+                os.environ[THREADS_ENV] = str(threads)  # the server's models inherit it
+            try:
+                with TritonServer(args.repository, log_file=log) as server:
+                    triton = server_version(server.grpc_url)
+                    report = run(server.grpc_url, *measure, **kwargs)
+            finally:
+                if env_before is None:
+                    os.environ.pop(THREADS_ENV, None)
+                else:
+                    os.environ[THREADS_ENV] = env_before
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -386,9 +415,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     device, versions = device_info(), software_versions(triton)
     cases = report["cases"]
+    served = served_thread_settings(args.repository)
     print()
     print(
-        f"{ENSEMBLE} served vs the same graphs in one process ({report['inprocess']}), "
+        f"{ENSEMBLE} served (intra-op threads {threads or 'as configured'}, idle threads "
+        f"not spinning) vs the same graphs in one process ({inproc.label}), "
         f"{', '.join(f'{k}={v}' for k, v in params.items())}; ms per image, median of "
         f"{args.rounds} interleaved rounds after {args.warmup} warm-up"
     )
@@ -411,6 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_average": {"before": list(load_before), "after": list(load_after)},
             "device": device,
             "versions": versions,
+            "inprocess": {"threads": inproc.threads, "spinning": inproc.spinning},
+            "calibration": {"lr_side": side, "candidates": candidates},
+            "served_settings": {"intra_op_threads_env": threads, "config": served},
             **report,
         },
     )

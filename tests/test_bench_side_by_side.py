@@ -24,21 +24,24 @@ def test_served_round_runs_clients_at_once_and_reports_failures():
 
 @pytest.mark.integration
 def test_side_by_side_cases_do_the_same_work(server, built_repository):
-    """Every (size, concurrency) case has both timings and their ratio; the served SR equals
-    the in-process SR (same graphs, inputs, schedule, seed): the comparison is like for like.
-    The calibration picked the fastest candidate thread setting."""
+    """The calibration keeps the fastest candidate thread setting; every (size, concurrency)
+    case has both timings and their ratio; the served SR equals the in-process SR (same
+    graphs, inputs, schedule, seed, per-request noise keys): the comparison is like for like."""
     repo, _ = built_repository
     params = {"steps": 2, "seed": 3, "sampler": "dpmpp"}
-    report = bench.run(
-        server.grpc_url,
-        repo,
-        params,
-        [16, 32, 512],
-        [1, 2],
-        rounds=1,
-        warmup=0,
-        calibration_rounds=1,
-    )
+    probe = np.random.default_rng(0).random((1, 1, 16, 16)).astype(np.float32)
+    inproc, candidates = bench.calibrate(repo, params, probe, rounds=1, cores=2)
+    best = min(candidates, key=lambda r: r["median_ms"])
+    assert (inproc.threads, inproc.spinning) == (best["threads"], best["spinning"])
+    assert {(r["threads"], r["spinning"]) for r in candidates} == {
+        (1, True),
+        (1, False),
+        (2, True),
+        (2, False),
+    }
+    assert bench.served_threads("match", inproc) == inproc.threads
+    assert bench.served_threads("default", inproc) is None
+    report = bench.run(server.grpc_url, inproc, params, [16, 32, 512], [1, 2], rounds=1, warmup=0)
     cases = report["cases"]
     assert [(c["lr_side"], c["concurrency"]) for c in cases] == [(16, 1), (16, 2), (32, 1), (32, 2)]
     assert report["skipped_sizes"] == [512]
@@ -47,11 +50,7 @@ def test_side_by_side_cases_do_the_same_work(server, built_repository):
         assert c["ratio"] == pytest.approx(c["served_ms"] / c["inprocess_ms"])
         assert c["mp_per_s"] == pytest.approx(c["output_mp"] / c["served_ms"] * 1e3)
         assert c["max_abs_diff"] < 1e-5
-    candidates = report["calibration"]["candidates"]
-    best = min(candidates, key=lambda r: r["median_ms"])
-    assert report["inprocess"] == {"threads": best["threads"], "spinning": best["spinning"]}
-    assert {r["spinning"] for r in candidates} == {True, False}
-    settings = report["served_settings"]
+    settings = bench.served_thread_settings(repo)
     assert settings["unet"]["intra_op_spinning"] == "false"  # what the builder writes
     json.dumps(report)
 
