@@ -222,9 +222,9 @@ def _uid(*parts: str) -> str:
     return generate_uid(entropy_srcs=["cxr-sr tests", *parts])
 
 
-def small_radiograph(path: Path, factor: int = 32) -> Path:
+def small_radiograph(path: Path, factor: int = 20) -> Path:
     """pydicom-data's RG1_UNCI.dcm (CR chest PA, 1955 x 1841, 15-bit MONOCHROME1) as a new
-    instance of its study, ``factor`` times smaller by block averaging (61 x 57 at 32), with
+    instance of its study, ``factor`` times smaller by block averaging (97 x 92 at 20), with
     Pixel Spacing and Imager Pixel Spacing (0.16 mm x ``factor``) set; its patient, study and
     display attributes are kept."""
     src = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"))

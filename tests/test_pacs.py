@@ -42,7 +42,7 @@ def _no_pacs_env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """A small CR chest radiograph (61x57) and a CT slice of the same study, as files."""
+    """A small CR chest radiograph (97x92) and a CT slice of the same study, as files."""
     folder = tmp_path_factory.mktemp("study")
     rg = small_radiograph(folder / "rg.dcm")
     ct = ct_slice(folder / "ct.dcm", rg)
@@ -196,7 +196,7 @@ def test_dicomweb_round_trip(orthanc, server, study, tmp_path, monkeypatch, caps
     rows = {Path(r["input"]).stem: r for r in study_report["rows"]}
     assert study_report["summary"] == {"done": 1, "failed": 0, "skipped": 1, "pending": 0}
     cr, ct_row = rows[rg.SOPInstanceUID], rows[ct.SOPInstanceUID]
-    assert cr["status"] == "done" and cr["out_size"] == "244x228"
+    assert cr["status"] == "done" and cr["out_size"] == "388x368"
     assert cr["delivered_to"] == [f"dicomweb:{orthanc.dicomweb_url}"]
     assert cr["weights_sha256"] and cr["model_version"]
     assert ct_row["status"] == "skipped" and "modality CT" in ct_row["error"]
