@@ -423,6 +423,10 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert "not a built repository" in capsys.readouterr().err
     assert cli.main(["--url", f"10.0.0.1:{port}", "--serve-repository", str(tmp_path)]) == 2
     assert "on this machine" in capsys.readouterr().err
+    assert cli.main(["--dicomweb-url", "pacs.example.org/dicom-web"]) == 2
+    assert "DICOMweb URL must be http(s)://" in capsys.readouterr().err
+    assert cli.main(["--dicomweb-url", "http://pacs/dw", "--credentials-file", "nope.json"]) == 2
+    assert "credentials file nope.json: cannot read it" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--steps", "0"])
     assert "'steps'" in capsys.readouterr().err

@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Any
 import pydicom
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -51,6 +53,8 @@ from cxr_sr.client.triton import (
     sampling_parameters,
 )
 from cxr_sr.client.viewer.jobs import DONE, KINDS, MODES, UPSCALE, Job, JobStore
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 PAGE_FIELDS = ("steps", "seed")  # the sampling controls the page offers
@@ -224,15 +228,18 @@ def create_app(config: ViewerConfig | None = None) -> Starlette:
         suffix = Path(name).suffix.lower()
         path = folder / ("upload" + (suffix if suffix in KNOWN_SUFFIXES else ""))
         size = 0
-        with open(path, "wb") as f:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    break
-                f.write(chunk)
+        try:
+            with open(path, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        break
+                    f.write(chunk)
+        except ClientDisconnect:
+            shutil.rmtree(folder, ignore_errors=True)
+            return _error(400, f"the upload of {name} was interrupted")
         if size > limit or size == 0:
-            path.unlink(missing_ok=True)
-            folder.rmdir()
+            shutil.rmtree(folder, ignore_errors=True)
             return _error(413, too_big) if size else _error(400, f"{name} is empty")
         job = store.submit(Job(name=name, mode=mode, path=path, sampling=sampling))
         return JSONResponse(job.summary(), status_code=202)
@@ -298,6 +305,9 @@ def create_app(config: ViewerConfig | None = None) -> Starlette:
             name, data = await run_in_threadpool(_derived, job)
         except ValueError as e:
             return _error(422, f"cannot derive a DICOM from {job.name}: {e}")
+        except Exception:  # a message, never a traceback; the details go to the log
+            log.exception("derived DICOM of job %s (%s)", job.id, job.name)
+            return _error(500, f"could not derive a DICOM from {job.name} (see the viewer's log)")
         return Response(
             data,
             media_type="application/dicom",

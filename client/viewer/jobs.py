@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from PIL import Image
 
 from cxr_sr.client.io import is_dicom, read_image
 from cxr_sr.client.metrics import lr_psnr, psnr, ssim
@@ -137,6 +139,37 @@ class JobStopped(Exception):  # noqa: N818 (a signal, not an error)
     """The viewer is stopping: the job ends after the tile in flight."""
 
 
+def header_size(path: Path) -> tuple[int, int] | None:
+    """An image file's ``(H, W)`` from its header, without decoding the pixels; None when the
+    header does not say (``read_image`` will then report what is wrong with the file).
+
+    Raises ``ValueError`` for an image Pillow refuses to open as a decompression bomb."""
+    try:
+        if is_dicom(path):
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            return int(ds.Rows), int(ds.Columns)
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {e}") from None
+    except Exception:  # anything unreadable: read_image says why, with the file's name
+        return None
+
+
+def _check_output(job: Job, h: int, w: int, max_output_pixels: int) -> None:
+    """ValueError unless an ``h`` x ``w`` input gives an SR within the limit in the job's
+    mode (upscale: the input is the LR; native: the input is the HR, cropped to 4)."""
+    lr_h, lr_w = (h, w) if job.mode == UPSCALE else (h // SCALE, w // SCALE)
+    out_pixels = SCALE * SCALE * lr_h * lr_w
+    if out_pixels > max_output_pixels:
+        raise ValueError(
+            f"{job.name}: a {lr_h}x{lr_w} LR gives a {SCALE * lr_h}x{SCALE * lr_w} SR "
+            f"({out_pixels / 1e6:.1f} MP), over this viewer's limit of "
+            f"{max_output_pixels / 1e6:.1f} MP (--max-output-mp)"
+            + ("; 'score on this image' works at its own size" if job.mode == UPSCALE else "")
+        )
+
+
 def _readable(error: Exception, job: Job) -> str:
     """The error's message with the upload's temporary path replaced by the file's name."""
     return str(error).replace(str(job.path), job.name)
@@ -161,21 +194,17 @@ def run_job(
     job.state = RUNNING
     try:
         job.stage = "reading the file"
+        size = header_size(job.path)
+        if size is not None:  # refuse before decoding what would not fit
+            _check_output(job, *size, max_output_pixels)
         image = read_image(job.path)
         job.input_size = (int(image.shape[0]), int(image.shape[1]))
+        _check_output(job, *job.input_size, max_output_pixels)
         if job.mode == NATIVE:
             hr, lr = native_pair(image)
         else:
             hr, lr = None, image
         h, w = lr.shape
-        out_pixels = SCALE * SCALE * h * w
-        if out_pixels > max_output_pixels:
-            raise ValueError(
-                f"{job.name}: a {h}x{w} LR gives a {SCALE * h}x{SCALE * w} SR "
-                f"({out_pixels / 1e6:.1f} MP), over this viewer's limit of "
-                f"{max_output_pixels / 1e6:.1f} MP (--max-output-mp)"
-                + ("; 'score on this image' works at its own size" if job.mode == UPSCALE else "")
-            )
         job.stage = "bicubic"
         bicubic = bicubic_baseline(lr)
         job.total = len(client.tile_plan(h, w, tile=tile))
@@ -217,8 +246,8 @@ def run_job(
 
 
 class JobStore:
-    """The viewer's jobs: one worker thread runs them in order; the newest
-    :data:`KEEP_JOBS` are kept (with their upload folders), older ones are deleted.
+    """The viewer's jobs: one worker thread runs them in order; beyond :data:`KEEP_JOBS`,
+    the oldest finished ones are deleted with their upload folders.
 
     ``client_factory()`` makes the ``SRClient`` a job uses, in the worker thread
     (tritonclient's HTTP client is not shared across threads); ``tile``: the LR tile side
@@ -252,8 +281,9 @@ class JobStore:
     def submit(self, job: Job) -> Job:
         with self._lock:
             self._jobs[job.id] = job
-            while len(self._jobs) > self.keep:
-                _, old = self._jobs.popitem(last=False)
+            finished = [j for j in self._jobs.values() if j.state in (DONE, FAILED)]
+            for old in finished[: max(0, len(self._jobs) - self.keep)]:  # oldest first
+                del self._jobs[old.id]
                 shutil.rmtree(old.folder, ignore_errors=True)
         self._worker.submit(self._run, job)
         return job
@@ -266,6 +296,11 @@ class JobStore:
             client = self.client_factory()
         except ValueError as e:  # the PACS had no image for us, or a bad --url / --protocol
             job.state, job.stage, job.message = FAILED, "failed", str(e)
+            return
+        except Exception:  # a job must end, or the page would wait for it forever
+            log.exception("job %s (%s) failed", job.id, job.name)
+            job.state, job.stage = FAILED, "failed"
+            job.message = "Unexpected error in the viewer; the details are in its log."
             return
         with client:
             run_job(job, client, self.max_output_pixels, self._stopping.is_set, self.tile)
