@@ -28,7 +28,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -144,27 +146,41 @@ def _with_meta(ds: Dataset) -> Dataset:
     return ds
 
 
+def _header(item: Dataset | str | os.PathLike) -> tuple[str, str, str]:
+    """(SOP class, SOP instance UID, transfer syntax) of a dataset or a DICOM file (read
+    without its pixel data)."""
+    if isinstance(item, Dataset):
+        return str(item.SOPClassUID), str(item.SOPInstanceUID), _transfer_syntax(item)
+    try:
+        ds = dcmread(item, stop_before_pixels=True)
+        return str(ds.SOPClassUID), str(ds.SOPInstanceUID), _transfer_syntax(ds)
+    except (InvalidDicomError, OSError, AttributeError) as e:
+        raise ValueError(f"{item}: not a DICOM instance that can be sent ({e})") from None
+
+
 def send(
-    datasets: Sequence[Dataset],
+    items: Sequence[Dataset | str | os.PathLike],
     peer: Peer,
     *,
     calling_ae: str = DEFAULT_AE_TITLE,
     timeout_s: float = 60.0,
 ) -> int:
-    """C-STORE every dataset to ``peer`` over one association; returns how many were stored.
+    """C-STORE every dataset (or DICOM file: read one at a time while sending, so memory
+    holds one instance) to ``peer`` over one association; returns how many were stored.
 
-    The association proposes each (SOP class, transfer syntax) the datasets use, plus the
-    uncompressed syntaxes. Raises :class:`PacsUnreachableError` when no association can be
-    made and :class:`PacsError` naming each instance the peer refused (warnings are logged
-    and count as stored).
+    The association proposes each (SOP class, transfer syntax) the instances use, plus the
+    uncompressed syntaxes. Raises ``ValueError`` for a file that is not a DICOM instance,
+    :class:`PacsUnreachableError` when no association can be made and :class:`PacsError`
+    naming each instance the peer refused (warnings are logged and count as stored).
     """
-    datasets = [_with_meta(ds) for ds in datasets]
-    if not datasets:
+    items = [_with_meta(x) if isinstance(x, Dataset) else x for x in items]
+    if not items:
         return 0
+    headers = [_header(x) for x in items]
     ae = _ae(calling_ae, timeout_s)
     syntaxes: dict[str, set[str]] = {}
-    for ds in datasets:
-        syntaxes.setdefault(str(ds.SOPClassUID), set()).add(_transfer_syntax(ds))
+    for sop_class, _, syntax in headers:
+        syntaxes.setdefault(sop_class, set()).add(syntax)
     if len(syntaxes) > 127:
         raise ValueError(f"{len(syntaxes)} SOP classes in one send: at most 127 per association")
     for sop_class, used in syntaxes.items():
@@ -173,10 +189,9 @@ def send(
     assoc = _associate(ae, peer)
     failed: list[str] = []
     try:
-        for ds in datasets:
-            uid = str(ds.SOPInstanceUID)
+        for item, (_, uid, _) in zip(items, headers, strict=True):
             try:
-                status = assoc.send_c_store(ds)
+                status = assoc.send_c_store(item)
             except ValueError as e:  # no accepted presentation context for this dataset
                 failed.append(f"{uid} ({e})")
                 continue
@@ -192,7 +207,7 @@ def send(
             assoc.release()
     if failed:
         raise PacsError(f"DICOM {peer}: C-STORE refused {len(failed)}: {'; '.join(failed)}")
-    return len(datasets)
+    return len(items)
 
 
 def spool_name(sop_instance_uid: str) -> str:

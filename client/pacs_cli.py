@@ -26,8 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pydicom
-
 from cxr_sr.client.batch import DONE
 from cxr_sr.client.dicom import safe_name
 from cxr_sr.client.dimse import DEFAULT_AE_TITLE, Peer, echo, send
@@ -292,12 +290,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         files = [f for f in iter_inputs(args.inputs) if is_dicom(f)]
         if not files:
             raise ValueError("no DICOM files in the inputs")
-        datasets = [pydicom.dcmread(f) for f in files]
-    except (ValueError, OSError) as e:
+    except ValueError as e:
         _error(str(e))
         return EXIT_USAGE
     try:
-        n = send(datasets, peer, calling_ae=args.calling_ae)
+        n = send(files, peer, calling_ae=args.calling_ae)
+    except ValueError as e:
+        _error(str(e))
+        return EXIT_INPUT_FAILED
     except PacsUnreachableError as e:
         _error(str(e))
         return EXIT_UNREACHABLE
