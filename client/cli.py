@@ -280,12 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def commands(parser: argparse.ArgumentParser) -> set[str]:
-    """The command names ``parser`` knows."""
+def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The commands ``parser`` knows, by name."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return set(action.choices)
-    return set()
+            return dict(action.choices)
+    return {}
+
+
+def upscale_parser() -> argparse.ArgumentParser:
+    """The ``upscale`` command's own parser (inputs, --out, servers, sampling flags ...)."""
+    return commands(build_parser())[UPSCALE]
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse a command line, ``upscale`` inserted when the first argument is no command."""
+    argv = list(argv)
+    parser = build_parser()
+    if not argv or (argv[0] not in commands(parser) and argv[0] not in ("-h", "--help")):
+        argv = [UPSCALE, *argv]
+    return parser.parse_args(argv)
 
 
 def _mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -370,11 +384,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cxr-sr`` console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if not argv or (argv[0] not in commands(parser) and argv[0] not in ("-h", "--help")):
-        argv = [UPSCALE, *argv]
-    args = parser.parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ import pytest
 from benchmarks.perf import PerfSettings, perf_command
 from benchmarks.perf import parse_args as perf_parse_args
 from cxr_sr import SamplingOptions, Schedule, serving
-from cxr_sr.client.cli import build_parser
+from cxr_sr.client.cli import upscale_parser
 from cxr_sr.client.triton import SRClient, sampling_parameters
 from cxr_sr.sampling import OPTION_PARAMS, ORIGIN_PARAMS, REQUEST_PARAMS, SEED, Param
 from cxr_sr.serving import (
@@ -250,14 +250,14 @@ def _sampling_flags(parser) -> dict[str, object]:
 
 def test_cli_flags_are_the_schema_keys():
     """One flag per key a person sets; the tile origin is set by tiling code, not a flag."""
-    flags = _sampling_flags(build_parser())
+    flags = _sampling_flags(upscale_parser())
     assert tuple(flags) == tuple(p.name for p in FLAG_PARAMS)
     assert not any(p.flag for p in ORIGIN_PARAMS)
     for p in FLAG_PARAMS:
         action = flags[p.name]
         assert action.option_strings == [f"--{p.name.replace('_', '-')}"]
         assert p.help in action.help and action.default is None
-    args = build_parser().parse_args(
+    args = upscale_parser().parse_args(
         ["x.png", "--out", "o", "--spacing", "leading", "--eta", "0.5", "--seed", "3"]
     )
     assert namespace_parameters(args) == {"spacing": "leading", "eta": 0.5, "seed": 3}
@@ -265,7 +265,7 @@ def test_cli_flags_are_the_schema_keys():
 
 def test_cli_rejects_a_bad_value_with_the_schema_message(capsys):
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["x.png", "--out", "o", "--strength", "0"])
+        upscale_parser().parse_args(["x.png", "--out", "o", "--strength", "0"])
     assert "'strength' must be a number in (0, 1]" in capsys.readouterr().err
 
 
