@@ -187,6 +187,7 @@ def test_dicomweb_round_trip(orthanc, server, study, tmp_path, monkeypatch, caps
     argv = [
         "pacs", "run", "--dicomweb", orthanc.dicomweb_url, "--study-uid", rg.StudyInstanceUID,
         "--url", server.http_url, *SAMPLING, "--json", str(report), "--quiet",
+        "--out", str(tmp_path / "run"),
     ]  # fmt: skip
     assert pacs_cli.main(argv) == EXIT_OK
     out = capsys.readouterr()
@@ -217,7 +218,11 @@ def test_dicomweb_round_trip(orthanc, server, study, tmp_path, monkeypatch, caps
     assert sorted(i["SOPInstanceUID"] for i in again) == sorted(i["SOPInstanceUID"] for i in stored)
 
     basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    for text in (out.out, out.err, out2.out, out2.err, report.read_text(), caplog.text):
+    files = [report, *(tmp_path / "run").rglob("report.*"), *(tmp_path / "run").rglob("*.sqlite")]
+    texts = [out.out, out.err, out2.out, out2.err, caplog.text]
+    texts += [f.read_bytes().decode("latin-1") for f in files]
+    assert len(files) == 4
+    for text in texts:
         assert PASSWORD not in text and basic not in text
     assert PASSWORD not in " ".join(argv)
 
