@@ -821,7 +821,7 @@ def run_batch(
         try:
             extra = {
                 "server": {"urls": pool.urls, "protocol": protocol, "model": model},
-                "mode": mode,
+                "mode": {"name": mode},
                 "sampling": settings.sampling,
                 **(report_extra or {}),
             }
