@@ -95,6 +95,13 @@ def _pixel(driver: webdriver.Chrome, selector: str, fx: float, fy: float) -> int
     )
 
 
+def _drawn(driver: webdriver.Chrome) -> None:
+    """Wait two animation frames: the page draws (and re-windows) on the next frame."""
+    driver.execute_async_script(
+        "const done = arguments[0]; requestAnimationFrame(() => requestAnimationFrame(done));"
+    )
+
+
 def _column(driver: webdriver.Chrome, selector: str, fx: float) -> list[int]:
     """Gray values down one column of a canvas (every 8th row)."""
     return driver.execute_script(
@@ -234,8 +241,10 @@ def test_browser_compares_lr_bicubic_sr_of_the_radiograph(viewer, browser, radio
 
     # split slider: compare LR (nearest) with SR, then drag the handle left
     d.find_element(By.CSS_SELECTOR, "#left option[value=lr]").click()
+    _drawn(d)
     before = _column(d, "#split", 0.4)
     assert drag_split(d, -250) < 0.4
+    _drawn(d)
     after = _column(d, "#split", 0.4)
     assert before != after  # x = 0.4 now shows the SR instead of the LR
     assert d.find_element(By.ID, "tag-left").text == "LR"
@@ -246,19 +255,19 @@ def test_browser_compares_lr_bicubic_sr_of_the_radiograph(viewer, browser, radio
     canvas = d.find_element(By.CSS_SELECTOR, "#split canvas")
     drag = ActionChains(d).key_down(Keys.SHIFT).click_and_hold(canvas).move_by_offset(-120, 80)
     drag.release().key_up(Keys.SHIFT).perform()
-    time.sleep(0.3)
+    _drawn(d)
     assert d.execute_script("return document.body.dataset.window") != window
     assert _pixel(d, ".panel[data-kind=sr]", 0.5, 0.5) != centre
     window = d.execute_script("return document.body.dataset.window")
     d.find_element(By.ID, "wl-width").send_keys(Keys.PAGE_UP * 3)
-    time.sleep(0.3)
+    _drawn(d)
     assert d.execute_script("return document.body.dataset.window") != window
 
     # zoom (wheel) is shared by every viewport
     before_zoom = float(d.find_element(By.ID, "split").get_attribute("data-zoom"))
     panel = _column(d, ".panel[data-kind=bicubic]", 0.3)
     wheel_zoom(d, 4)
-    time.sleep(0.3)
+    _drawn(d)
     assert float(d.find_element(By.ID, "split").get_attribute("data-zoom")) > 1.5 * before_zoom
     assert _column(d, ".panel[data-kind=bicubic]", 0.3) != panel
     d.save_screenshot(str(SHOTS / "viewer_test_compare.png"))
