@@ -20,8 +20,10 @@ error, attempts, timings, report row and the identity of the model that made it.
   HTTP 502/503/504, gRPC UNAVAILABLE) with exponential backoff and jitter, a failing server
   set aside for the backoff; a refused request (400) is the input's failure, never retried;
 - when no server answers after the retries the run stops (exit code 3), its manifest
-  intact; when the output disk is full (ENOSPC, EDQUOT, EFBIG) the run stops with one line
-  saying so (exit code 1), and a re-run once space is back finishes the job;
+  intact; a server that comes back from a restart serving another model stops it too (exit
+  code 2: its results would not be of one model); when the output disk is full (ENOSPC,
+  EDQUOT, EFBIG) the run stops with one line saying so (exit code 1), and a re-run once
+  space is back finishes the job;
 - one run per output folder at a time (a lock file); a second is refused (exit code 2);
 - bad inputs (corrupt, truncated, empty, unreadable, not an image, no pixel data, a header
   claiming more than ``max_pixels`` pixels: refused before decoding, a DICOM outside the
@@ -130,6 +132,10 @@ class DiskFullError(OSError):
 
 class UnreachableError(RuntimeError):
     """No server answered, after the retries."""
+
+
+class ModelChangedError(RuntimeError):
+    """A server came back (after a restart) serving another model than the run started with."""
 
 
 class ManifestMismatchError(ValueError):
@@ -439,9 +445,16 @@ class Worker:
         for attempt in range(s.retries + 1):
             url = self.pool.acquire()
             try:
-                sr = self.pool.client(url).upscale(
+                client = self.pool.client(url)
+                sr = client.upscale(
                     lr, overlap=s.overlap, tile=s.tile, progress=progress, **s.sampling
                 )
+                if attempt and client.model_identity() != self.model:  # restarted: same model?
+                    raise ModelChangedError(
+                        f"{url} came back serving {client.model_identity().short()}, not "
+                        f"{self.model.short()} this run started with; re-run with "
+                        "--on-change redo to make every result with one model"
+                    )
                 return sr, url, attempt
             except SRServerError as e:
                 if not e.transient:
@@ -810,8 +823,10 @@ def run_batch(
             for p, r in problems
         ]
         exit_code = EXIT_OK
-        if stop is not None and isinstance(stop, UnreachableError):
+        if isinstance(stop, UnreachableError):
             exit_code = EXIT_UNREACHABLE
+        elif isinstance(stop, ModelChangedError):
+            exit_code = EXIT_USAGE
         elif stop is not None or any(r["status"] in (FAILED, PENDING) for r in rows):
             exit_code = EXIT_INPUT_FAILED
         report = Report(
@@ -940,7 +955,7 @@ def _record(
         manifest.finish(key, SKIPPED, error=str(e), model=worker.model)
         say(f"skipped: {key}: {e}")
         return None
-    except (DiskFullError, UnreachableError) as e:
+    except (DiskFullError, UnreachableError, ModelChangedError) as e:
         manifest.release(key)
         return e
     except (ValueError, SRServerError) as e:

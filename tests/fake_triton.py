@@ -4,7 +4,8 @@ tritonserver cannot show: what a client put on the wire, and faults on demand.
 Its "model" is bicubic upsampling (``cxr_sr.imaging.bicubic_baseline``), any LR side within
 ``[min_side, max_side]``. Faults: the first ``unavailable`` inference requests get HTTP 503,
 the next ``resets`` have their connection closed without an answer (a reset, as a
-restarting server gives), and a request with ``steps == 999`` gets a 400. Every inference
+restarting server gives), ``config_after_503`` replaces the config at a 503 (a server
+restarted with another model), and a request with ``steps == 999`` gets a 400. Every inference
 request is logged in ``requests`` (batch, shape, parameters, status).
 """
 
@@ -115,8 +116,10 @@ class FakeTriton:
         unavailable: int = 0,
         resets: int = 0,
         delay_s: float = 0.0,
+        config_after_503: dict | None = None,
     ) -> None:
         self.config = config or model_config()
+        self.config_after_503 = config_after_503  # as a server restarted with another model
         self.unavailable, self.resets, self.delay_s = unavailable, resets, delay_s
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
@@ -130,6 +133,8 @@ class FakeTriton:
         with self._lock:
             if self.unavailable > 0:
                 self.unavailable -= 1
+                if self.config_after_503 is not None:
+                    self.config = self.config_after_503
                 return 503
             if self.resets > 0:
                 self.resets -= 1

@@ -217,3 +217,19 @@ def test_one_run_per_output_folder(tmp_path: Path) -> None:
         assert not f.requests
         fcntl.flock(held, fcntl.LOCK_UN)
         assert run_batch([tmp_path / "in"], out, [f.url], **FAST).exit_code == EXIT_OK
+
+
+def test_a_server_back_with_another_model_stops_the_run(tmp_path: Path) -> None:
+    _inputs(tmp_path / "in", 2)
+    old = ModelIdentity("nih", "0.1.0", "a" * 64)
+    new = ModelIdentity("nih", "0.1.0", "b" * 64)
+    with FakeTriton(
+        model_config(identity=old.parameters()),
+        unavailable=1,
+        config_after_503=model_config(identity=new.parameters()),
+    ) as f:
+        report = run_batch([tmp_path / "in"], tmp_path / "out", [f.url], **FAST)
+    assert report.exit_code == EXIT_USAGE
+    assert new.short() in report.message and "--on-change redo" in report.message
+    assert [r["status"] for r in report.rows] == ["pending", "pending"]  # nothing mixed
+    assert not list((tmp_path / "out").glob("*_sr.png"))
