@@ -310,6 +310,7 @@ def test_browser_refuses_to_upscale_the_whole_radiograph(viewer, browser):
     assert "'score on this image' works at its own size" in message
 
 
+@pytest.mark.slow
 def test_server_down_and_limits(browser, radiograph, tmp_path):
     """A viewer whose Triton is not running says so in the page and on each job; uploads
     over the size limit and images over the output limit are refused with a message."""
