@@ -425,6 +425,14 @@ def test_run_job_messages(tmp_path, radiograph):
         assert job.input_size == (488, 460)
 
 
+def test_job_summary_is_strict_json(radiograph):
+    """A flat image's bicubic is exact (infinite PSNR): the summary stays valid JSON."""
+    job = Job(name="flat.png", mode=NATIVE, path=radiograph, sampling={})
+    job.metrics = {"psnr_sr": 41.5, "psnr_bicubic": float("inf"), "ssim_sr": None}
+    summary = json.loads(json.dumps(job.summary(), allow_nan=False))
+    assert summary["metrics"] == {"psnr_sr": 41.5, "psnr_bicubic": "inf", "ssim_sr": None}
+
+
 def test_cli_usage_errors(tmp_path, capsys):
     assert cli.main(["--url", "nohost", "--serve-repository", str(tmp_path)]) == 2
     assert "host:port" in capsys.readouterr().err

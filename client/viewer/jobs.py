@@ -17,6 +17,7 @@ as ``uint16`` pixels for the page to window itself. :class:`JobStore` keeps the 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import threading
 import time
@@ -127,7 +128,7 @@ class Job:
             "progress": {"done": self.done, "total": self.total},
             "input_size": self.input_size,
             "sizes": {k: list(v.shape) for k, v in self.pixels.items()},
-            "metrics": self.metrics,
+            "metrics": _json_metrics(self.metrics),
             "seconds": self.seconds,
             "sampling": self.sampling,
             "model": None if self.model is None else self.model.short(),
@@ -168,6 +169,14 @@ def _check_output(job: Job, h: int, w: int, max_output_pixels: int) -> None:
             f"{max_output_pixels / 1e6:.1f} MP (--max-output-mp)"
             + ("; 'score on this image' works at its own size" if job.mode == UPSCALE else "")
         )
+
+
+def _json_metrics(metrics: dict[str, float | None] | None) -> dict[str, Any] | None:
+    """Metrics as strict JSON: an infinite PSNR (identical images, e.g. a flat upload's
+    bicubic) becomes the string "inf"."""
+    if metrics is None:
+        return None
+    return {k: "inf" if v is not None and math.isinf(v) else v for k, v in metrics.items()}
 
 
 def _readable(error: Exception, job: Job) -> str:

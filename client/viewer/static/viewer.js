@@ -276,6 +276,7 @@ async function loadImages(job) {
 }
 
 function fmt(v, digits) {
+  if (v === "inf") return "\u221e"; // identical images
   return v === null || v === undefined ? "-" : v.toFixed(digits);
 }
 
