@@ -102,6 +102,8 @@ class TritonPythonModel:
                     for s in row_chunks(len(merged[0]), pixels, self.max_pixels)
                 ]
             )
+            if out.is_cuda:  # Triton reads the memory from another stream and process
+                torch.cuda.current_stream(out.device).synchronize()
         except Exception as err:  # answer every request rather than failing the batch
             for i, _ in batch:
                 responses[i] = _error(f"torch failed: {err}", pb_utils.TritonError.INTERNAL)

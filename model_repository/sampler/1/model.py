@@ -222,7 +222,10 @@ class _Arrays:
     def tensor(self, name, x):
         if self.torch is None:
             return pb_utils.Tensor(name, np.ascontiguousarray(x))
-        return pb_utils.Tensor.from_dlpack(name, self.torch.utils.dlpack.to_dlpack(x.contiguous()))
+        x = x.contiguous()
+        if x.is_cuda:  # the next model reads it from another stream and process
+            self.torch.cuda.current_stream(x.device).synchronize()
+        return pb_utils.Tensor.from_dlpack(name, self.torch.utils.dlpack.to_dlpack(x))
 
     def cat(self, parts):
         if len(parts) == 1:
