@@ -141,6 +141,8 @@ def test_node_resumes_the_spool_of_a_killed_node(orthanc, server, study, tmp_pat
     spool = tmp_path / "spool"
     (spool / "incoming").mkdir(parents=True)
     shutil.copy(study / "rg.dcm", spool / "incoming" / f"{rg.SOPInstanceUID}.dcm")
+    broken = spool / "incoming" / "1.2.3.4.dcm"  # a truncated file: kept for the operator
+    broken.write_bytes((study / "rg.dcm").read_bytes()[:1000])
     env = {**os.environ, ENV_USER: USER, ENV_PASSWORD: PASSWORD}
     node = Listener(spool, orthanc, server, dest=f"dicomweb:{orthanc.dicomweb_url}", env=env)
     try:
@@ -149,9 +151,10 @@ def test_node_resumes_the_spool_of_a_killed_node(orthanc, server, study, tmp_pat
         _check_derived_in_orthanc(orthanc, server, rg, stored)
     finally:
         assert node.stop() == 0
-    assert "resuming 1 spooled instance(s)" in node.text()
+    assert "resuming 2 spooled instance(s)" in node.text()
     assert PASSWORD not in node.text()
     assert not list((spool / "incoming").iterdir())
+    assert (spool / "failed" / broken.name).is_file() and "kept 1.2.3.4.dcm" in node.text()
 
 
 def test_node_keeps_the_spool_while_the_destination_is_down(orthanc, server, study, tmp_path):
