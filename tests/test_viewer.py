@@ -237,6 +237,8 @@ def test_browser_compares_lr_bicubic_sr_of_the_radiograph(viewer, browser, radio
     assert shown["psnr-bicubic"] == pytest.approx(psnr(bic, hr), abs=0.006)
     assert shown["psnr-sr"] == pytest.approx(psnr(sr, hr), abs=0.006)
     assert float(d.find_element(By.ID, "ssim-sr").text) == pytest.approx(ssim(sr, hr), abs=6e-5)
+    delta = float(d.find_element(By.ID, "psnr-delta").text)
+    assert delta == pytest.approx(psnr(sr, hr) - psnr(bic, hr), abs=0.006)
     assert "native protocol" in d.find_element(By.ID, "protocol").text
 
     # split slider: compare LR (nearest) with SR, then drag the handle left

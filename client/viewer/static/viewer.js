@@ -282,10 +282,16 @@ function fmt(v, digits) {
 
 function showResults(job) {
   const m = job.metrics || {};
-  for (const who of ["sr", "bicubic"]) {
-    $(`#psnr-${who}`).textContent = fmt(m[`psnr_${who}`], 2);
-    $(`#ssim-${who}`).textContent = fmt(m[`ssim_${who}`], 4);
-    $(`#lr-psnr-${who}`).textContent = fmt(m[`lr_psnr_${who}`], 2);
+  const delta = (key) => {
+    const a = m[`${key}_sr`];
+    const b = m[`${key}_bicubic`];
+    return typeof a === "number" && typeof b === "number" ? a - b : null;
+  };
+  const signed = (v, digits) => (v === null ? "-" : (v >= 0 ? "+" : "") + v.toFixed(digits));
+  for (const [key, id, digits] of [["psnr", "psnr", 2], ["ssim", "ssim", 4], ["lr_psnr", "lr-psnr", 2]]) {
+    $(`#${id}-sr`).textContent = fmt(m[`${key}_sr`], digits);
+    $(`#${id}-bicubic`).textContent = fmt(m[`${key}_bicubic`], digits);
+    $(`#${id}-delta`).textContent = signed(delta(key), digits);
   }
   $("#protocol").textContent = job.mode_text;
   const tiles = job.progress.total > 1 ? `${job.progress.total} tiles, ` : "";
