@@ -908,6 +908,7 @@ def _run(
         disable=bar_disable,
     )
     stop: BaseException | None = None
+    tally: dict[str, int] = {}  # states of this run's finished jobs, on the progress bar
     running: dict[Future, str] = {}
     it = iter(todo)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="cxr-sr") as ex:
@@ -929,6 +930,8 @@ def _run(
                     if why is not None and stop is None:
                         stop = why
                         say(f"cxr-sr: {_stop_message(why, worker.out)}")
+                    tally[manifest.state(key)] = tally.get(manifest.state(key), 0) + 1
+                    bar.set_postfix_str(", ".join(f"{n} {s}" for s, n in tally.items()))
                     bar.update(1)
         except KeyboardInterrupt as e:
             stop = e
