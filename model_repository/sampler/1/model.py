@@ -217,7 +217,10 @@ class _Arrays:
                         "the GPU; copying it (once per tensor from now on)"
                     )
             return self.torch.from_numpy(tensor.as_numpy()).to(self.device)
-        return self.torch.from_dlpack(tensor.to_dlpack()).clone()
+        x = self.torch.from_dlpack(tensor.to_dlpack()).clone()
+        if x.is_cuda:  # the copy is queued: finish it before Triton frees the source
+            self.torch.cuda.current_stream(x.device).synchronize()
+        return x
 
     def tensor(self, name, x):
         if self.torch is None:
