@@ -11,8 +11,11 @@ instance). Writes ``outputs/soak.json`` and prints a table:
 
 - failed requests: the server's failure count for ``cxr_sr`` over the run (statistics API),
   plus perf_analyzer's exit status;
-- memory growth after warm-up per process, as a fraction: (peak RSS after the first
-  ``--warmup-s`` seconds - peak RSS during them) / peak RSS during them. 0.05 = 5%.
+- memory growth after warm-up per process, as a fraction: (peak RSS after the warm-up -
+  peak RSS until then) / peak RSS until then. 0.05 = 5%. The warm-up is a priming round
+  (``--concurrency`` requests of the largest size at once: the largest tensors in flight, so
+  Triton's buffers and the Python backend's shared-memory pool reach their working size),
+  then the first ``--warmup-s`` seconds of the load.
 
 Target (exit code 0): no failed request and every process's growth <= ``--max-growth``.
 """
@@ -29,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import tritonclient.grpc as grpcclient
 
@@ -156,6 +160,31 @@ def succeeded_count(url: str, model: str = MODEL) -> int | None:
     return sum(int(m["inference_stats"]["success"].get("count", 0)) for m in stats["model_stats"])
 
 
+def prime(url: str, lr: np.ndarray, parameters: dict[str, Any]) -> None:
+    """All of ``lr`` [N, 1, H, W] at once, one image per request: the largest tensors at the
+    full concurrency, so that every pool (Triton's and the Python backend's shared memory,
+    allocator caches) reaches its working size before memory is measured. RuntimeError on a
+    failed request."""
+    client = grpcclient.InferenceServerClient(url)
+    done = threading.Semaphore(0)
+    errors: list[str] = []
+
+    def finished(result, error) -> None:
+        if error is not None:
+            errors.append(str(error))
+        done.release()
+
+    for x in lr:
+        request = grpcclient.InferInput("LR", [1, *x.shape], "FP32")
+        request.set_data_from_numpy(x[None])
+        client.async_infer(MODEL, [request], finished, parameters=parameters)
+    for _ in lr:
+        done.acquire()
+    client.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} priming requests failed: {errors[0]}")
+
+
 def run_perf(
     url: str,
     data: Path,
@@ -232,6 +261,8 @@ def soak(
             sampler.start()
             t1 = time.monotonic()
             try:
+                prime(url, lr_crops(max(sizes), concurrency, seed=99), parameters)
+                prime_s = time.monotonic() - t1
                 code, row, console = run_perf(
                     url,
                     data,
@@ -242,7 +273,7 @@ def soak(
                 )
             finally:
                 sampler.stop()
-            load_s = time.monotonic() - t1
+            load_s = time.monotonic() - t1 - prime_s
             after = failed_count(url, MODEL), succeeded_count(url)
             t2 = time.monotonic()
         stop_s = time.monotonic() - t2
@@ -250,7 +281,7 @@ def soak(
         b - a if a is not None and b is not None else None
         for a, b in zip(before, after, strict=True)
     )
-    memory = memory_growth(sampler.samples, warmup_s)
+    memory = memory_growth(sampler.samples, prime_s + warmup_s)
     lines = [x for x in console.splitlines() if x.strip()]
     return {
         "benchmark": "soak",
@@ -262,6 +293,7 @@ def soak(
         "parameters": parameters,
         "durations_s": {
             "server_start": round(start_s, 2),
+            "prime": round(prime_s, 2),
             "load": round(load_s, 2),
             "warmup": warmup_s,
             "server_stop": round(stop_s, 2),

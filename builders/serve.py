@@ -49,6 +49,7 @@ ADMIN_KEY_FILE_ENV = "CXR_ADMIN_KEY_FILE"
 RESTRICTED = "model-repository,shared-memory"  # the API groups only an admin may call
 EXIT_TIMEOUT_S = 5  # tritonserver --exit-timeout-secs (its default is 30)
 KILL_GRACE_S = 3.0  # after the exit timeout, before SIGKILL of the process group
+MMAP_THRESHOLD = 1 << 20  # bytes: glibc malloc serves larger blocks with mmap (see below)
 
 
 def pytriton_root() -> Path:
@@ -268,6 +269,11 @@ class TritonServer:
 
     def _environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in (ADMIN_KEY_ENV,)}
+        # glibc raises its mmap threshold to the largest block freed (up to 32 MiB), after
+        # which multi-MiB tensor buffers come from heap arenas that are never returned: in
+        # `make soak` tritonserver then grew by one LR 256 output (4 MiB) at a time. A fixed
+        # threshold keeps buffers of 1 MiB and more mmapped, so freeing returns them.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
         if self.binary is not None:
             return env
         root = pytriton_root()
