@@ -12,7 +12,9 @@ instance). Writes ``outputs/soak.json`` and prints a table:
 - failed requests: the server's failure count for ``cxr_sr`` over the run (statistics API),
   plus perf_analyzer's exit status;
 - memory growth after warm-up per process, as a fraction: (peak RSS after the warm-up -
-  peak RSS until then) / peak RSS until then. 0.05 = 5%. The warm-up is a priming round
+  peak RSS until then) / peak RSS until then. 0.05 = 5%. Also the floor growth (the lowest
+  RSS of the last 30 s of each phase: what a process keeps between requests). The warm-up
+  is a priming round
   (``--concurrency`` requests of the largest size at once: the largest tensors in flight, so
   Triton's buffers and the Python backend's shared-memory pool reach their working size),
   then the first ``--warmup-s`` seconds of the load.
@@ -123,30 +125,48 @@ class MemorySampler(threading.Thread):
 
 @dataclass
 class ProcessMemory:
-    """One process: peak RSS during warm-up and after it (MiB), last sample, growth."""
+    """One process (MiB): peak RSS until the end of the warm-up and after it, and ``growth``
+    = (peak after - peak before) / peak before (the target); the floor (lowest RSS over the
+    last ``FLOOR_WINDOW_S`` of the warm-up and of the run: what it keeps between requests)
+    and ``floor_growth`` the same way. None when a process vanished."""
 
     process: str
-    warm_mib: float | None
+    warm_peak_mib: float | None
     peak_after_mib: float | None
-    end_mib: float | None
-    growth: float | None  # (peak_after - warm) / warm; None when a process vanished
+    growth: float | None
+    warm_floor_mib: float | None
+    end_floor_mib: float | None
+    floor_growth: float | None
+
+
+FLOOR_WINDOW_S = 30.0
 
 
 def memory_growth(
-    samples: list[tuple[float, dict[str, float | None]]], warmup_s: float
+    samples: list[tuple[float, dict[str, float | None]]],
+    warmup_s: float,
+    window_s: float = FLOOR_WINDOW_S,
 ) -> list[ProcessMemory]:
-    """Per process: growth of the peak RSS after ``warmup_s`` over the peak during it."""
+    """Per process: the :class:`ProcessMemory` of ``samples`` (seconds, {process: MiB})
+    with the warm-up ending at ``warmup_s``."""
     names = list(samples[0][1]) if samples else []
+    end_t = samples[-1][0] if samples else 0.0
     out = []
     for name in names:
-        warm = [m[name] for t, m in samples if t <= warmup_s and m.get(name) is not None]
-        after = [m.get(name) for t, m in samples if t > warmup_s]
-        if not warm or not after or any(v is None for v in after):
-            end = after[-1] if after else None
-            out.append(ProcessMemory(name, max(warm, default=None), None, end, None))
+        warm = [(t, m[name]) for t, m in samples if t <= warmup_s and m.get(name) is not None]
+        after = [(t, m.get(name)) for t, m in samples if t > warmup_s]
+        if not warm or not after or any(v is None for _, v in after):
+            peak = max((v for _, v in warm), default=None)
+            out.append(ProcessMemory(name, peak, None, None, None, None, None))
             continue
-        w, peak = max(warm), max(after)
-        out.append(ProcessMemory(name, w, peak, after[-1], (peak - w) / w))
+        warm_peak, peak = max(v for _, v in warm), max(v for _, v in after)
+        warm_floor = min(v for t, v in warm if t > warmup_s - window_s)
+        end_floor = min(v for t, v in after if t > end_t - window_s)
+        growth = (peak - warm_peak) / warm_peak
+        floor_growth = (end_floor - warm_floor) / warm_floor
+        out.append(
+            ProcessMemory(name, warm_peak, peak, growth, warm_floor, end_floor, floor_growth)
+        )
     return out
 
 
@@ -330,14 +350,31 @@ def verdict(report: dict[str, Any], max_growth: float) -> list[str]:
     return problems
 
 
+def _pct(value: float | None) -> str | None:
+    return None if value is None else f"{value:+.1%}"
+
+
+MEMORY_HEADERS = (
+    "process",
+    "peak before MiB",
+    "peak after MiB",
+    "growth",
+    "floor before",
+    "floor at end",
+    "floor growth",
+)
+
+
 def memory_rows(report: dict[str, Any]) -> list[list[Any]]:
     return [
         [
             m["process"],
-            m["warm_mib"],
+            m["warm_peak_mib"],
             m["peak_after_mib"],
-            m["end_mib"],
-            None if m["growth"] is None else f"{m['growth']:+.1%}",
+            _pct(m["growth"]),
+            m["warm_floor_mib"],
+            m["end_floor_mib"],
+            _pct(m["floor_growth"]),
         ]
         for m in report["memory"]
     ]
@@ -451,9 +488,7 @@ def main(argv=None) -> int:
         f"p99 {report['p99_ms'] or 0:.0f} ms; failed requests: {report['failed_requests']}; "
         f"server start {d['server_start']:.1f} s, stop {d['server_stop']:.1f} s"
     )
-    print(
-        table(("process", "warm MiB", "peak after MiB", "end MiB", "growth"), memory_rows(report))
-    )
+    print(table(MEMORY_HEADERS, memory_rows(report)))
     write_json(args.out, report)
     print(f"wrote {args.out}")
     if problems:

@@ -274,6 +274,9 @@ class TritonServer:
         # `make soak` tritonserver then grew by one LR 256 output (4 MiB) at a time. A fixed
         # threshold keeps buffers of 1 MiB and more mmapped, so freeing returns them.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+        # and fewer malloc arenas for tritonserver's many threads, each of which otherwise
+        # keeps its own free memory (Triton's docs suggest tcmalloc/jemalloc for the same)
+        env.setdefault("MALLOC_ARENA_MAX", "2")
         if self.binary is not None:
             return env
         root = pytriton_root()

@@ -17,9 +17,11 @@ def test_memory_growth_is_measured_against_the_warm_up_peak():
         (11.0, {"unet": 118.0, "sampler": 55.0}),
         (20.0, {"unet": 126.0, "sampler": None}),
     ]
-    rows = {m.process: m for m in soak.memory_growth(samples, warmup_s=10.0)}
-    assert rows["unet"].warm_mib == 120.0 and rows["unet"].peak_after_mib == 126.0
+    rows = {m.process: m for m in soak.memory_growth(samples, warmup_s=10.0, window_s=6.0)}
+    assert rows["unet"].warm_peak_mib == 120.0 and rows["unet"].peak_after_mib == 126.0
     assert rows["unet"].growth == pytest.approx(0.05)
+    # floors: the lowest sample of the last 6 s of each phase (120 at 5 s; 126 at 20 s)
+    assert rows["unet"].warm_floor_mib == 120.0 and rows["unet"].end_floor_mib == 126.0
     assert rows["sampler"].growth is None  # it vanished: no figure, and the verdict says so
     report = {
         "failed_requests": 0,
@@ -46,7 +48,7 @@ def test_short_soak_on_the_tiny_repository(built_repository, tmp_path):
     assert report["completed_requests"] > 10 and report["throughput_img_s"] > 0
     processes = {m["process"] for m in report["memory"]}
     assert processes == {"tritonserver", "vae_encoder", "sampler", "unet", "vae_decoder"}
-    assert all(m["growth"] is not None and m["warm_mib"] > 10 for m in report["memory"])
+    assert all(m["growth"] is not None and m["warm_floor_mib"] > 10 for m in report["memory"])
     assert report["durations_s"]["load"] >= 18 and report["durations_s"]["server_stop"] < 10
     assert report["versions"]["tritonserver"] and report["device"]["cpu"]
     assert code == (0 if report["passed"] else 1)
