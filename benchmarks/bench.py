@@ -16,7 +16,8 @@ of ``--concurrency`` (1, 4), the same work two ways, on the same real LR crops (
 
 The in-process side is the best single process, not a handicapped one: before the server
 starts, a calibration times every candidate thread setting (intra-op threads 1 and all usable
-cores, idle threads spinning or not) on the same input, interleaved, and keeps the fastest
+cores, idle threads spinning or not) on one input of the smallest size (at most LR 128),
+interleaved, and keeps the fastest
 (on a busy machine one thread can beat two). The served network models then get the same
 intra-op thread count (``--served-threads match``, through ``CXR_ORT_THREADS``), so the
 ratio measures what serving adds, not a thread setting; their idle threads never spin (the
@@ -71,6 +72,9 @@ DEFAULT_SIZES = (64, 128, 256)
 DEFAULT_CONCURRENCY = (1, 4)
 DEFAULT_PARAMETERS = {"steps": 1, "seed": 0}  # 1 step: the committed checkpoint's default
 TARGET_RATIO = 1.15
+# the calibration holds its four candidate pipelines at once: at LR 256 their onnxruntime
+# arenas (about 7 GB each with the committed UNet's mid-block attention) would not fit
+CALIBRATION_MAX_SIDE = 128
 THREADS_ENV = "CXR_ORT_THREADS"  # read by model_repository/onnx_python/model.py
 # the served network models' onnxruntime settings worth reporting (config parameters)
 THREAD_PARAMETERS = ("intra_op_threads", "intra_op_spinning", "ort_cpu_mem_arena")
@@ -377,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = namespace_parameters(args)
     load_before = os.getloadavg()
     cores = device_info()["usable_cores"] or 1
-    side = min(args.sizes)
+    side = min(*args.sizes, CALIBRATION_MAX_SIDE)
     try:
         # in-process first, with the machine to itself: the fastest thread setting
         probe = lr_crops(side, 1, seed=args.crop_seed)
