@@ -14,6 +14,8 @@ tritonclient; no torch).
 - ``client.tiling``: tile plans and feathered blending (numpy);
 - ``client.batch``: ``run_batch(inputs, out, urls=...) -> Report``, the resumable batch
   engine (manifest, retries, several servers, report files) behind ``cxr-sr upscale``;
+  ``client.manifest``: its SQLite job manifest; ``client.servers``: its server pool
+  (least busy server, retries with backoff on transient errors);
 - ``client.report``: scores, side-by-side strips and text tables; ``client.cli``: ``cxr-sr``;
 - ``client.exit_codes``: the exit-code table of every command.
 """

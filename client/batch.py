@@ -1,9 +1,12 @@
 """Batch runs that survive interruption: ``run_batch(inputs, out, urls=...) -> Report``.
 
-The engine behind ``cxr-sr upscale`` (and the PACS commands' study runs). Every input gets a
-row in a job manifest, ``<out>/cxr-sr-manifest.sqlite`` (SQLite, WAL): its key (the output
+The engine behind ``cxr-sr upscale`` (and the PACS commands' study runs): it reads the
+inputs, runs ``concurrency`` of them at a time through a :class:`Worker` (read, super-resolve,
+write, score) and writes the report files. Every input gets a row in the job manifest
+(``client.manifest``), ``<out>/cxr-sr-manifest.sqlite`` (SQLite, WAL): its key (the output
 stem relative to ``out``), path, state (pending, running, done, failed, skipped), outputs,
-error, attempts, timings, report row and the identity of the model that made it. Hence:
+error, attempts, timings, report row and the identity of the model that made it; requests go
+through the server pool (``client.servers``). Hence:
 
 - a run that was killed resumes: a re-run of the same command skips the done rows and does
   the rest; rows left running by the killed run start again; failed and skipped rows are
@@ -43,12 +46,11 @@ import fcntl
 import io
 import json
 import os
-import random
 import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,28 +71,35 @@ from cxr_sr.client.io import (
     scan_inputs,
     write_png,
 )
-from cxr_sr.client.report import METRICS, bicubic_baseline, save_side_by_side, scores
-from cxr_sr.client.triton import (
-    DEFAULT_IN_FLIGHT,
-    ModelIdentity,
-    SRClient,
-    SRServerError,
+from cxr_sr.client.manifest import (
+    DONE,
+    FAILED,
+    MANIFEST,
+    PENDING,
+    SKIPPED,
+    Manifest,
+    ManifestMismatchError,
 )
+from cxr_sr.client.report import METRICS, bicubic_baseline, save_side_by_side, scores
+from cxr_sr.client.servers import (
+    DEFAULT_BACKOFF_S,
+    DEFAULT_RETRIES,
+    MixedModelsError,
+    ModelChangedError,
+    ServerPool,
+    UnreachableError,
+)
+from cxr_sr.client.triton import DEFAULT_IN_FLIGHT, ModelIdentity, SRClient, SRServerError
 from cxr_sr.imaging import native_pair, reference_pair
 
-MANIFEST = "cxr-sr-manifest.sqlite"
 LOCK = ".cxr-sr.lock"  # held (flock) by the run using the folder; the OS drops it on exit
 REPORT_CSV, REPORT_JSON = "report.csv", "report.json"
-PENDING, RUNNING, DONE, FAILED, SKIPPED = "pending", "running", "done", "failed", "skipped"
 UPSCALE = "upscale"
 MODES = (UPSCALE, "reference", "native")
 ON_CHANGE = ("refuse", "redo")
 # Largest input (LR) accepted by default, in pixels: 3000 x 3000 (the output is 16x that:
 # 144 MP, 0.6 GB as float32 before blending). Checked from the header, before decoding.
 DEFAULT_MAX_PIXELS = 3000 * 3000
-DEFAULT_RETRIES = 6  # with the default backoff: about 30 s of waiting, a server restart's time
-DEFAULT_BACKOFF_S = 0.5
-MAX_BACKOFF_S = 10.0
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _PARTIAL = ".partial-"  # temporary output files: .<name>.partial-<pid>-<thread>
 _PAIRS = {"reference": reference_pair, "native": native_pair}
@@ -130,214 +139,11 @@ class DiskFullError(OSError):
     """Writing an output or the manifest failed for lack of space (ENOSPC, EDQUOT, EFBIG)."""
 
 
-class UnreachableError(RuntimeError):
-    """No server answered, after the retries."""
-
-
-class ModelChangedError(RuntimeError):
-    """A server came back (after a restart) serving another model than the run started with."""
-
-
-class ManifestMismatchError(ValueError):
-    """The manifest's results were made by another model or with other settings."""
-
-
 def is_disk_full(e: BaseException) -> bool:
     """True for the errors of a full disk, quota or file-size limit (SQLite's included)."""
     if isinstance(e, OSError) and e.errno in _DISK_FULL:
         return True
     return isinstance(e, sqlite3.OperationalError) and "full" in str(e).lower()
-
-
-# --- manifest --------------------------------------------------------------------------------
-
-
-class Manifest:
-    """The job manifest: one SQLite file in the output folder (WAL), used from one thread.
-
-    Table ``jobs``: key (output stem, primary key), path, state, outputs (JSON list), error,
-    attempts, started / finished (Unix time), seconds, row (the report row, JSON), model
-    identity. Table ``meta``: the run's model identity and settings.
-    """
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a done row survives a crash
-        self.db.execute("PRAGMA wal_autocheckpoint=64")  # keep the WAL file small
-        self.db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS jobs (
-                key TEXT PRIMARY KEY, path TEXT NOT NULL, state TEXT NOT NULL,
-                outputs TEXT NOT NULL DEFAULT '[]', error TEXT, attempts INTEGER NOT NULL
-                DEFAULT 0, started REAL, finished REAL, seconds REAL, row TEXT,
-                model_name TEXT, model_version TEXT, weights_sha256 TEXT);
-            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-            """
-        )
-
-    def close(self) -> None:
-        self.db.close()
-
-    def get_meta(self, key: str) -> Any:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row["value"])
-
-    def set_meta(self, key: str, value: Any) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            (key, json.dumps(value, sort_keys=True)),
-        )
-
-    def count(self, state: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0]
-
-    def sync(self, jobs: Sequence[tuple[str, Path]]) -> None:
-        """Add new inputs as pending; a key now naming another file starts again; rows a
-        killed run left running, failed rows (retried) and skipped ones (checked again: a
-        re-run may add --force) are pending again."""
-        with self.db:
-            self.db.execute("BEGIN")
-            for key, path in jobs:
-                old = self.db.execute("SELECT path FROM jobs WHERE key = ?", (key,)).fetchone()
-                if old is None:
-                    self.db.execute(
-                        "INSERT INTO jobs (key, path, state) VALUES (?, ?, ?)",
-                        (key, str(path), PENDING),
-                    )
-                elif old["path"] != str(path):
-                    self.db.execute(
-                        "UPDATE jobs SET path = ?, state = ?, attempts = 0 WHERE key = ?",
-                        (str(path), PENDING, key),
-                    )
-            self.db.execute(
-                "UPDATE jobs SET state = ? WHERE state IN (?, ?, ?)",
-                (PENDING, RUNNING, FAILED, SKIPPED),
-            )
-
-    def redo(self) -> None:
-        """Every done or skipped row pending again (the model or the settings changed)."""
-        self.db.execute("UPDATE jobs SET state = ? WHERE state IN (?, ?)", (PENDING, DONE, SKIPPED))
-
-    def state(self, key: str) -> str:
-        return self.db.execute("SELECT state FROM jobs WHERE key = ?", (key,)).fetchone()["state"]
-
-    def start(self, key: str) -> None:
-        self.db.execute(
-            "UPDATE jobs SET state = ?, started = ?, attempts = attempts + 1 WHERE key = ?",
-            (RUNNING, time.time(), key),
-        )
-
-    def finish(
-        self,
-        key: str,
-        state: str,
-        *,
-        outputs: Sequence[str] = (),
-        error: str | None = None,
-        row: dict[str, Any] | None = None,
-        model: ModelIdentity | None = None,
-    ) -> None:
-        ident = asdict(model) if model else {"name": None, "version": None, "weights_sha256": None}
-        self.db.execute(
-            "UPDATE jobs SET state = ?, outputs = ?, error = ?, finished = ?, "
-            "seconds = ? - started, row = ?, model_name = ?, model_version = ?, "
-            "weights_sha256 = ? WHERE key = ?",
-            (
-                state,
-                json.dumps(list(outputs)),
-                error,
-                time.time(),
-                time.time(),
-                json.dumps(row) if row is not None else None,
-                ident["name"],
-                ident["version"],
-                ident["weights_sha256"],
-                key,
-            ),
-        )
-
-    def release(self, key: str) -> None:
-        """A row whose work was interrupted (disk full, server gone): pending again."""
-        self.db.execute("UPDATE jobs SET state = ? WHERE key = ?", (PENDING, key))
-
-    def rows(self, keys: Iterable[str]) -> list[dict[str, Any]]:
-        out = []
-        for key in keys:
-            r = self.db.execute("SELECT * FROM jobs WHERE key = ?", (key,)).fetchone()
-            if r is not None:
-                out.append(dict(r))
-        return out
-
-
-# --- servers ---------------------------------------------------------------------------------
-
-
-class ServerPool:
-    """Several Triton URLs: a client per URL and thread, the least busy URL for each request
-    (ties in turn), a URL that failed set aside until its backoff has passed."""
-
-    def __init__(self, urls: Sequence[str], make_client: Callable[[str], SRClient]) -> None:
-        if not urls:
-            raise ValueError("give at least one server URL")
-        self.urls = list(dict.fromkeys(urls))
-        self._make = make_client
-        self._lock = threading.Lock()
-        self._busy = dict.fromkeys(self.urls, 0)
-        self._down_until = dict.fromkeys(self.urls, 0.0)
-        self._turn = 0
-        self._local = threading.local()
-        self._clients: list[SRClient] = []
-
-    def client(self, url: str) -> SRClient:
-        clients = self._local.__dict__.setdefault("clients", {})
-        if url not in clients:
-            clients[url] = self._make(url)
-            with self._lock:
-                self._clients.append(clients[url])
-        return clients[url]
-
-    def reset(self, url: str) -> None:
-        """Drop this thread's client of ``url`` (its connections may be dead)."""
-        c = self._local.__dict__.get("clients", {}).pop(url, None)
-        if c is not None:
-            with contextlib.suppress(Exception):
-                c.close()
-
-    def acquire(self) -> str:
-        with self._lock:
-            now = time.monotonic()
-            up = [u for u in self.urls if self._down_until[u] <= now] or self.urls
-            self._turn += 1
-            order = up[self._turn % len(up) :] + up[: self._turn % len(up)]
-            url = min(order, key=lambda u: self._busy[u])
-            self._busy[url] += 1
-            return url
-
-    def release(self, url: str) -> None:
-        with self._lock:
-            self._busy[url] -= 1
-
-    def set_aside(self, url: str, seconds: float) -> None:
-        with self._lock:
-            self._down_until[url] = max(self._down_until[url], time.monotonic() + seconds)
-
-    def close(self) -> None:
-        with self._lock:
-            for c in self._clients:
-                with contextlib.suppress(Exception):
-                    c.close()
-            self._clients.clear()
-
-
-def backoff_s(
-    attempt: int, base_s: float = DEFAULT_BACKOFF_S, cap_s: float = MAX_BACKOFF_S
-) -> float:
-    """Exponential backoff with jitter: ``min(cap, base * 2**attempt)`` times a uniform factor
-    in [0.5, 1.5) (so clients that failed together do not retry together)."""
-    return min(cap_s, base_s * 2**attempt) * random.uniform(0.5, 1.5)
 
 
 # --- one input -------------------------------------------------------------------------------
@@ -436,39 +242,6 @@ class Worker:
         self.tile_bar = False  # a progress bar over the tiles of each image (one at a time)
         self.bar_disable: bool | None = None  # tqdm's disable: None shows it on a terminal
 
-    def upscale(self, lr: np.ndarray, progress=None) -> tuple[np.ndarray, str, int]:
-        """``SRClient.upscale`` on the least busy server, retried on transient errors;
-        returns the SR, the URL that made it and the retries it took.
-        :class:`UnreachableError` after the retries."""
-        s = self.settings
-        last: SRServerError | None = None
-        for attempt in range(s.retries + 1):
-            url = self.pool.acquire()
-            try:
-                client = self.pool.client(url)
-                sr = client.upscale(
-                    lr, overlap=s.overlap, tile=s.tile, progress=progress, **s.sampling
-                )
-                if attempt and client.model_identity() != self.model:  # restarted: same model?
-                    raise ModelChangedError(
-                        f"{url} came back serving {client.model_identity().short()}, not "
-                        f"{self.model.short()} this run started with; re-run with "
-                        "--on-change redo to make every result with one model"
-                    )
-                return sr, url, attempt
-            except SRServerError as e:
-                if not e.transient:
-                    raise
-                last = e
-                self.pool.reset(url)
-                delay = backoff_s(attempt, s.backoff_s)
-                self.pool.set_aside(url, delay)
-                if attempt < s.retries:
-                    time.sleep(delay)
-            finally:
-                self.pool.release(url)
-        raise UnreachableError(f"{last} (gave up after {s.retries + 1} attempts)")
-
     def __call__(self, key: str, path: Path) -> tuple[list[str], dict[str, Any]]:
         s = self.settings
         image, ds = _read(path, s)
@@ -485,7 +258,16 @@ class Worker:
         bar = _TileBar(self.bar_disable) if self.tile_bar else None
         t0 = time.perf_counter()
         try:
-            sr, url, retries = self.upscale(lr, progress=bar)
+            sr, url, retries = self.pool.upscale(
+                lr,
+                self.model,
+                retries=s.retries,
+                backoff=s.backoff_s,
+                overlap=s.overlap,
+                tile=s.tile,
+                sampling=s.sampling,
+                progress=bar,
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -661,36 +443,6 @@ def write_report(report: Report, out: Path, extra: dict[str, Any] | None = None)
     return [str(csv_path), str(json_path)]
 
 
-def _check_manifest(
-    manifest: Manifest, model: ModelIdentity, settings: Settings, on_change: str
-) -> str | None:
-    """Compare the manifest's model and settings with this run's; redo or refuse a change.
-    Returns a note when done rows were reset."""
-    before_model, before_settings = manifest.get_meta("model"), manifest.get_meta("settings")
-    now_settings = json.loads(json.dumps(settings.fingerprint(), sort_keys=True))
-    changes = []
-    if before_model is not None and before_model != asdict(model):
-        old = ModelIdentity(**before_model)
-        changes.append(
-            f"its results were made by model {old.short()}, the server now serves {model.short()}"
-        )
-    if before_settings is not None and before_settings != now_settings:
-        diff = sorted(k for k in now_settings if before_settings.get(k) != now_settings.get(k))
-        changes.append(f"its settings differ ({', '.join(diff)})")
-    note = None
-    if changes and manifest.count(DONE) + manifest.count(SKIPPED):
-        if on_change != "redo":
-            raise ManifestMismatchError(
-                f"{manifest.path}: {'; '.join(changes)}. Re-run with --on-change redo to redo "
-                "them, or use another --out"
-            )
-        manifest.redo()
-        note = f"redoing earlier results: {'; '.join(changes)}"
-    manifest.set_meta("model", asdict(model))
-    manifest.set_meta("settings", now_settings)
-    return note
-
-
 def run_batch(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -744,16 +496,7 @@ def run_batch(
     ``exit_code`` (0 all done, 1 some failed or not done, 2 manifest mismatch, 3 unreachable).
     """
     t_start = time.perf_counter()
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if on_change not in ON_CHANGE:
-        raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}")
-    if concurrency < 1 or retries < 0 or max_pixels < 1 or not backoff >= 0:
-        raise ValueError("concurrency and max_pixels must be >= 1, retries and backoff >= 0")
-    if dicom and mode != UPSCALE:
-        raise ValueError("derived DICOM is written in upscale mode only (it must be 4x its source)")
-    if not (png or dicom):
-        raise ValueError("nothing to write: enable PNG or DICOM outputs")
+    _check_arguments(mode, on_change, concurrency, retries, max_pixels, backoff, dicom, png)
     say = log or (lambda line: tqdm.write(line, file=sys.stderr))
     settings = Settings(
         mode=mode, png=png, dicom=dicom, side_by_side=side_by_side, force=force,
@@ -766,88 +509,175 @@ def run_batch(
 
     pool = ServerPool(urls, make_client)
     try:
-        identity = _servers_identity(pool, wait_s, say)
-    except UnreachableError as e:
+        identity = _connect(pool, wait_s, say, t_start)
+        out = Path(out)
+        jobs, problems = collect(inputs)
+        lock, manifest = _open_folder(out, identity, t_start)
+    except _EarlyEndError as e:
         pool.close()
-        return Report([], None, EXIT_UNREACHABLE, str(e), time.perf_counter() - t_start)
-    except ManifestMismatchError as e:
-        pool.close()
-        return Report([], None, EXIT_USAGE, str(e), time.perf_counter() - t_start)
-
-    out = Path(out)
-    jobs, problems = collect(inputs)
+        return e.report
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / LOCK, "a")  # noqa: SIM115 (held until the run ends)
-    except OSError as e:
-        pool.close()
-        return Report([], identity, EXIT_INPUT_FAILED, f"cannot use {out}: {e}")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        pool.close()
-        busy = f"another cxr-sr run is using {out}; wait for it to end or give another --out"
-        return Report([], identity, EXIT_USAGE, busy, time.perf_counter() - t_start)
-    try:
-        remove_partials(out)
-        manifest = Manifest(out / MANIFEST)
-    except (OSError, sqlite3.Error) as e:
-        lock.close()
-        pool.close()
-        return Report([], identity, EXIT_INPUT_FAILED, f"cannot open the manifest in {out}: {e}")
-    try:
-        try:
-            note = _check_manifest(manifest, identity, settings, on_change)
-        except ManifestMismatchError as e:
-            return Report([], identity, EXIT_USAGE, str(e), time.perf_counter() - t_start)
-        if note:
-            say(f"cxr-sr: {note}")
-        manifest.sync(jobs)
-        keys = [k for k, _ in jobs]
-        resumed = sum(1 for j in manifest.rows(keys) if j["state"] == DONE)
+        resumed = _reconcile(manifest, jobs, identity, settings, on_change, say, t_start)
         for path, reason in problems:
             say(f"failed: {path}: {reason}")
         worker = Worker(pool, settings, out, identity)
         bar_disable = None if progress is None else not progress
         worker.tile_bar, worker.bar_disable = concurrency == 1, bar_disable
         stop = _run(manifest, worker, jobs, concurrency, say, bar_disable)
-        rows = [_row(j) for j in manifest.rows(keys)]
-        ident = {
-            "model_name": identity.name,
-            "model_version": identity.version,
-            "weights_sha256": identity.weights_sha256,
+        report = _final_report(manifest, jobs, problems, identity, stop, out, resumed, t_start)
+        extra = {
+            "server": {"urls": pool.urls, "protocol": protocol, "model": model},
+            "mode": {"name": mode},
+            "sampling": settings.sampling,
+            **(report_extra or {}),
         }
-        rows += [
-            {"key": None, "input": p, "status": FAILED, "outputs": [], "error": r, **ident}
-            for p, r in problems
-        ]
-        exit_code = EXIT_OK
-        if isinstance(stop, UnreachableError):
-            exit_code = EXIT_UNREACHABLE
-        elif isinstance(stop, ModelChangedError):
-            exit_code = EXIT_USAGE
-        elif stop is not None or any(r["status"] in (FAILED, PENDING) for r in rows):
-            exit_code = EXIT_INPUT_FAILED
-        report = Report(
-            rows, identity, exit_code, _stop_message(stop, out), time.perf_counter() - t_start,
-            resumed=resumed,
-        )  # fmt: skip
         try:
-            extra = {
-                "server": {"urls": pool.urls, "protocol": protocol, "model": model},
-                "mode": {"name": mode},
-                "sampling": settings.sampling,
-                **(report_extra or {}),
-            }
             report.files = write_report(report, out, extra)
         except (OSError, DiskFullError) as e:
             say(f"cxr-sr: could not write the report in {out}: {e}")
         return report
+    except _EarlyEndError as e:
+        return e.report
     finally:
         manifest.close()
         pool.close()
         lock.close()  # releases the flock
+
+
+class _EarlyEndError(Exception):
+    """A run that ends before its first job; ``report`` is what ``run_batch`` returns."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(report.message)
+        self.report = report
+
+
+def _check_arguments(
+    mode: str,
+    on_change: str,
+    concurrency: int,
+    retries: int,
+    max_pixels: int,
+    backoff: float,
+    dicom: bool,
+    png: bool,
+) -> None:
+    """``ValueError`` for ``run_batch`` arguments out of range or that contradict each other."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if on_change not in ON_CHANGE:
+        raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}")
+    if concurrency < 1 or retries < 0 or max_pixels < 1 or not backoff >= 0:
+        raise ValueError("concurrency and max_pixels must be >= 1, retries and backoff >= 0")
+    if dicom and mode != UPSCALE:
+        raise ValueError("derived DICOM is written in upscale mode only (it must be 4x its source)")
+    if not (png or dicom):
+        raise ValueError("nothing to write: enable PNG or DICOM outputs")
+
+
+def _connect(
+    pool: ServerPool, wait_s: float, say: Callable[[str], None], t_start: float
+) -> ModelIdentity:
+    """The identity of the model the servers serve (``ServerPool.model_identity``);
+    :class:`_EarlyEndError` when none answers (exit 3) or they serve different models (exit 2)."""
+    try:
+        return pool.model_identity(wait_s, say)
+    except UnreachableError as e:
+        report = Report([], None, EXIT_UNREACHABLE, str(e), time.perf_counter() - t_start)
+        raise _EarlyEndError(report) from e
+    except MixedModelsError as e:
+        report = Report([], None, EXIT_USAGE, str(e), time.perf_counter() - t_start)
+        raise _EarlyEndError(report) from e
+
+
+def _open_folder(
+    out: Path, identity: ModelIdentity, t_start: float
+) -> tuple[io.TextIOWrapper, Manifest]:
+    """Create ``out``, take its lock (one run per folder), remove the temporaries a killed run
+    left and open the manifest; returns the held lock file and the manifest.
+    :class:`_EarlyEndError` when the folder cannot be used (exit 1) or another run holds it
+    (exit 2)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "a")  # noqa: SIM115 (held until the run ends)
+    except OSError as e:
+        report = Report([], identity, EXIT_INPUT_FAILED, f"cannot use {out}: {e}")
+        raise _EarlyEndError(report) from e
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        lock.close()
+        busy = f"another cxr-sr run is using {out}; wait for it to end or give another --out"
+        raise _EarlyEndError(
+            Report([], identity, EXIT_USAGE, busy, time.perf_counter() - t_start)
+        ) from e
+    try:
+        remove_partials(out)
+        manifest = Manifest(out / MANIFEST)
+    except (OSError, sqlite3.Error) as e:
+        lock.close()
+        message = f"cannot open the manifest in {out}: {e}"
+        raise _EarlyEndError(Report([], identity, EXIT_INPUT_FAILED, message)) from e
+    return lock, manifest
+
+
+def _reconcile(
+    manifest: Manifest,
+    jobs: Sequence[tuple[str, Path]],
+    identity: ModelIdentity,
+    settings: Settings,
+    on_change: str,
+    say: Callable[[str], None],
+    t_start: float,
+) -> int:
+    """Bring the manifest to this run: check its model and settings (``Manifest.check_run``:
+    :class:`_EarlyEndError`, exit 2, on a refused change) and add the inputs (``Manifest.sync``).
+    Returns how many inputs an earlier run did."""
+    try:
+        note = manifest.check_run(identity, settings.fingerprint(), on_change)
+    except ManifestMismatchError as e:
+        report = Report([], identity, EXIT_USAGE, str(e), time.perf_counter() - t_start)
+        raise _EarlyEndError(report) from e
+    if note:
+        say(f"cxr-sr: {note}")
+    manifest.sync(jobs)
+    return sum(1 for j in manifest.rows(k for k, _ in jobs) if j["state"] == DONE)
+
+
+def _final_report(
+    manifest: Manifest,
+    jobs: Sequence[tuple[str, Path]],
+    problems: Sequence[tuple[str, str]],
+    identity: ModelIdentity,
+    stop: BaseException | None,
+    out: Path,
+    resumed: int,
+    t_start: float,
+) -> Report:
+    """The report of a run that got to its jobs: a row per input (this run's and earlier
+    runs', from the manifest), a failed row per input that could not be read, the exit code
+    and why the run stopped early, if it did."""
+    rows = [_row(j) for j in manifest.rows(k for k, _ in jobs)]
+    ident = {
+        "model_name": identity.name,
+        "model_version": identity.version,
+        "weights_sha256": identity.weights_sha256,
+    }
+    rows += [
+        {"key": None, "input": p, "status": FAILED, "outputs": [], "error": r, **ident}
+        for p, r in problems
+    ]
+    exit_code = EXIT_OK
+    if isinstance(stop, UnreachableError):
+        exit_code = EXIT_UNREACHABLE
+    elif isinstance(stop, ModelChangedError):
+        exit_code = EXIT_USAGE
+    elif stop is not None or any(r["status"] in (FAILED, PENDING) for r in rows):
+        exit_code = EXIT_INPUT_FAILED
+    return Report(
+        rows, identity, exit_code, _stop_message(stop, out), time.perf_counter() - t_start,
+        resumed=resumed,
+    )  # fmt: skip
 
 
 def _stop_message(stop: BaseException | None, out: Path) -> str:
@@ -861,32 +691,6 @@ def _stop_message(stop: BaseException | None, out: Path) -> str:
     if isinstance(stop, UnreachableError):
         return f"stopped: server unreachable: {stop}; re-run the same command to finish"
     return f"stopped: {stop}"
-
-
-def _servers_identity(pool: ServerPool, wait_s: float, say: Callable[[str], None]) -> ModelIdentity:
-    """Wait for the servers; set aside those that do not answer (at least one must) and
-    check that all serve the same model; returns its identity."""
-    identities: dict[str, ModelIdentity] = {}
-    errors = []
-    for url in pool.urls:
-        c = pool.client(url)
-        try:
-            c.wait_ready(wait_s)
-            identities[url] = c.model_identity()
-        except SRServerError as e:
-            errors.append(str(e))
-            pool.set_aside(url, 3600.0)
-    if not identities:
-        raise UnreachableError("; ".join(errors))
-    for line in errors:
-        say(f"cxr-sr: warning: {line}; going on without it")
-    distinct = set(identities.values())
-    if len(distinct) > 1:
-        served = ", ".join(f"{u}: {m.short()}" for u, m in identities.items())
-        raise ManifestMismatchError(
-            f"the servers serve different models ({served}); give URLs of one model"
-        )
-    return distinct.pop()
 
 
 def _run(

@@ -37,16 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from cxr_sr.client.batch import (
-    DEFAULT_BACKOFF_S,
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_RETRIES,
-    ON_CHANGE,
-    UPSCALE,
-    run_batch,
-)
+from cxr_sr.client.batch import DEFAULT_MAX_PIXELS, ON_CHANGE, UPSCALE, run_batch
 from cxr_sr.client.exit_codes import EXIT_CODES, EXIT_USAGE
 from cxr_sr.client.report import METRICS, format_table
+from cxr_sr.client.servers import DEFAULT_BACKOFF_S, DEFAULT_RETRIES
 from cxr_sr.client.triton import DEFAULT_IN_FLIGHT, DEFAULT_MAX_BATCH, PROTOCOLS
 from cxr_sr.imaging import PROTOCOLS as IMAGE_PROTOCOLS
 from cxr_sr.imaging import SCALE

@@ -37,9 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cxr_sr.client.batch import DONE, FAILED, MANIFEST, SKIPPED, Manifest, run_batch
+from cxr_sr.client.batch import run_batch
 from cxr_sr.client.dimse import DEFAULT_AE_TITLE, Received, StoreSCP
 from cxr_sr.client.exit_codes import EXIT_UNREACHABLE
+from cxr_sr.client.manifest import DONE, FAILED, MANIFEST, SKIPPED, Manifest
 from cxr_sr.client.studies import Destination, deliver, derived_file
 
 log = logging.getLogger(__name__)

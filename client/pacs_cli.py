@@ -26,11 +26,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_sr.client.batch import DONE
 from cxr_sr.client.dicom import safe_name
 from cxr_sr.client.dimse import DEFAULT_AE_TITLE, Peer, echo, send
 from cxr_sr.client.exit_codes import EXIT_INPUT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from cxr_sr.client.io import is_dicom, iter_inputs
+from cxr_sr.client.manifest import DONE
 from cxr_sr.client.node import DEFAULT_BATCH, Node
 from cxr_sr.client.pacs import (
     ENV_CREDENTIALS_FILE,

@@ -34,10 +34,11 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from cxr_sr.client.batch import DONE, FAILED, Report, run_batch, write_report
+from cxr_sr.client.batch import Report, run_batch, write_report
 from cxr_sr.client.dicom import dicom_file_name, safe_name
 from cxr_sr.client.dimse import DEFAULT_AE_TITLE, Peer, send, write_durably
 from cxr_sr.client.exit_codes import EXIT_INPUT_FAILED, EXIT_UNREACHABLE
+from cxr_sr.client.manifest import DONE, FAILED
 from cxr_sr.client.pacs import (
     Credentials,
     DicomWebPacs,

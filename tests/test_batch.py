@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from fake_triton import FakeTriton, model_config
 
-from cxr_sr.client.batch import MANIFEST, REPORT_CSV, REPORT_JSON, backoff_s, run_batch
+from cxr_sr.client.batch import REPORT_CSV, REPORT_JSON, run_batch
 from cxr_sr.client.exit_codes import EXIT_INPUT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from cxr_sr.client.io import read_image, write_png
+from cxr_sr.client.manifest import MANIFEST
+from cxr_sr.client.servers import backoff_s
 from cxr_sr.client.triton import ModelIdentity
 from cxr_sr.imaging import bicubic_baseline
 

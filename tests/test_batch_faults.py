@@ -35,10 +35,11 @@ from fake_triton import FakeTriton, model_config
 from pydicom.uid import generate_uid
 from test_dicom_derived import rg1_small
 
-from cxr_sr.client.batch import MANIFEST, run_batch
+from cxr_sr.client.batch import run_batch
 from cxr_sr.client.dicom import derived_uids
 from cxr_sr.client.exit_codes import EXIT_INPUT_FAILED, EXIT_OK
 from cxr_sr.client.io import write_png
+from cxr_sr.client.manifest import MANIFEST
 from cxr_sr.client.triton import SRClient
 
 CLI = [sys.executable, "-m", "cxr_sr.client.cli"]
