@@ -59,10 +59,10 @@ class ServingLimits:
     queue_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.max_queue_size < 1 or not self.queue_timeout_s > 0:
-            raise ValueError(f"limits must be positive: {self}")
-        if self.max_request_pixels is not None and self.max_request_pixels < 1:
-            raise ValueError(f"max_request_pixels must be positive, got {self.max_request_pixels}")
+        for name in ("max_steps", "max_request_pixels", "max_queue_size", "queue_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
 
     def request_pixels(self, max_side: int) -> int:
         return self.max_request_pixels or 4 * max_side * max_side
