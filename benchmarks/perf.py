@@ -57,6 +57,9 @@ from cxr_sr.imaging import SCALE
 from cxr_sr.serving import add_arguments, namespace_parameters, request_parameters
 
 UNSTABLE_EXIT = 2  # perf_analyzer: "Failed to obtain stable measurement"
+# perf_analyzer: "No valid requests recorded within time interval" (a request takes longer
+# than the window: large images at high concurrency on a CPU)
+NO_REQUESTS_EXIT = 3
 DEFAULT_PARAMETERS = {"steps": 1, "seed": 0}  # 1 step: the demo checkpoint's default
 # perf_analyzer 2.51's --request-parameter types are bool, int and string; the server parses
 # a number sent as a string exactly as the number itself
@@ -301,13 +304,15 @@ def run_level(
     """One perf_analyzer run; returns the result and its console output.
 
     When the time-window search does not stabilise (exit code 2, common on a shared 2-core
-    machine), the level is measured again over a fixed request count and marked unstable.
+    machine) or no request finished within a window (exit code 3: large images at high
+    concurrency), the level is measured again over a fixed request count (two per client,
+    at least 8) and marked unstable.
     """
     csv_path = workdir / f"perf_c{concurrency}.csv"
     before = failed_count(url, model)
     attempts = [settings]
     if settings.request_count == 0:
-        fallback = max(8, 4 * concurrency)
+        fallback = max(8, 2 * concurrency)
         attempts.append(replace(settings, request_count=fallback))
     log = ""
     done: subprocess.CompletedProcess | None = None
@@ -329,7 +334,7 @@ def run_level(
         except subprocess.TimeoutExpired:
             return _failed(concurrency, -1, f"perf_analyzer ran past {timeout_s:.0f} s"), log
         log += done.stdout + done.stderr
-        if done.returncode != UNSTABLE_EXIT:
+        if done.returncode not in (UNSTABLE_EXIT, NO_REQUESTS_EXIT):
             break
     after = failed_count(url, model)
     failed = after - before if before is not None and after is not None else None
