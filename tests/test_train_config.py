@@ -119,6 +119,12 @@ def test_committed_demo_weights_come_from_nih_yaml():
         "unet.log_every=250",
     ]
     cfg = load_config(root / "train" / "configs" / "nih.yaml", overrides)
-    assert meta["train"] == to_dict(cfg)
-    assert meta["sampling"] == to_dict(cfg)["sampling"]
+    expected = to_dict(cfg)
+    # sampling options added after these weights were trained (early_stop) are not in their
+    # record; loading the checkpoint gives them their defaults
+    added = {k: v for k, v in expected["sampling"].items() if k not in meta["sampling"]}
+    assert added == {k: getattr(SamplingOptions(), k) for k in added}
+    expected["sampling"] = {k: v for k, v in expected["sampling"].items() if k not in added}
+    assert meta["train"] == expected
+    assert meta["sampling"] == expected["sampling"]
     assert "/" not in meta["train"]["out"].replace("runs/", "")  # no machine paths recorded
