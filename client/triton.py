@@ -74,14 +74,26 @@ class SRConnectionError(SRServerError):
 
 @dataclass(frozen=True)
 class SizeLimits:
-    """The LR sides (H and W) the served model accepts, inclusive."""
+    """The LR sides (H and W) the served model accepts, inclusive, and what one request may
+    hold: ``max_request_pixels`` LR pixels in all (None: no limit), each image's sides counted
+    padded up to ``multiple`` (the networks' multiple, as the server counts them)."""
 
     min_side: int
     max_side: int
+    max_request_pixels: int | None = None
+    multiple: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_side <= self.max_side:
             raise ValueError(f"need 1 <= min_side <= max_side, got {self}")
+
+    def rows_per_request(self, height: int, width: int, max_batch: int) -> int:
+        """How many ``height`` x ``width`` images one request may carry (at least 1)."""
+        if not self.max_request_pixels:
+            return max_batch
+        m = max(1, self.multiple)
+        padded = (-(-height // m) * m) * (-(-width // m) * m)
+        return max(1, min(max_batch, self.max_request_pixels // padded))
 
     def describe(self) -> str:
         if self.min_side == self.max_side:
@@ -93,6 +105,7 @@ class SizeLimits:
 DEFAULT_LIMITS = SizeLimits(16, 256)
 # the ensemble's config parameters that publish them (written by builders.triton_config)
 LIMIT_PARAMETERS = {"min_side": "lr_min_side", "max_side": "lr_max_side"}
+REQUEST_PARAMETERS = {"max_request_pixels": "max_request_pixels", "multiple": "lr_multiple"}
 
 
 def limits_from_config(config: dict) -> SizeLimits:
@@ -116,10 +129,10 @@ def limits_from_config(config: dict) -> SizeLimits:
         return SizeLimits(h, h)
     params = config.get("parameters") or {}
     values = {}
-    for key, name in LIMIT_PARAMETERS.items():
+    for key, name in {**LIMIT_PARAMETERS, **REQUEST_PARAMETERS}.items():
         raw = (params.get(name) or {}).get("string_value")
         values[key] = int(raw) if raw not in (None, "") else getattr(DEFAULT_LIMITS, key)
-    return SizeLimits(values["min_side"], values["max_side"])
+    return SizeLimits(**values)
 
 
 @dataclass(frozen=True)
@@ -389,18 +402,18 @@ class SRClient:
         H and W must be within :meth:`limits` (:meth:`upscale` takes any size).
 
         Sampling controls left as None take the server's defaults. Batches larger than
-        ``max_batch`` go out as several requests, each with the same parameters (so with a
-        seed, the per-request noise follows the server's rule for a request of that size).
+        ``max_batch``, or than the server's ``max_request_pixels`` (:meth:`limits`), go out as
+        several requests, each with the same parameters (so with a seed, the per-request noise
+        follows the server's rule for a request of that size).
         Raises ``ValueError`` for bad input, ``TypeError`` for an unknown keyword,
         ``SRServerError`` / ``SRConnectionError`` for server-side failures.
         """
         x = _check_lr(lr)
         params = sampling_parameters(**params)
-        _check_size(x, self.limits())
-        chunks = [
-            self._infer(x[i : i + self.max_batch], params)
-            for i in range(0, x.shape[0], self.max_batch)
-        ]
+        limits = self.limits()
+        _check_size(x, limits)
+        rows = limits.rows_per_request(x.shape[2], x.shape[3], self.max_batch)
+        chunks = [self._infer(x[i : i + rows], params) for i in range(0, x.shape[0], rows)]
         return np.concatenate(chunks, axis=0)
 
     def tile_plan(

@@ -162,6 +162,16 @@ def test_limits_from_config() -> None:
     assert limits_from_config(dynamic) == DEFAULT_LIMITS
     with pytest.raises(SRServerError, match="no input"):
         limits_from_config({"input": [{"name": "x", "dims": [1, 64, 64]}]})
+    published = model_config(16, 256)
+    published["parameters"].update(
+        max_request_pixels={"string_value": "65536"}, lr_multiple={"string_value": "4"}
+    )
+    limits = limits_from_config(published)
+    assert (limits.max_request_pixels, limits.multiple) == (65536, 4)
+    assert limits.rows_per_request(128, 128, 8) == 4  # 4 x 16,384 pixels
+    assert limits.rows_per_request(126, 126, 8) == 4  # counted padded to 128, as the server does
+    assert limits.rows_per_request(256, 256, 8) == 1  # one image even where it alone is over
+    assert SizeLimits(16, 256).rows_per_request(256, 256, 8) == 8  # no published limit
 
 
 # --- what goes on the wire (recorder) ----------------------------------------------------

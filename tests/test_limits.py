@@ -64,6 +64,21 @@ def test_limits_are_published_in_the_config(limited_server):
         assert policy.allow_timeout_override
 
 
+def test_the_client_splits_a_batch_to_fit_the_request_pixel_limit(limited_server):
+    """4 images of 32x32 (4,096 LR pixels) against a 2,048-pixel limit: SRClient reads the
+    limit from the config and sends two requests of two, as a caller would by hand."""
+    from cxr_sr.client import SRClient
+
+    server, _ = limited_server
+    lr = np.random.default_rng(2).random((4, 1, 32, 32)).astype(np.float32)
+    with SRClient(server.http_url) as c:
+        assert c.limits().max_request_pixels == 2048
+        sr = c.super_resolve(lr, steps=1, seed=5)
+        by_hand = np.concatenate([c.super_resolve(lr[i : i + 2], steps=1, seed=5) for i in (0, 2)])
+    assert sr.shape == (4, 1, 128, 128)
+    np.testing.assert_array_equal(sr, by_hand)
+
+
 def test_limits_reject_nonsense_at_build_time():
     with pytest.raises(ValueError):
         ServingLimits(max_steps=0)
