@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,6 +51,19 @@ RESTRICTED = "model-repository,shared-memory"  # the API groups only an admin ma
 EXIT_TIMEOUT_S = 5  # tritonserver --exit-timeout-secs (its default is 30)
 KILL_GRACE_S = 3.0  # after the exit timeout, before SIGKILL of the process group
 MMAP_THRESHOLD = 1 << 20  # bytes: glibc malloc serves larger blocks with mmap (see below)
+
+
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.+)")
+
+
+def load_failures(log: str) -> dict[str, str]:
+    """Models that failed to load, from tritonserver's log: model name -> the first line of
+    Triton's reason (e.g. ``Internal: ... INVALID_PROTOBUF ... model.onnx``)."""
+    found = {}
+    for match in _LOAD_FAILURE.finditer(log):
+        reason = match.group(2).split("\\n")[0].strip().rstrip('"').strip()
+        found.setdefault(match.group(1), reason)
+    return found
 
 
 def pytriton_root() -> Path:
@@ -209,6 +223,7 @@ class TritonServer:
         self.binary = Path(binary) if binary else None
         self.process: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._log: Path | None = None  # where this start's log goes (log_file or a temp file)
 
     def __repr__(self) -> str:  # never shows the admin key
         return f"TritonServer({str(self.repository)!r}, host={self.host!r})"
@@ -295,10 +310,13 @@ class TritonServer:
 
     def start(self, timeout_s: float = 120.0) -> TritonServer:
         backends = None
+        self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="cxr-sr-triton-")
         if self.binary is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="cxr-sr-triton-")
             backends = backend_dir(pytriton_root(), Path(self._tmp.name) / "backends")
-        out = open(self.log_file, "a") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
+        # without a log file of the caller's, the log goes to the temporary folder, so that a
+        # failed start can say which model failed and why
+        self._log = self.log_file or Path(self._tmp.name) / "tritonserver.log"
+        out = open(self._log, "a")  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
                 self.command(backends),
@@ -309,8 +327,7 @@ class TritonServer:
                 preexec_fn=_die_with_parent,
             )
         finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
+            out.close()
         self.wait_ready(timeout_s)
         return self
 
@@ -319,13 +336,16 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = ""
-                if self.log_file and self.log_file.is_file():
-                    lines = self.log_file.read_text(errors="replace").splitlines()[-20:]
-                    tail = "\n" + "\n".join(self.redacted(lines))
+                log = self._log.read_text(errors="replace") if self._log.is_file() else ""
+                failures = load_failures(log)
+                if failures:  # Triton exits when a model fails to load (--exit-on-error)
+                    detail = "".join(f"\n  model '{m}': {why}" for m, why in failures.items())
+                else:
+                    lines = "\n".join(self.redacted(log.splitlines()[-20:]))
+                    detail = f"; the end of its log:\n{lines}" if lines else ""
                 code = self.process.returncode
                 self.stop()
-                raise RuntimeError(f"tritonserver exited with code {code}{tail}")
+                raise RuntimeError(f"tritonserver exited with code {code}{detail}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:

@@ -1,0 +1,56 @@
+"""A repository that cannot load: the server's start fails with the model's name and
+Triton's reason, and the serve command exits non-zero saying the same."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cxr_sr.builders.serve import TritonServer, load_failures
+
+LOG = (
+    "E1126 03:48:57.893034 31457 model_lifecycle.cc:642] \"failed to load 'unet' version 1: "
+    'Internal: ImportError: libfoo.so: cannot open shared object file\\n\\nAt:\\n  x.py(1)"\n'
+    "I1126 03:48:57.893142 31457 model_lifecycle.cc:777] \"failed to load 'unet'\"\n"
+)
+
+
+def test_load_failures_reads_the_model_and_the_first_line_of_the_reason():
+    assert load_failures(LOG) == {
+        "unet": "Internal: ImportError: libfoo.so: cannot open shared object file"
+    }
+    assert load_failures("I1126 server is ready\n") == {}
+
+
+@pytest.fixture(scope="module")
+def broken_repository(built_repository, tmp_path_factory):
+    """The tiny repository with vae_decoder's ONNX file replaced by garbage."""
+    repo, _ = built_repository
+    broken = tmp_path_factory.mktemp("broken") / "repo"
+    shutil.copytree(repo, broken)
+    (broken / "vae_decoder" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    return broken
+
+
+@pytest.mark.integration
+def test_a_model_that_fails_to_load_is_named_with_its_reason(broken_repository):
+    with pytest.raises(RuntimeError) as err:
+        TritonServer(broken_repository).start(timeout_s=120)
+    message = str(err.value)
+    assert "model 'vae_decoder'" in message
+    assert "onnx" in message.lower()
+
+
+@pytest.mark.integration
+def test_serve_exits_non_zero_naming_the_model(broken_repository):
+    done = subprocess.run(
+        [sys.executable, "-m", "cxr_sr.builders.serve", "--repository", str(broken_repository)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode != 0
+    assert "model 'vae_decoder'" in done.stderr, done.stderr[-2000:]
