@@ -221,6 +221,7 @@ def assemble(
     torch_device: str = "auto",
     precision: str = "fp16",
     torch_io: str = "dlpack",
+    ort_arena: bool = False,
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
     checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used)."""
@@ -256,6 +257,7 @@ def assemble(
             torch_device=torch_device,
             precision=precision,
             torch_io=torch_io,
+            ort_arena=ort_arena,
         )
         write_config(config, out / name)
 
@@ -306,6 +308,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="fp16",
         help="--target torch on CUDA: network precision (default: %(default)s; the decoder's "
         "bicubic base and sum stay fp32)",
+    )
+    p.add_argument(
+        "--ort-arena",
+        action="store_true",
+        help="cpu target: keep onnxruntime's CPU memory arena (faster: the served/in-process "
+        "ratio fell from 1.3-2.3 to <= 1.13 in make bench; but each model process then holds "
+        "the peak of the largest request it served, 3.5-6.9 GB for the demo UNet after one LR "
+        "256 image); default off: processes return to 0.2-0.4 GB between requests",
     )
     p.add_argument(
         "--torch-io",
@@ -449,6 +459,7 @@ def main(argv=None) -> int:
         torch_device=args.torch_device,
         precision=args.precision,
         torch_io=args.torch_io,
+        ort_arena=args.ort_arena,
     )
     print(f"[repository] {args.target} target written to {out}")
     return 0

@@ -68,6 +68,18 @@ def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, t
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in host.parameters
 
 
+def test_the_onnxruntime_arena_is_a_build_choice():
+    """cpu target: the arena is off unless --ort-arena (memory vs speed, README "Memory")."""
+    from cxr_sr.builders.specs import network_specs
+    from cxr_sr.builders.triton_config import network_config
+
+    unet = network_specs(4, build.S.Geometry(), 4)["unet"]
+    assert network_config(unet, "cpu").parameters["ort_cpu_mem_arena"].string_value == "false"
+    kept = network_config(unet, "cpu", ort_arena=True)
+    assert kept.parameters["ort_cpu_mem_arena"].string_value == "true"
+    assert build.parse_args(["--ort-arena"]).ort_arena and not build.parse_args([]).ort_arena
+
+
 def test_torch_stage_fp32_is_the_exported_module(checkpoint):
     ckpt = load(checkpoint)
     lr = torch.rand(2, 1, 20, 24)
