@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,19 @@ def test_serve_exits_non_zero_naming_the_model(broken_repository):
     )
     assert done.returncode != 0
     assert "model 'vae_decoder'" in done.stderr, done.stderr[-2000:]
+
+
+def test_tritonserver_runs_on_jemalloc_unless_told_otherwise(built_repository, monkeypatch):
+    """jemalloc (system-packages.txt) is preloaded for tritonserver and its stubs, with its
+    page-return settings; CXR_MALLOC=system keeps glibc's malloc."""
+    from cxr_sr.builders.serve import JEMALLOC, JEMALLOC_CONF
+
+    repo, _ = built_repository
+    installed = next(p for p in JEMALLOC if Path(p).is_file())  # the set-up installs it
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    env = TritonServer(repo)._environment()
+    assert env["LD_PRELOAD"].split(":")[0] == installed
+    assert env["MALLOC_CONF"] == JEMALLOC_CONF
+    monkeypatch.setenv("CXR_MALLOC", "system")
+    assert "LD_PRELOAD" not in TritonServer(repo)._environment()
