@@ -14,10 +14,12 @@ instance). Writes ``outputs/soak.json`` and prints a table:
 - memory growth after warm-up per process, as a fraction: (peak RSS after the warm-up -
   peak RSS until then) / peak RSS until then. 0.05 = 5%. Also the floor growth (the lowest
   RSS of the last 30 s of each phase: what a process keeps between requests). The warm-up
-  is a priming round
-  (``--concurrency`` requests of the largest size at once: the largest tensors in flight, so
-  Triton's buffers and the Python backend's shared-memory pool reach their working size),
-  then the first ``--warmup-s`` seconds of the load.
+  is a priming round per size, largest first
+  (``--concurrency`` requests of that size at once: the largest tensors in flight, and the
+  largest dynamic batches of the smaller sizes, which the largest one never forms because
+  ``max_batch_pixels`` runs it an image at a time; so Triton's buffers, the Python backend's
+  shared-memory pool and every allocator reach their working size), then the first
+  ``--warmup-s`` seconds of the load.
 
 Target (exit code 0): no failed request and every process's growth <= ``--max-growth``.
 """
@@ -281,7 +283,8 @@ def soak(
             sampler.start()
             t1 = time.monotonic()
             try:
-                prime(url, lr_crops(max(sizes), concurrency, seed=99), parameters)
+                for side in sorted(sizes, reverse=True):  # every size at full concurrency
+                    prime(url, lr_crops(side, concurrency, seed=99), parameters)
                 prime_s = time.monotonic() - t1
                 code, row, console = run_perf(
                     url,
