@@ -10,7 +10,7 @@ How an instance travels (and why nothing is lost when the node dies):
 1. the C-STORE SCP (``client.dimse.StoreSCP``) writes it to ``<spool>/incoming/`` durably
    and only then answers Success to the sender;
 2. the node takes what has arrived (up to ``batch`` instances) through the batch engine
-   (``client.batch.run_batch`` with ``<spool>/work/`` as its folder: job manifest,
+   (``client.batch.run_batch`` with the spool's ``work`` folder as its folder: job manifest,
    ``workers`` images in flight, retries with backoff, report), which skips inputs outside
    the model's domain with their reason (unless ``force``) and writes each derived instance;
 3. each derived instance is delivered to the destination (``client.studies.deliver``);
