@@ -254,3 +254,38 @@ def row_chunks(rows: int, pixels_per_row: int, max_pixels: int | None) -> list[s
 def options_key(options: SamplingOptions) -> tuple:
     """Hashable key: requests with equal keys share one sampling loop."""
     return tuple(getattr(options, f.name) for f in fields(options))
+
+
+class InputChecks(NamedTuple):
+    """The per-request checks of a network model, from its config parameters (written by
+    ``builders.triton_config``): ``input_sides`` (JSON ``{"LR": [16, 256]}``) and
+    ``input_ranges`` (JSON ``{"LR": [0, 1]}``). Shared by the onnxruntime and torch models."""
+
+    sides: dict
+    ranges: dict
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> InputChecks:
+        return cls(
+            json.loads(params.get("input_sides", "{}")),
+            json.loads(params.get("input_ranges", "{}")),
+        )
+
+    def problem(self, feeds: Mapping[str, Any], to_numpy=np.asarray) -> str | None:
+        """None, or why a request's inputs are refused (sides first: they are cheap).
+        ``to_numpy`` turns an input into a numpy array for the value check."""
+        for name, (low, high) in self.sides.items():
+            problem = check_image_shape(name, tuple(feeds[name].shape), low, high)
+            if problem:
+                return problem
+        for name, limits in self.ranges.items():
+            problem = check_finite_range(name, to_numpy(feeds[name]), *limits)
+            if problem:
+                return problem
+        return None
+
+
+def model_parameters(args: Mapping[str, str]) -> tuple[dict, dict[str, str]]:
+    """A Triton Python model's ``initialize`` args -> (its config, its string parameters)."""
+    config = json.loads(args["model_config"])
+    return config, {k: v["string_value"] for k, v in config.get("parameters", {}).items()}

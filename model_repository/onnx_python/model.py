@@ -13,7 +13,6 @@ Request parameters are not read: the ensemble forwards the client's sampling par
 every step, and only the ``sampler`` checks them.
 """
 
-import json
 import os
 from pathlib import Path
 
@@ -21,17 +20,15 @@ import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from cxr_sr.serving import check_finite_range, check_image_shape, parse_flag, row_chunks
+from cxr_sr.serving import InputChecks, model_parameters, parse_flag, row_chunks
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        config, params = model_parameters(args)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
-        self.ranges = json.loads(params.get("input_ranges", "{}"))
-        self.sides = json.loads(params.get("input_sides", "{}"))
+        self.checks = InputChecks.from_parameters(params)
         self.max_pixels = int(params.get("max_batch_pixels", "0")) or None
         options = ort.SessionOptions()
         threads = int(params.get("intra_op_threads", os.environ.get("CXR_ORT_THREADS", "0")))
@@ -54,18 +51,6 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def _problem(self, feeds):
-        """None, or why a request's inputs are refused (sides first: they are cheap)."""
-        for name, (low, high) in self.sides.items():
-            problem = check_image_shape(name, feeds[name].shape, low, high)
-            if problem:
-                return problem
-        for name, limits in self.ranges.items():
-            problem = check_finite_range(name, feeds[name], *limits)
-            if problem:
-                return problem
-        return None
-
     def execute(self, requests):
         responses = [None] * len(requests)
         batches = {}  # input shapes -> [(request index, {name: array})]
@@ -73,7 +58,7 @@ class TritonPythonModel:
             feeds = {
                 n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
             }
-            problem = self._problem(feeds)
+            problem = self.checks.problem(feeds)
             if problem:
                 responses[i] = pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG)

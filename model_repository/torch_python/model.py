@@ -15,7 +15,6 @@ one call (in chunks of at most ``max_batch_pixels``); inputs named in ``input_ra
 rest of the batch is served.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import from_dlpack, to_dlpack
 
 from cxr_sr.builders.graphs import TorchStage
-from cxr_sr.serving import check_finite_range, check_image_shape, row_chunks
+from cxr_sr.serving import InputChecks, model_parameters, row_chunks
 from cxr_sr.train.checkpoint import load
 
 
@@ -39,12 +38,10 @@ def _device(name: str, instance_gpu: str) -> torch.device:
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        config, params = model_parameters(args)
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
-        self.ranges = json.loads(params.get("input_ranges", "{}"))
-        self.sides = json.loads(params.get("input_sides", "{}"))
+        self.checks = InputChecks.from_parameters(params)
         self.max_pixels = int(params.get("max_batch_pixels", "0")) or None
         self.device = _device(params.get("device", "auto"), args.get("model_instance_device_id"))
         self.host_io = params.get("io", "dlpack") == "host"
@@ -63,18 +60,6 @@ class TritonPythonModel:
             return torch.from_numpy(tensor.as_numpy())
         return from_dlpack(tensor.to_dlpack())
 
-    def _problem(self, feeds):
-        """None, or why a request's inputs are refused (sides first: they are cheap)."""
-        for name, (low, high) in self.sides.items():
-            problem = check_image_shape(name, tuple(feeds[name].shape), low, high)
-            if problem:
-                return problem
-        for name, limits in self.ranges.items():
-            problem = check_finite_range(name, feeds[name].float().cpu().numpy(), *limits)
-            if problem:
-                return problem
-        return None
-
     def execute(self, requests):
         responses = [None] * len(requests)
         batches = {}  # input shapes -> [(request index, {name: tensor})]
@@ -82,7 +67,7 @@ class TritonPythonModel:
             feeds = {
                 n: self._tensor(pb_utils.get_input_tensor_by_name(request, n)) for n in self.inputs
             }
-            problem = self._problem(feeds)
+            problem = self.checks.problem(feeds, lambda x: x.float().cpu().numpy())
             if problem:
                 responses[i] = _error(problem, pb_utils.TritonError.INVALID_ARG)
             else:
