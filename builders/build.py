@@ -48,7 +48,7 @@ from cxr_sr.builders.triton_config import (
 from cxr_sr.client.triton import ModelIdentity
 from cxr_sr.model_repository import SOURCES
 
-CACHE_VERSION = 2  # 2: dynamic sides, padding encoder, cropping decoder
+CACHE_VERSION = 3  # 2: dynamic sides, padding encoder, cropping decoder; 3: headwise attention
 ATTENTION_BUDGET_MIB = 2048  # per image, all heads; one head: an eighth (HEAD_SHARE)
 HEAD_SHARE = 8
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import torch
 
-from cxr_sr.builders.graphs import graphs, lr_multiple, unet_factor, vae_factor
+from cxr_sr.builders.graphs import graphs, headwise_attention, lr_multiple, unet_factor, vae_factor
 from cxr_sr.builders.specs import NetworkSpec
 from cxr_sr.train.checkpoint import Checkpoint
 
@@ -34,7 +34,7 @@ def export_onnx(
     example = spec.example_inputs(spec.opt_batch)
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
     tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), headwise_attention(module), warnings.catch_warnings():
         # The tracer flags two branches of diffusers' Upsample2D on the batch size (>= 64) and
         # the element count (> 2**31): both only add a .contiguous() (a PyTorch kernel
         # workaround) and give the same numbers, so baking either in is harmless.

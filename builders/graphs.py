@@ -18,6 +18,8 @@ global position like any other (``cxr_sr.noise``) and the margin is cropped away
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -87,6 +89,89 @@ class DecoderGraph(torch.nn.Module):
         h, w = LR.shape[-2:]
         decoded = decoded[:, :, : SCALE * h, : SCALE * w]
         return self.vae.image(decoded, LR).clamp(0.0, 1.0)
+
+
+class HeadwiseAttention:
+    """A diffusers attention processor that computes the same self-attention as the stock
+    one (``AttnProcessor2_0``), one head at a time.
+
+    Exported to ONNX, the stock processor becomes MatMul -> Softmax -> MatMul over all heads
+    at once, so onnxruntime materialises every head's [tokens, tokens] score matrix together:
+    1.5 GiB per image for the UNet's mid block at LR 256 (24 heads x 4,096 tokens), and the
+    softmax's output as much again. Head by head, only one head's matrix is alive at a time
+    (64 MiB there), in a graph that is still dynamic in batch and sides, because the head
+    count is a constant of the network. Heads are independent, so the result is the same,
+    bit for bit on onnxruntime's CPU kernels (``tests/test_builders.py``).
+
+    Attention masks and spatial norms (unused by these networks) are refused, not ignored.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if attention_mask is not None or attn.spatial_norm is not None:
+            raise NotImplementedError("HeadwiseAttention: attention masks and spatial norms")
+        residual = hidden_states
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            n, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(n, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        batch, dim = query.shape[0], key.shape[-1] // attn.heads
+
+        def per_head(x: torch.Tensor) -> torch.Tensor:  # [N, T, heads * d] -> [N, heads, T, d]
+            return x.view(batch, -1, attn.heads, dim).transpose(1, 2)
+
+        query, key, value = per_head(query), per_head(key), per_head(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    query[:, i : i + 1], key[:, i : i + 1], value[:, i : i + 1]
+                )
+                for i in range(attn.heads)
+            ],
+            dim=1,
+        )
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if spatial:
+            out = out.transpose(-1, -2).reshape(n, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def headwise_attention(module: torch.nn.Module):
+    """Within the block, every diffusers ``Attention`` in ``module`` uses
+    :class:`HeadwiseAttention`; their own processors are put back after it."""
+    from diffusers.models.attention_processor import Attention
+
+    found = [m for m in module.modules() if isinstance(m, Attention)]
+    saved = [m.processor for m in found]
+    try:
+        for m in found:
+            m.set_processor(HeadwiseAttention())
+        yield len(found)
+    finally:
+        for m, processor in zip(found, saved, strict=True):
+            m.set_processor(processor)
 
 
 def graphs(rvae, denoiser) -> dict[str, torch.nn.Module]:

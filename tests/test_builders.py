@@ -122,6 +122,37 @@ def test_attention_memory_is_measured_per_head(checkpoint):
     assert attention_bytes(ck.vae, ck.denoiser, 128)["unet"] == 16 * at64["unet"]
 
 
+def test_exported_attention_runs_head_by_head(built, checkpoint):
+    """The UNet graph computes its mid-block attention one head at a time (one Softmax per
+    head, so one head's score matrix alive at a time) and gives what the stock diffusers
+    processor gives in torch; the export leaves the module's own processors in place."""
+    import onnxruntime as ort
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    from cxr_sr.builders.graphs import headwise_attention
+
+    root, _ = built
+    ck = ckpt_io.load(checkpoint)
+    (attn,) = [m for m in ck.denoiser.modules() if isinstance(m, Attention)]
+    model = onnx.load(root["onnx"] / "unet.onnx")
+    assert sum(n.op_type == "Softmax" for n in model.graph.node) == attn.heads == 4
+
+    unet = graphs(ck.vae, ck.denoiser)["unet"]
+    g = torch.Generator().manual_seed(0)
+    x, z = (torch.randn(2, 4, 24, 20, generator=g) for _ in range(2))
+    t = torch.tensor([[999.0], [10.0]])
+    with torch.no_grad():
+        stock = unet(x, t, z)
+        with headwise_attention(unet) as n:
+            assert n == 1 and attn.processor.__class__.__name__ == "HeadwiseAttention"
+            headwise = unet(x, t, z)
+    assert isinstance(attn.processor, AttnProcessor2_0)
+    torch.testing.assert_close(headwise, stock, rtol=0, atol=1e-5)
+    session = ort.InferenceSession(str(root["onnx"] / "unet.onnx"))
+    got = session.run(None, {"x_t": x.numpy(), "timestep": t.numpy(), "z_lr": z.numpy()})[0]
+    np.testing.assert_allclose(got, stock.numpy(), rtol=0, atol=1e-4)
+
+
 def test_cpu_and_gpu_configs(built):
     root, _ = built
     enc = read_config(root["cpu"] / "vae_encoder" / "config.pbtxt")
