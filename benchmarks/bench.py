@@ -72,8 +72,8 @@ DEFAULT_SIZES = (64, 128, 256)
 DEFAULT_CONCURRENCY = (1, 4)
 DEFAULT_PARAMETERS = {"steps": 1, "seed": 0}  # 1 step: the committed checkpoint's default
 TARGET_RATIO = 1.15
-# the calibration holds its four candidate pipelines at once: at LR 256 their onnxruntime
-# arenas (about 7 GB each with the committed UNet's mid-block attention) would not fit
+# the calibration holds its four candidate pipelines at once, each with its onnxruntime
+# arenas (about 1.5 GB per pipeline after an LR 256 image): LR 128 keeps that small
 CALIBRATION_MAX_SIDE = 128
 THREADS_ENV = "CXR_ORT_THREADS"  # read by model_repository/onnx_python/model.py
 # the served network models' onnxruntime settings worth reporting (config parameters)

@@ -51,6 +51,7 @@ from cxr_sr.model_repository import SOURCES
 CACHE_VERSION = 3  # 2: dynamic sides, padding encoder, cropping decoder; 3: headwise attention
 ATTENTION_BUDGET_MIB = 2048  # per image, all heads; one head: an eighth (HEAD_SHARE)
 HEAD_SHARE = 8
+QUEUE_DELAY_US = 2000  # dynamic batching delay of the ensemble's steps (requests from clients)
 
 
 def _digest(folder: Path, extra: dict) -> str:
@@ -221,7 +222,7 @@ def assemble(
     torch_device: str = "auto",
     precision: str = "fp16",
     torch_io: str = "dlpack",
-    ort_arena: bool = False,
+    ort_arena: bool = True,
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
     checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used)."""
@@ -253,6 +254,9 @@ def assemble(
             specs[name],
             target,
             instances=instances,
+            # the UNet's only caller is the sampler, which sends each step's whole batch in one
+            # call: a batching delay there would add ~2 ms to every step and merge nothing
+            queue_delay_us=0 if name == "unet" else QUEUE_DELAY_US,
             limits=limits,
             torch_device=torch_device,
             precision=precision,
@@ -311,11 +315,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--ort-arena",
-        action="store_true",
-        help="cpu target: keep onnxruntime's CPU memory arena (faster: the served/in-process "
-        "ratio fell from 1.3-2.3 to <= 1.13 in make bench; but each model process then holds "
-        "the peak of the largest request it served, 3.5-6.9 GB for the demo UNet after one LR "
-        "256 image); default off: processes return to 0.2-0.4 GB between requests",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cpu target: onnxruntime's CPU memory arena (default on). Each model process then "
+        "keeps the peak of the largest request it has served, which --max-side bounds (demo "
+        "repository after an LR 256 image: unet ~0.5 GB, vae_decoder ~0.85 GB); "
+        "--no-ort-arena returns to ~0.1-0.2 GB between requests but maps its memory afresh "
+        "for every call: LR 256 took 1.6x as long (README, Memory)",
     )
     p.add_argument(
         "--torch-io",

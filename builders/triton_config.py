@@ -107,7 +107,7 @@ def network_config(
     torch_device: str = "auto",
     precision: str = "fp16",
     torch_io: str = "dlpack",
-    ort_arena: bool = False,
+    ort_arena: bool = True,
 ) -> mc.ModelConfig:
     """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;
     Python+PyTorch on ``torch`` (``torch_device`` cuda: KIND_GPU instances, one per GPU id
@@ -154,7 +154,7 @@ def network_config(
     if config.backend == "python":
         params.setdefault("max_batch_pixels", str(spec.batch_pixels()))
     if target == "cpu":
-        # onnxruntime's memory arena off, memory patterns on (README, "Operating the server")
+        # onnxruntime's memory arena and memory patterns on (README, "Operating the server")
         params.setdefault("ort_cpu_mem_arena", str(bool(ort_arena)).lower())
         params.setdefault("ort_mem_pattern", "true")
         # idle onnxruntime threads sleep, not spin: the three network processes share the

@@ -180,7 +180,9 @@ def test_cpu_and_gpu_configs(built):
         assert gpu.platform == ("tensorrt_plan" if name == "unet" else "onnxruntime_onnx")
         assert cpu.input == gpu.input and cpu.output == gpu.output
         assert cpu.max_batch_size == gpu.max_batch_size == 4
-        assert cpu.dynamic_batching.max_queue_delay_microseconds > 0
+        delay = cpu.dynamic_batching.max_queue_delay_microseconds
+        assert delay == gpu.dynamic_batching.max_queue_delay_microseconds
+        assert delay == 0 if name == "unet" else delay > 0  # the sampler batches unet calls
     assert not (root["gpu"] / "unet" / "1" / "model.plan").exists()  # --engine skip
     assert (root["gpu"] / "vae_decoder" / "1" / "model.onnx").is_file()
     assert read_config(root["cpu"] / "cxr_sr" / "config.pbtxt") == read_config(

@@ -69,15 +69,15 @@ def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, t
 
 
 def test_the_onnxruntime_arena_is_a_build_choice():
-    """cpu target: the arena is off unless --ort-arena (memory vs speed, README "Memory")."""
+    """cpu target: the arena is on unless --no-ort-arena (speed vs memory, README "Memory")."""
     from cxr_sr.builders.specs import network_specs
     from cxr_sr.builders.triton_config import network_config
 
     unet = network_specs(4, build.S.Geometry(), 4)["unet"]
-    assert network_config(unet, "cpu").parameters["ort_cpu_mem_arena"].string_value == "false"
-    kept = network_config(unet, "cpu", ort_arena=True)
-    assert kept.parameters["ort_cpu_mem_arena"].string_value == "true"
-    assert build.parse_args(["--ort-arena"]).ort_arena and not build.parse_args([]).ort_arena
+    assert network_config(unet, "cpu").parameters["ort_cpu_mem_arena"].string_value == "true"
+    off = network_config(unet, "cpu", ort_arena=False)
+    assert off.parameters["ort_cpu_mem_arena"].string_value == "false"
+    assert build.parse_args([]).ort_arena and not build.parse_args(["--no-ort-arena"]).ort_arena
 
 
 def test_torch_stage_fp32_is_the_exported_module(checkpoint):
