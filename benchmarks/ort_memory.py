@@ -27,7 +27,7 @@ from cxr_sr.builders.serve import TritonServer
 from cxr_sr.builders.triton_config import read_config, write_config
 from cxr_sr.client.triton import SRClient
 
-# (arena, memory patterns): onnxruntime's defaults first, ours (both off) last
+# (arena, memory patterns): onnxruntime's defaults first, the build's default third
 SETTINGS = ((True, True), (False, True), (True, False), (False, False))
 ORT_MODELS = ("vae_encoder", "unet", "vae_decoder")
 

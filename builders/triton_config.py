@@ -154,9 +154,9 @@ def network_config(
     if config.backend == "python":
         params.setdefault("max_batch_pixels", str(spec.batch_pixels()))
     if target == "cpu":
-        # onnxruntime's memory arena and memory patterns on (README, "Operating the server")
+        # onnxruntime's memory arena on, memory patterns off (README, "Operating the server")
         params.setdefault("ort_cpu_mem_arena", str(bool(ort_arena)).lower())
-        params.setdefault("ort_mem_pattern", "true")
+        params.setdefault("ort_mem_pattern", "false")
         # idle onnxruntime threads sleep, not spin: the three network processes share the
         # cores (README, "Served vs in-process")
         params.setdefault("intra_op_spinning", "false")

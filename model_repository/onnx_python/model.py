@@ -45,10 +45,12 @@ class TritonPythonModel:
         # the largest request it has served (bounded by the build's largest side: ~0.5 GB
         # for the demo UNet, ~0.85 GB for its decoder at LR 256) and never returns it;
         # without it a process falls back to ~0.1-0.2 GB between requests but pays for
-        # fresh pages on every call (LR 256 1.6x slower). Memory patterns: on, as
-        # onnxruntime's default.
+        # fresh pages on every call (LR 256 1.6x slower). Memory patterns (one planned block
+        # per input shape, remembered per shape) are off: with dynamic batch and sides nearly
+        # every tile size is a new shape, and with the arena they made each process hold
+        # 1.4-1.6x more for the same speed (benchmarks.ort_memory).
         options.enable_cpu_mem_arena = parse_flag(params.get("ort_cpu_mem_arena", "true"))
-        options.enable_mem_pattern = parse_flag(params.get("ort_mem_pattern", "true"))
+        options.enable_mem_pattern = parse_flag(params.get("ort_mem_pattern", "false"))
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
