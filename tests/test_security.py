@@ -76,6 +76,17 @@ def test_command_restricts_apis_and_redacts_the_key(fake_repository):
     assert not any("restricted" in a for a in TritonServer(fake_repository).command(Path("/b")))
 
 
+def test_command_keeps_no_grpc_states_by_default(fake_repository):
+    """Kept gRPC states keep their largest image's buffers (tritonserver's memory growth in
+    `make soak`): none are kept unless asked for, through the wrapper's flag."""
+    flag = "--grpc-infer-allocation-pool-size"
+    assert f"{flag}=0" in TritonServer(fake_repository).command(Path("/b"))
+    args = serve.parse_args(["--repository", str(fake_repository), "--grpc-state-pool", "8"])
+    assert f"{flag}=8" in serve.server_from_args(args).command(Path("/b"))
+    with pytest.raises(ValueError, match="grpc_state_pool"):
+        TritonServer(fake_repository, grpc_state_pool=-1)
+
+
 def _post(url: str, headers: dict[str, str] | None = None) -> int:
     request = urllib.request.Request(url, data=b"{}", headers=headers or {}, method="POST")
     try:
