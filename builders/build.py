@@ -319,9 +319,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=True,
         help="cpu target: onnxruntime's CPU memory arena (default on). Each model process then "
         "keeps the peak of the largest request it has served, which --max-side bounds (demo "
-        "repository after an LR 256 image: unet ~0.5 GB, vae_decoder ~0.85 GB); "
+        "repository after an LR 256 image: unet ~0.35 GB, vae_decoder ~0.65 GB); "
         "--no-ort-arena returns to ~0.1-0.2 GB between requests but maps its memory afresh "
-        "for every call: LR 256 took 1.6x as long (README, Memory)",
+        "for every call: LR 256 took 1.6-2.2x as long (README, Memory)",
     )
     p.add_argument(
         "--torch-io",

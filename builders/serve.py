@@ -53,7 +53,7 @@ EXIT_TIMEOUT_S = 5  # tritonserver --exit-timeout-secs (its default is 30)
 # states kept for reuse. A kept state keeps the tensor buffers of the largest request and
 # response it has carried, so with mixed image sizes tritonserver grew until every kept state
 # had carried an LR 256 image (+18-36 MiB in `make soak`, 4 MiB per SR output); with 0 each
-# state is freed with its request (+1.7%, same throughput: README, "Soak")
+# state is freed with its request (+0.1-1.7%, same throughput: README, "Soak")
 GRPC_STATE_POOL = 0
 KILL_GRACE_S = 3.0  # after the exit timeout, before SIGKILL of the process group
 MMAP_THRESHOLD = 1 << 20  # bytes: glibc malloc serves larger blocks with mmap (see below)

@@ -42,10 +42,10 @@ class TritonPythonModel:
         )
         options.inter_op_num_threads = 1
         # memory (README, "Operating the server"): onnxruntime's CPU arena keeps the peak of
-        # the largest request it has served (bounded by the build's largest side: ~0.5 GB
-        # for the demo UNet, ~0.85 GB for its decoder at LR 256) and never returns it;
+        # the largest request it has served (bounded by the build's largest side: ~0.35 GB
+        # for the demo UNet, ~0.65 GB for its decoder at LR 256) and never returns it;
         # without it a process falls back to ~0.1-0.2 GB between requests but pays for
-        # fresh pages on every call (LR 256 1.6x slower). Memory patterns (one planned block
+        # fresh pages on every call (LR 256 1.6-2.2x slower). Memory patterns (one planned block
         # per input shape, remembered per shape) are off: with dynamic batch and sides nearly
         # every tile size is a new shape, and with the arena they made each process hold
         # 1.4-1.6x more for the same speed (benchmarks.ort_memory).
