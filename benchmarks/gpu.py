@@ -14,7 +14,10 @@ sampling (1 step):
   batch (the in-process ceiling);
 - whether the served loop kept its tensors on the GPU (the sampler logs a warning the first
   time a tensor reaches it in host memory), and the served SR's largest difference from the
-  in-process one for the same input and seed.
+  in-process one for the same input and seed;
+- the same difference per stage (``stage_max_abs``): each served model (``vae_encoder``,
+  ``unet``, ``sampler``, ``vae_decoder``) called directly with the in-process pipeline's input
+  for it, so a stage that computes something else is named alone.
 
 ``--device cpu`` runs the same script on the CPU, at small sizes, as a smoke test.
 """
@@ -136,6 +139,73 @@ class InProcess:
         return self.stages["vae_decoder"](z, lr)
 
 
+def _served(
+    url: str, model: str, inputs: dict[str, np.ndarray], output: str, **params
+) -> np.ndarray:
+    """One direct request to one model of the repository (gRPC), its ``output`` as numpy."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    feeds = []
+    for name, value in inputs.items():
+        x = grpcclient.InferInput(name, list(value.shape), "FP32")
+        x.set_data_from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        feeds.append(x)
+    wanted = [grpcclient.InferRequestedOutput(output)]
+    return client.infer(model, feeds, outputs=wanted, parameters=params or None).as_numpy(output)
+
+
+@torch.inference_mode()
+def stage_differences(url: str, pipe: InProcess, lr: np.ndarray, seed: int) -> dict[str, float]:
+    """Largest |served - in-process| of each stage for the same input: every served model is
+    called directly with the in-process pipeline's input for it, so each figure belongs to
+    that stage alone, not to the stages before it; ``cxr_sr`` is the whole pipeline."""
+    here = torch.from_numpy(lr).to(pipe.device)
+    z_lr = pipe.stages["vae_encoder"](here)
+    t = torch.full((len(lr), 1), float(pipe.ckpt.schedule.num_train_timesteps - 1))
+    x_t = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(z_lr)
+    keys = noise_keys([seed], [len(lr)], [(0, 0)], pipe.noise_block)
+    unet = pipe.stages["unet"]
+    z = sample(
+        lambda x, s, c: unet(x, s.reshape(-1, 1), c),
+        z_lr,
+        pipe.ckpt.schedule,
+        pipe.ckpt.sampling,
+        keys,
+    )
+    host = {
+        "z_lr": z_lr.cpu().numpy(),
+        "x_t": x_t.cpu().numpy(),
+        "t": t.numpy(),
+        "z": z.cpu().numpy(),
+    }
+    pairs = {
+        "vae_encoder": (
+            _served(url, "vae_encoder", {"LR": lr}, "z_lr"),
+            host["z_lr"],
+        ),
+        "unet": (
+            _served(
+                url,
+                "unet",
+                {"x_t": host["x_t"], "timestep": host["t"], "z_lr": host["z_lr"]},
+                "model_output",
+            ),
+            unet(x_t, t.to(pipe.device), z_lr).cpu().numpy(),
+        ),
+        "sampler": (_served(url, "sampler", {"z_lr": host["z_lr"]}, "z", seed=seed), host["z"]),
+        "vae_decoder": (
+            _served(url, "vae_decoder", {"z": host["z"], "LR": lr}, "SR"),
+            pipe.stages["vae_decoder"](z, here).cpu().numpy(),
+        ),
+        "cxr_sr": (
+            _served(url, "cxr_sr", {"LR": lr}, "SR", seed=seed),
+            pipe(here, seed).cpu().numpy(),
+        ),
+    }
+    return {name: float(np.abs(a - b).max()) for name, (a, b) in pairs.items()}
+
+
 def build_repository(
     checkpoint: Path, out: Path, device: str, max_batch: int, io: str = "dlpack"
 ) -> Path:
@@ -214,9 +284,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=50, help="timed repetitions per case")
     p.add_argument(
         "--concurrency",
-        type=positive_ints,
+        type=lambda text: positive_ints(text) if text.strip() else [],
         default=[1, 4, 16, 32, 64],
-        help="perf_analyzer levels (empty: skip)",
+        help="perf_analyzer levels, comma-separated ('': no perf_analyzer run)",
     )
     p.add_argument("--max-batch", type=int, default=32, help="the served models' max batch")
     p.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer window")
@@ -261,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             report["served_vs_in_process_max_abs"] = float(
                 np.abs(served - local.cpu().numpy()).max()
+            )
+            # which stage differs: each served model against its in-process twin, same inputs
+            report["stage_max_abs"] = stage_differences(
+                server.grpc_url, InProcess(ckpt, device, device.type == "cuda"), lr, seed=3
             )
             perf = []
             if args.concurrency:
@@ -319,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(
         f"GPU-resident served loop: {report['gpu_resident_loop']}; served vs in-process "
-        f"max |diff| {report['served_vs_in_process_max_abs']:.2e}"
+        f"max |diff| {report['served_vs_in_process_max_abs']:.2e}; per stage, same inputs: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in report["stage_max_abs"].items())
     )
     report.update(
         device=device_info(),

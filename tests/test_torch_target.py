@@ -130,3 +130,22 @@ def test_torch_target_refuses_bad_pixels_and_keeps_serving(torch_server):
             128,
             128,
         )
+
+
+def test_gpu_benchmark_compares_each_stage_with_its_in_process_twin(torch_server, checkpoint):
+    """``benchmarks.gpu``'s diagnosis calls every served model with the in-process pipeline's
+    input for it: nothing differs on the CPU, and a stage that computes something else shows up
+    alone (with the whole pipeline), not in the stages around it."""
+    from benchmarks.gpu import InProcess, stage_differences
+
+    pipe = InProcess(load(checkpoint), torch.device("cpu"), half=False)
+    lr = np.random.default_rng(0).random((1, 1, 32, 28), dtype=np.float32)
+    same = stage_differences(torch_server.grpc_url, pipe, lr, seed=3)
+    assert set(same) == {"vae_encoder", "unet", "sampler", "vae_decoder", "cxr_sr"}
+    assert max(same.values()) < 1e-4, same
+
+    decoder = pipe.stages["vae_decoder"]
+    pipe.stages["vae_decoder"] = lambda z, lr: decoder(z, lr) * 0.5
+    off = stage_differences(torch_server.grpc_url, pipe, lr, seed=3)
+    assert off["vae_decoder"] > 0.05 and off["cxr_sr"] > 0.05, off
+    assert max(off[k] for k in ("vae_encoder", "unet", "sampler")) < 1e-4, off
