@@ -125,18 +125,21 @@ class InProcess:
         self.noise_block = legacy_block(factor)
 
     @torch.inference_mode()
-    def __call__(self, lr: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        z_lr = self.stages["vae_encoder"](lr)
-        keys = noise_keys([seed], [len(lr)], [(0, 0)], self.noise_block)
+    def sample(self, z_lr: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """The sampler's work: z_lr -> z, the checkpoint's sampling, noise keyed by ``seed``."""
+        keys = noise_keys([seed], [len(z_lr)], [(0, 0)], self.noise_block)
         unet = self.stages["unet"]
-        z = sample(
+        return sample(
             lambda x, t, c: unet(x, t.reshape(-1, 1), c),
             z_lr,
             self.ckpt.schedule,
             self.ckpt.sampling,
             keys,
         )
-        return self.stages["vae_decoder"](z, lr)
+
+    @torch.inference_mode()
+    def __call__(self, lr: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        return self.stages["vae_decoder"](self.sample(self.stages["vae_encoder"](lr), seed), lr)
 
 
 def _served(
@@ -164,15 +167,8 @@ def stage_differences(url: str, pipe: InProcess, lr: np.ndarray, seed: int) -> d
     z_lr = pipe.stages["vae_encoder"](here)
     t = torch.full((len(lr), 1), float(pipe.ckpt.schedule.num_train_timesteps - 1))
     x_t = torch.randn(z_lr.shape, generator=torch.Generator().manual_seed(seed)).to(z_lr)
-    keys = noise_keys([seed], [len(lr)], [(0, 0)], pipe.noise_block)
-    unet = pipe.stages["unet"]
-    z = sample(
-        lambda x, s, c: unet(x, s.reshape(-1, 1), c),
-        z_lr,
-        pipe.ckpt.schedule,
-        pipe.ckpt.sampling,
-        keys,
-    )
+    z = pipe.sample(z_lr, seed)
+    sr = pipe.stages["vae_decoder"](z, here).cpu().numpy()  # the whole pipeline's SR too
     host = {
         "z_lr": z_lr.cpu().numpy(),
         "x_t": x_t.cpu().numpy(),
@@ -191,17 +187,11 @@ def stage_differences(url: str, pipe: InProcess, lr: np.ndarray, seed: int) -> d
                 {"x_t": host["x_t"], "timestep": host["t"], "z_lr": host["z_lr"]},
                 "model_output",
             ),
-            unet(x_t, t.to(pipe.device), z_lr).cpu().numpy(),
+            pipe.stages["unet"](x_t, t.to(pipe.device), z_lr).cpu().numpy(),
         ),
         "sampler": (_served(url, "sampler", {"z_lr": host["z_lr"]}, "z", seed=seed), host["z"]),
-        "vae_decoder": (
-            _served(url, "vae_decoder", {"z": host["z"], "LR": lr}, "SR"),
-            pipe.stages["vae_decoder"](z, here).cpu().numpy(),
-        ),
-        "cxr_sr": (
-            _served(url, "cxr_sr", {"LR": lr}, "SR", seed=seed),
-            pipe(here, seed).cpu().numpy(),
-        ),
+        "vae_decoder": (_served(url, "vae_decoder", {"z": host["z"], "LR": lr}, "SR"), sr),
+        "cxr_sr": (_served(url, "cxr_sr", {"LR": lr}, "SR", seed=seed), sr),
     }
     return {name: float(np.abs(a - b).max()) for name, (a, b) in pairs.items()}
 
