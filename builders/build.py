@@ -51,7 +51,6 @@ from cxr_sr.model_repository import SOURCES
 CACHE_VERSION = 3  # 2: dynamic sides, padding encoder, cropping decoder; 3: headwise attention
 ATTENTION_BUDGET_MIB = 2048  # per image, all heads; one head: an eighth (HEAD_SHARE)
 HEAD_SHARE = 8
-QUEUE_DELAY_US = 2000  # dynamic batching delay of the ensemble's steps (requests from clients)
 
 
 def _digest(folder: Path, extra: dict) -> str:
@@ -254,9 +253,6 @@ def assemble(
             specs[name],
             target,
             instances=instances,
-            # the UNet's only caller is the sampler, which sends each step's whole batch in one
-            # call: a batching delay there would add ~2 ms to every step and merge nothing
-            queue_delay_us=0 if name == "unet" else QUEUE_DELAY_US,
             limits=limits,
             torch_device=torch_device,
             precision=precision,

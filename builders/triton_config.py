@@ -79,6 +79,10 @@ class ServingLimits:
 
 
 DEFAULT_LIMITS = ServingLimits()
+# dynamic batching delay of the models the ensemble calls for clients' requests; the UNet's is
+# 0: its only caller, the sampler, sends each step's whole batch in one call, so waiting there
+# would add ~2 ms to every step and merge nothing
+QUEUE_DELAY_US = 2000
 
 
 def _batching(
@@ -100,7 +104,7 @@ def network_config(
     target: str,
     *,
     instances: int = 1,
-    queue_delay_us: int = 2000,
+    queue_delay_us: int | None = None,
     parameters: dict[str, str] | None = None,
     env_path: str | None = None,
     limits: ServingLimits = DEFAULT_LIMITS,
@@ -111,12 +115,15 @@ def network_config(
 ) -> mc.ModelConfig:
     """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;
     Python+PyTorch on ``torch`` (``torch_device`` cuda: KIND_GPU instances, one per GPU id
-    Triton assigns; auto or cpu: KIND_CPU instances that pick their device themselves)."""
+    Triton assigns; auto or cpu: KIND_CPU instances that pick their device themselves).
+    ``queue_delay_us`` None: 0 for the UNet, else :data:`QUEUE_DELAY_US`."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     config = mc.ModelConfig(name=spec.name)
     config.input.extend(_io(mc.ModelInput, spec.inputs))
     config.output.extend(_io(mc.ModelOutput, spec.outputs))
+    if queue_delay_us is None:
+        queue_delay_us = 0 if spec.name == "unet" else QUEUE_DELAY_US
     _batching(config, spec.max_batch, queue_delay_us, limits)
     group = config.instance_group.add()
     group.count = instances
@@ -171,7 +178,7 @@ def sampler_config(
     unet: NetworkSpec,
     *,
     instances: int = 1,
-    queue_delay_us: int = 2000,
+    queue_delay_us: int = QUEUE_DELAY_US,
     gpu: bool = False,
     env_path: str | None = None,
     limits: ServingLimits = DEFAULT_LIMITS,
