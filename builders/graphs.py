@@ -103,7 +103,8 @@ class HeadwiseAttention:
     count is a constant of the network. Heads are independent, so the result is the same,
     bit for bit on onnxruntime's CPU kernels (``tests/test_builders.py``).
 
-    Attention masks and spatial norms (unused by these networks) are refused, not ignored.
+    Only what these networks use: self-attention without mask, spatial norm or query/key
+    norms; anything else is refused, not ignored.
     """
 
     def __call__(
@@ -116,8 +117,18 @@ class HeadwiseAttention:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        if attention_mask is not None or attn.spatial_norm is not None:
-            raise NotImplementedError("HeadwiseAttention: attention masks and spatial norms")
+        unused = (
+            encoder_hidden_states,
+            attention_mask,
+            attn.spatial_norm,
+            attn.norm_q,
+            attn.norm_k,
+        )
+        if any(x is not None for x in unused):
+            raise NotImplementedError(
+                "HeadwiseAttention: self-attention only (no cross-attention, attention mask, "
+                "spatial norm or query/key norm)"
+            )
         residual = hidden_states
         spatial = hidden_states.ndim == 4
         if spatial:
@@ -125,20 +136,14 @@ class HeadwiseAttention:
             hidden_states = hidden_states.view(n, c, h * w).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
         batch, dim = query.shape[0], key.shape[-1] // attn.heads
 
         def per_head(x: torch.Tensor) -> torch.Tensor:  # [N, T, heads * d] -> [N, heads, T, d]
             return x.view(batch, -1, attn.heads, dim).transpose(1, 2)
 
         query, key, value = per_head(query), per_head(key), per_head(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
         out = torch.cat(
             [
                 F.scaled_dot_product_attention(
