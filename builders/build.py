@@ -48,7 +48,12 @@ from cxr_sr.builders.triton_config import (
 from cxr_sr.client.triton import ModelIdentity
 from cxr_sr.model_repository import SOURCES
 
-CACHE_VERSION = 3  # 2: dynamic sides, padding encoder, cropping decoder; 3: headwise attention
+# 2: dynamic sides, padding encoder, cropping decoder; 3: headwise attention; 4: bicubic as a
+# convolution, fused-attention variants
+CACHE_VERSION = 4
+# a network with attention layers is also exported with onnxruntime's fused attention, as
+# <name>.fused.onnx: the cpu target serves that one (builders.graphs.FusedAttention)
+FUSED = ".fused"
 ATTENTION_BUDGET_MIB = 2048  # per image, all heads; one head: an eighth (HEAD_SHARE)
 HEAD_SHARE = 8
 
@@ -159,23 +164,35 @@ def export_all(
     """Stage 1: ONNX files for every network, reused when the checkpoint is unchanged (the
     files do not depend on the served sizes, only the specs' profiles and configs do)."""
     from cxr_sr.builders.export import check_onnx, check_sizes, export_onnx
+    from cxr_sr.builders.graphs import attention_layers, graphs
     from cxr_sr.train.checkpoint import load
 
     key = _digest(checkpoint, {"max_batch": max_batch, "dynamo": dynamo})
     stamp = onnx_dir / "export.json"
     ckpt = load(checkpoint)
     specs = checkpoint_specs(ckpt, max_batch, max_side=max_side, budget_mib=budget_mib)
-    paths = {name: onnx_dir / f"{name}.onnx" for name in S.NETWORKS}
+    # (file key, network, attention): every network portable; with attention, also fused
+    # (not with dynamo: the fused node is a TorchScript-exporter symbolic)
+    modules = graphs(ckpt.vae, ckpt.denoiser)
+    files = [(name, name, "headwise") for name in S.NETWORKS] + [
+        (name + FUSED, name, "fused")
+        for name in S.NETWORKS
+        if not dynamo and attention_layers(modules[name])
+    ]
+    paths = {k: onnx_dir / f"{k}.onnx" for k, _, _ in files}
     cached = stamp.is_file() and json.loads(stamp.read_text()).get("key") == key
     if cached and not force and all(p.is_file() for p in paths.values()):
         print(f"[export] up to date ({onnx_dir})")
         return specs, paths
+    for stale in onnx_dir.glob(f"*{FUSED}.onnx"):
+        stale.unlink()  # a fused variant of an earlier checkpoint must not be served
     rows = []
-    for name in S.NETWORKS:
+    for key_name, name, attention in files:
         t0 = time.perf_counter()
-        export_onnx(ckpt, specs[name], paths[name], dynamo=dynamo)
-        diff = check_onnx(ckpt, specs[name], paths[name])
-        rows.append((name, paths[name].stat().st_size / 2**20, diff, time.perf_counter() - t0))
+        export_onnx(ckpt, specs[name], paths[key_name], dynamo=dynamo, attention=attention)
+        diff = check_onnx(ckpt, specs[name], paths[key_name])
+        size = paths[key_name].stat().st_size / 2**20
+        rows.append((key_name, size, diff, time.perf_counter() - t0))
     print(
         f"{'network':<12} {'MiB':>6} {'max |onnx - torch|':>19} {'s':>6}  (LR sizes checked:"
         f" {', '.join(f'{b}x{h}x{w}' for b, (h, w) in check_sizes(specs['unet']))})"
@@ -246,8 +263,8 @@ def assemble(
         elif target == "torch":
             _install_tree(checkpoint, version / "checkpoint")
             _install(SOURCES / "torch_python" / "model.py", version / "model.py")
-        else:
-            _install(onnx[name], version / "model.onnx")
+        else:  # cpu: onnxruntime, so the fused-attention variant where there is one
+            _install(onnx.get(name + FUSED, onnx.get(name)), version / "model.onnx")
             _install(SOURCES / "onnx_python" / "model.py", version / "model.py")
         config = network_config(
             specs[name],

@@ -16,7 +16,13 @@ import numpy as np
 import onnx
 import torch
 
-from cxr_sr.builders.graphs import graphs, headwise_attention, lr_multiple, unet_factor, vae_factor
+from cxr_sr.builders.graphs import (
+    export_attention,
+    graphs,
+    lr_multiple,
+    unet_factor,
+    vae_factor,
+)
 from cxr_sr.builders.specs import NetworkSpec
 from cxr_sr.train.checkpoint import Checkpoint
 
@@ -25,16 +31,27 @@ OPSET = 17
 
 
 def export_onnx(
-    ckpt: Checkpoint, spec: NetworkSpec, path: str | Path, *, dynamo: bool = False
+    ckpt: Checkpoint,
+    spec: NetworkSpec,
+    path: str | Path,
+    *,
+    dynamo: bool = False,
+    attention: str = "headwise",
 ) -> Path:
-    """Export one network with dynamic batch and sides; returns the path written."""
+    """Export one network with dynamic batch and sides; returns the path written.
+
+    ``attention``: how attention layers are written (``builders.graphs.ATTENTION``):
+    ``headwise`` (portable ONNX, what TensorRT parses) or ``fused`` (onnxruntime's
+    ``com.microsoft.MultiHeadAttention``; TorchScript exporter only)."""
+    if dynamo and attention == "fused":
+        raise ValueError("fused attention needs the TorchScript exporter (dynamo=False)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = graphs(ckpt.vae, ckpt.denoiser)[spec.name]
     example = spec.example_inputs(spec.opt_batch)
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
     tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad(), headwise_attention(module), warnings.catch_warnings():
+    with torch.no_grad(), export_attention(module, attention), warnings.catch_warnings():
         # The tracer flags two branches of diffusers' Upsample2D on the batch size (>= 64) and
         # the element count (> 2**31): both only add a .contiguous() (a PyTorch kernel
         # workaround) and give the same numbers, so baking either in is harmless.
@@ -62,6 +79,7 @@ def export_onnx(
                 dynamic_axes=spec.dynamic_axes(),
                 opset_version=OPSET,
                 dynamo=False,
+                custom_opsets={"com.microsoft": 1} if attention == "fused" else None,
             )
     _write_metadata(tmp, ckpt)
     tmp.replace(path)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from cxr_sr.imaging import LR_SIZE, SCALE
+from cxr_sr.imaging import LR_SIZE, SCALE, bicubic_phase_taps
 
 
 def vae_factor(rvae) -> int:
@@ -77,35 +77,55 @@ class UNetGraph(torch.nn.Module):
         return self.denoiser(x_t, timestep[:, 0], z_lr)
 
 
+class Bicubic(torch.nn.Module):
+    """``F.interpolate(mode="bicubic", align_corners=False)`` by an integer ``scale``, as an
+    edge pad, one 5x5 convolution with a kernel per output phase, and a pixel shuffle.
+
+    Same numbers as the interpolation (max abs diff ~4e-7, float rounding), but exported to
+    ONNX as Pad -> Conv -> DepthToSpace instead of a cubic Resize, which onnxruntime's CPU
+    kernel runs 30-45x slower (144 vs 3.1 ms for a 256x256 LR on 2 cores): a tenth of the
+    decoder's time at LR 256. Single-channel input (the LR), as the decoder needs.
+    """
+
+    def __init__(self, scale: int = SCALE):
+        super().__init__()
+        taps = torch.from_numpy(bicubic_phase_taps(scale))  # [scale, 5]
+        kernel = (taps[:, None, :, None] * taps[None, :, None, :]).reshape(-1, 1, 5, 5)
+        self.register_buffer("kernel", kernel.float(), persistent=False)
+        self.scale = int(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+        return F.pixel_shuffle(F.conv2d(padded, self.kernel.to(x.dtype)), self.scale)
+
+
 class DecoderGraph(torch.nn.Module):
     """(z, LR) -> SR [N, 1, 4H, 4W] = clip(bicubic(LR) + residual(z)[:4H, :4W], 0, 1)."""
 
     def __init__(self, rvae):
         super().__init__()
         self.vae = rvae
+        self.bicubic = Bicubic(SCALE)
 
     def forward(self, z, LR):
         decoded = self.vae.vae.decode(z / self.vae.scaling).sample
         h, w = LR.shape[-2:]
         decoded = decoded[:, :, : SCALE * h, : SCALE * w]
-        return self.vae.image(decoded, LR).clamp(0.0, 1.0)
+        base = self.bicubic(LR) if self.vae.is_residual else None
+        return self.vae.image(decoded, LR, base=base).clamp(0.0, 1.0)
 
 
-class HeadwiseAttention:
-    """A diffusers attention processor that computes the same self-attention as the stock
-    one (``AttnProcessor2_0``), one head at a time.
-
-    Exported to ONNX, the stock processor becomes MatMul -> Softmax -> MatMul over all heads
-    at once, so onnxruntime materialises every head's [tokens, tokens] score matrix together:
-    1.5 GiB per image for the UNet's mid block at LR 256 (24 heads x 4,096 tokens), and the
-    softmax's output as much again. Head by head, only one head's matrix is alive at a time
-    (64 MiB there), in a graph that is still dynamic in batch and sides, because the head
-    count is a constant of the network. Heads are independent, so the result is the same,
-    bit for bit on onnxruntime's CPU kernels (``tests/test_builders.py``).
+class _ExportAttention:
+    """A diffusers attention processor for export: the stock processor's (``AttnProcessor2_0``)
+    self-attention, with the softmax(q k^T / sqrt(d)) v core left to :meth:`core`.
 
     Only what these networks use: self-attention without mask, spatial norm or query/key
     norms; anything else is refused, not ignored.
     """
+
+    def core(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int):
+        """[N, T, heads * d] each -> [N, T, heads * d]."""
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -126,8 +146,8 @@ class HeadwiseAttention:
         )
         if any(x is not None for x in unused):
             raise NotImplementedError(
-                "HeadwiseAttention: self-attention only (no cross-attention, attention mask, "
-                "spatial norm or query/key norm)"
+                f"{type(self).__name__}: self-attention only (no cross-attention, attention "
+                "mask, spatial norm or query/key norm)"
             )
         residual = hidden_states
         spatial = hidden_states.ndim == 4
@@ -138,22 +158,7 @@ class HeadwiseAttention:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
         key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
-        batch, dim = query.shape[0], key.shape[-1] // attn.heads
-
-        def per_head(x: torch.Tensor) -> torch.Tensor:  # [N, T, heads * d] -> [N, heads, T, d]
-            return x.view(batch, -1, attn.heads, dim).transpose(1, 2)
-
-        query, key, value = per_head(query), per_head(key), per_head(value)
-        out = torch.cat(
-            [
-                F.scaled_dot_product_attention(
-                    query[:, i : i + 1], key[:, i : i + 1], value[:, i : i + 1]
-                )
-                for i in range(attn.heads)
-            ],
-            dim=1,
-        )
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * dim).to(query.dtype)
+        out = self.core(query, key, value, attn.heads).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial:
             out = out.transpose(-1, -2).reshape(n, c, h, w)
@@ -162,17 +167,92 @@ class HeadwiseAttention:
         return out / attn.rescale_output_factor
 
 
-@contextmanager
-def headwise_attention(module: torch.nn.Module):
-    """Within the block, every diffusers ``Attention`` in ``module`` uses
-    :class:`HeadwiseAttention`; their own processors are put back after it."""
+class HeadwiseAttention(_ExportAttention):
+    """The attention core one head at a time: the portable graph (any ONNX runtime, TensorRT).
+
+    Exported as it is in the stock processor, the core becomes MatMul -> Softmax -> MatMul over
+    all heads at once, so onnxruntime materialises every head's [tokens, tokens] score matrix
+    together: 1.5 GiB per image for the UNet's mid block at LR 256 (24 heads x 4,096 tokens),
+    and the softmax's output as much again. Head by head, only one head's matrix is alive at a
+    time (64 MiB there), in a graph that is still dynamic in batch and sides, because the head
+    count is a constant of the network. Heads are independent, so the result is the same, bit
+    for bit on onnxruntime's CPU kernels (``tests/test_builders.py``).
+    """
+
+    def core(self, query, key, value, heads):
+        batch, dim = query.shape[0], query.shape[-1] // heads
+
+        def per_head(x: torch.Tensor) -> torch.Tensor:  # [N, T, heads * d] -> [N, heads, T, d]
+            return x.view(batch, -1, heads, dim).transpose(1, 2)
+
+        query, key, value = per_head(query), per_head(key), per_head(value)
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    query[:, i : i + 1], key[:, i : i + 1], value[:, i : i + 1]
+                )
+                for i in range(heads)
+            ],
+            dim=1,
+        )
+        return out.transpose(1, 2).reshape(batch, -1, heads * dim)
+
+
+class _MultiHeadAttention(torch.autograd.Function):
+    """The attention core as one node: computed by ``scaled_dot_product_attention`` in torch,
+    exported as onnxruntime's contrib op ``com.microsoft.MultiHeadAttention`` (unscaled inputs
+    [N, T, heads * d], the default 1 / sqrt(d) scale)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, heads: int):
+        batch, dim = query.shape[0], query.shape[-1] // heads
+
+        def per_head(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, -1, heads, dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(per_head(query), per_head(key), per_head(value))
+        return out.transpose(1, 2).reshape(batch, -1, heads * dim)
+
+    @staticmethod
+    def symbolic(g, query, key, value, heads: int):
+        out = g.op("com.microsoft::MultiHeadAttention", query, key, value, num_heads_i=heads)
+        return out.setType(query.type())  # same shape and type as the query
+
+
+class FusedAttention(_ExportAttention):
+    """The attention core as onnxruntime's ``com.microsoft.MultiHeadAttention``: the cpu
+    target's graph. onnxruntime's CPU kernel computes it as flash attention, block by block,
+    so no [tokens, tokens] matrix is ever whole (memory bounded as head by head) and the scores
+    never go through main memory: the UNet at LR 256 takes ~1,050 instead of ~1,250 ms on 2
+    cores. Only onnxruntime runs it (CPU and CUDA providers); TensorRT does not parse it, so
+    the gpu target keeps :class:`HeadwiseAttention`. TorchScript exporter only."""
+
+    def core(self, query, key, value, heads):
+        return _MultiHeadAttention.apply(query, key, value, heads)
+
+
+ATTENTION = {"headwise": HeadwiseAttention, "fused": FusedAttention}
+
+
+def attention_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The diffusers ``Attention`` layers in ``module``."""
     from diffusers.models.attention_processor import Attention
 
-    found = [m for m in module.modules() if isinstance(m, Attention)]
+    return [m for m in module.modules() if isinstance(m, Attention)]
+
+
+@contextmanager
+def export_attention(module: torch.nn.Module, kind: str = "headwise"):
+    """Within the block, every diffusers ``Attention`` in ``module`` uses the ``kind``
+    processor of :data:`ATTENTION`; their own processors are put back after it. Yields how
+    many were swapped."""
+    if kind not in ATTENTION:
+        raise ValueError(f"attention kind must be one of {tuple(ATTENTION)}, got {kind!r}")
+    found = attention_layers(module)
     saved = [m.processor for m in found]
     try:
         for m in found:
-            m.set_processor(HeadwiseAttention())
+            m.set_processor(ATTENTION[kind]())
         yield len(found)
     finally:
         for m, processor in zip(found, saved, strict=True):

@@ -2,8 +2,9 @@
 
 ``bicubic_upsample`` reproduces ``torch.nn.functional.interpolate(mode="bicubic",
 align_corners=False)`` (Keys kernel, a = -0.75, half-pixel centres, edge clamping), which
-is also what the ``vae_encoder`` / ``vae_decoder`` graphs compute (ONNX ``Resize`` cubic),
-so the bicubic baseline a client reports is the one the model adds its residual to.
+is also what the ``vae_decoder`` graph computes (as a convolution per output phase,
+``bicubic_phase_taps``), so the bicubic baseline a client reports is the one the model adds
+its residual to.
 
 ``resize`` reproduces ``F.interpolate(mode="bilinear" | "bicubic", antialias=True,
 align_corners=False)`` (the separable filter widened by the reduction factor, as Pillow and
@@ -62,6 +63,14 @@ def bicubic_upsample(lr: np.ndarray, scale: int = SCALE) -> np.ndarray:
     wh = _bicubic_matrix(h, h * scale).astype(np.float32)
     ww = _bicubic_matrix(w, w * scale).astype(np.float32)
     return np.einsum("oh,...hw,pw->...op", wh, lr.astype(np.float32), ww, optimize=True)
+
+
+def bicubic_phase_taps(scale: int = SCALE) -> np.ndarray:
+    """[scale, 5] float64: the weights ``bicubic_upsample`` gives output pixel ``scale * i + p``
+    over input pixels ``i - 2 .. i + 2`` (row ``p``), the same for every ``i`` once the input is
+    edge-padded by 2. An integer upscale is thus one 5x5 convolution per output phase followed
+    by a pixel shuffle (``builders.graphs.Bicubic``)."""
+    return _bicubic_matrix(5, 5 * scale)[2 * scale : 3 * scale]
 
 
 def bicubic_baseline(lr: np.ndarray, scale: int = SCALE) -> np.ndarray:

@@ -93,7 +93,8 @@ def test_padding_and_cropping_leave_multiples_untouched(checkpoint):
     with torch.no_grad():
         z = nets["vae_encoder"](lr)
         assert torch.equal(z, ck.vae.encode_lr(lr))
-        assert torch.equal(nets["vae_decoder"](z, lr), ck.vae.decode(z, lr))
+        base = nets["vae_decoder"].bicubic(lr)  # bicubic(LR) as a convolution (tested below)
+        assert torch.equal(nets["vae_decoder"](z, lr), ck.vae.decode(z, lr, base=base))
     x = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(1, 2, 5, 7)
     padded = pad_to_multiple(x, 4)
     assert padded.shape == (1, 2, 8, 8) and torch.equal(padded[..., :5, :7], x)
@@ -122,20 +123,34 @@ def test_attention_memory_is_measured_per_head(checkpoint):
     assert attention_bytes(ck.vae, ck.denoiser, 128)["unet"] == 16 * at64["unet"]
 
 
-def test_exported_attention_runs_head_by_head(built, checkpoint):
-    """The UNet graph computes its mid-block attention one head at a time (one Softmax per
-    head, so one head's score matrix alive at a time) and gives what the stock diffusers
-    processor gives in torch; the export leaves the module's own processors in place."""
+@pytest.mark.parametrize("kind", ["headwise", "fused"])
+def test_exported_attention_kinds(built, checkpoint, kind):
+    """The UNet is exported twice: ``unet.onnx`` computes its mid-block attention one head at
+    a time in plain ONNX (one Softmax per head: one head's score matrix alive at a time, and
+    TensorRT parses it); ``unet.fused.onnx`` as one onnxruntime MultiHeadAttention node (flash
+    attention on CPU), which the cpu repository serves. Both give what the stock diffusers
+    processor gives; the export leaves the module's own processors in place."""
     import onnxruntime as ort
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    from cxr_sr.builders.graphs import headwise_attention
+    from cxr_sr.builders.graphs import ATTENTION, export_attention
 
     root, _ = built
     ck = ckpt_io.load(checkpoint)
     (attn,) = [m for m in ck.denoiser.modules() if isinstance(m, Attention)]
-    model = onnx.load(root["onnx"] / "unet.onnx")
-    assert sum(n.op_type == "Softmax" for n in model.graph.node) == attn.heads == 4
+    path = root["onnx"] / ("unet.onnx" if kind == "headwise" else "unet.fused.onnx")
+    nodes = onnx.load(path).graph.node
+    softmax = sum(n.op_type == "Softmax" for n in nodes)
+    fused = [n for n in nodes if n.op_type == "MultiHeadAttention"]
+    if kind == "headwise":
+        assert softmax == attn.heads == 4 and not fused
+        assert all(n.domain in ("", "ai.onnx") for n in nodes)  # standard ONNX only
+    else:
+        assert softmax == 0 and len(fused) == 1 and fused[0].domain == "com.microsoft"
+        assert onnx.helper.get_attribute_value(fused[0].attribute[0]) == attn.heads
+        served = root["cpu"] / "unet" / "1" / "model.onnx"
+        assert served.read_bytes() == path.read_bytes()
+    assert not (root["gpu"] / "unet" / "1" / "model.onnx").exists()  # TensorRT's plan there
 
     unet = graphs(ck.vae, ck.denoiser)["unet"]
     g = torch.Generator().manual_seed(0)
@@ -143,14 +158,55 @@ def test_exported_attention_runs_head_by_head(built, checkpoint):
     t = torch.tensor([[999.0], [10.0]])
     with torch.no_grad():
         stock = unet(x, t, z)
-        with headwise_attention(unet) as n:
-            assert n == 1 and attn.processor.__class__.__name__ == "HeadwiseAttention"
-            headwise = unet(x, t, z)
+        with export_attention(unet, kind) as n:
+            assert n == 1 and isinstance(attn.processor, ATTENTION[kind])
+            swapped = unet(x, t, z)
     assert isinstance(attn.processor, AttnProcessor2_0)
-    torch.testing.assert_close(headwise, stock, rtol=0, atol=1e-5)
-    session = ort.InferenceSession(str(root["onnx"] / "unet.onnx"))
+    torch.testing.assert_close(swapped, stock, rtol=0, atol=1e-5)
+    session = ort.InferenceSession(str(path))
     got = session.run(None, {"x_t": x.numpy(), "timestep": t.numpy(), "z_lr": z.numpy()})[0]
     np.testing.assert_allclose(got, stock.numpy(), rtol=0, atol=1e-4)
+
+
+def test_fused_attention_needs_the_torchscript_exporter(checkpoint, tmp_path):
+    from cxr_sr.builders.export import export_onnx
+    from cxr_sr.builders.graphs import export_attention
+
+    ck = ckpt_io.load(checkpoint)
+    spec = network_specs(4, max_batch=4)["unet"]
+    with pytest.raises(ValueError, match="TorchScript"):
+        export_onnx(ck, spec, tmp_path / "u.onnx", dynamo=True, attention="fused")
+    unet = graphs(ck.vae, ck.denoiser)["unet"]
+    with pytest.raises(ValueError, match="headwise"), export_attention(unet, "flash"):
+        pass
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (17, 30), (64, 64)])
+def test_bicubic_convolution_is_torch_bicubic(scale, size):
+    """The decoder's bicubic(LR) as edge pad + one 5x5 kernel per output phase + pixel shuffle
+    gives torch's bicubic interpolation, borders and 1-pixel inputs included."""
+    import torch.nn.functional as F
+
+    from cxr_sr.builders.graphs import Bicubic
+
+    x = torch.rand(2, 1, *size, generator=torch.Generator().manual_seed(sum(size)))
+    want = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
+    atol = 1e-6 if scale in (2, 4) else 1e-5  # 1 / 3 is rounded in torch's coordinates
+    torch.testing.assert_close(Bicubic(scale)(x), want, rtol=0, atol=atol)
+
+
+def test_decoder_graph_has_no_cubic_resize(built):
+    """onnxruntime's cubic Resize is 30-45x slower than the convolution that replaces it."""
+    model = onnx.load(built[0]["onnx"] / "vae_decoder.onnx")
+    modes = [
+        onnx.helper.get_attribute_value(a)
+        for n in model.graph.node
+        if n.op_type == "Resize"
+        for a in n.attribute
+        if a.name == "mode"
+    ]
+    assert b"cubic" not in modes and any(n.op_type == "DepthToSpace" for n in model.graph.node)
 
 
 def test_cpu_and_gpu_configs(built):

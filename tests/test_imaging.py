@@ -1,4 +1,5 @@
-"""cxr_sr.imaging: one bicubic (numpy = torch = the exported ONNX Resize), one antialiased
+"""cxr_sr.imaging: one bicubic (numpy = torch = ONNX Resize; the decoder graph's convolution form
+is tested in test_builders), one antialiased
 resize (numpy = torch's antialias=True), and the HR/LR protocols every user calls."""
 
 from __future__ import annotations
