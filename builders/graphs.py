@@ -167,6 +167,17 @@ class _ExportAttention:
         return out / attn.rescale_output_factor
 
 
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[N, T, heads * d] -> [N, heads, T, d]."""
+    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[N, heads, T, d] -> [N, T, heads * d]."""
+    n, heads, _, d = x.shape
+    return x.transpose(1, 2).reshape(n, -1, heads * d)
+
+
 class HeadwiseAttention(_ExportAttention):
     """The attention core one head at a time: the portable graph (any ONNX runtime, TensorRT).
 
@@ -180,12 +191,7 @@ class HeadwiseAttention(_ExportAttention):
     """
 
     def core(self, query, key, value, heads):
-        batch, dim = query.shape[0], query.shape[-1] // heads
-
-        def per_head(x: torch.Tensor) -> torch.Tensor:  # [N, T, heads * d] -> [N, heads, T, d]
-            return x.view(batch, -1, heads, dim).transpose(1, 2)
-
-        query, key, value = per_head(query), per_head(key), per_head(value)
+        query, key, value = (_split_heads(x, heads) for x in (query, key, value))
         out = torch.cat(
             [
                 F.scaled_dot_product_attention(
@@ -195,7 +201,7 @@ class HeadwiseAttention(_ExportAttention):
             ],
             dim=1,
         )
-        return out.transpose(1, 2).reshape(batch, -1, heads * dim)
+        return _merge_heads(out)
 
 
 class _MultiHeadAttention(torch.autograd.Function):
@@ -205,13 +211,8 @@ class _MultiHeadAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, heads: int):
-        batch, dim = query.shape[0], query.shape[-1] // heads
-
-        def per_head(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, -1, heads, dim).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(per_head(query), per_head(key), per_head(value))
-        return out.transpose(1, 2).reshape(batch, -1, heads * dim)
+        q, k, v = (_split_heads(x, heads) for x in (query, key, value))
+        return _merge_heads(F.scaled_dot_product_attention(q, k, v))
 
     @staticmethod
     def symbolic(g, query, key, value, heads: int):
