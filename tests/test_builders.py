@@ -239,6 +239,10 @@ def test_cpu_and_gpu_configs(built):
         delay = cpu.dynamic_batching.max_queue_delay_microseconds
         assert delay == gpu.dynamic_batching.max_queue_delay_microseconds
         assert delay == 0 if name == "unet" else delay > 0  # the sampler batches unet calls
+        # one instance: the inference probe then covers every stub (--instances says why)
+        assert [g.count for g in cpu.instance_group] == [g.count for g in gpu.instance_group]
+        assert [g.count for g in cpu.instance_group] == [1]
+    assert [g.count for g in sampler.instance_group] == [1]
     assert not (root["gpu"] / "unet" / "1" / "model.plan").exists()  # --engine skip
     assert (root["gpu"] / "vae_decoder" / "1" / "model.onnx").is_file()
     assert read_config(root["cpu"] / "cxr_sr" / "config.pbtxt") == read_config(
@@ -298,6 +302,13 @@ def test_max_side_default_follows_the_attention_budget(checkpoint):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert build.main(["--checkpoint", str(tmp_path / "nope")]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", ["0", "-1", "65"])
+def test_instances_out_of_range_is_a_clear_error(checkpoint, tmp_path, capsys, n):
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--instances", n]
+    assert build.main(args) == 2
+    assert f"--instances must be in [1, 64], got {n}" in capsys.readouterr().err
 
 
 def test_profile_and_bad_batches():
