@@ -381,8 +381,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=1,
         help="instances per model (default: %(default)s). On the cpu target 2 let another "
-        "request's stage use the cores while one waits: +24-33%% images/s at 4-8 clients at "
-        "LR 64 on 2 cores, the same latency at 1 client, twice the network processes' memory. "
+        "request's stage use the cores while one waits: -8%% to +33%% images/s at 4-8 clients "
+        "at LR 64-128 on 2 cores over three runs, the same latency at 1 client, twice the "
+        "network processes' memory. "
         "But the inference probe reaches one instance per call: with 2, a killed sampler stub "
         "left the probe passing while the requests routed to its instance fail, so the "
         "default is 1; scale out with replicas (k8s/) where that matters",
