@@ -386,7 +386,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "network processes' memory. "
         "But the inference probe reaches one instance per call: with 2, a killed sampler stub "
         "left the probe passing while the requests routed to its instance fail, so the "
-        "default is 1; scale out with replicas (k8s/) where that matters",
+        "default is 1; scale out with replicas (docker/k8s/) where that matters",
     )
     limits = p.add_argument_group(
         "limits", "what one client can ask of the server (published in the ensemble's config)"
