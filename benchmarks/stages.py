@@ -1,6 +1,6 @@
 """Per-stage timings: vae_encoder, one unet step, vae_decoder and the whole cxr_sr.
 
-    python -m benchmarks.stages --repository build/model_repository_cpu --onnx-dir build/onnx
+    python -m benchmarks.stages --repository build/model_repository_cpu
 
 Two paths, same inputs (real LR crops of the bundled radiograph), batch 1:
 
@@ -8,9 +8,11 @@ Two paths, same inputs (real LR crops of the bundled radiograph), batch 1:
   (or ``--url``); ``cxr_sr`` at several step counts. The BLS overhead per step is
   ``(full(k) - encoder - decoder) / k - unet``, and a least-squares line through
   full(k) gives the marginal cost of one more step.
-- ``offline``: onnxruntime sessions on the exported ONNX files (``build/onnx/*.onnx``), the
-  full pipeline being encoder -> ``cxr_sr.sample`` over the unet session -> decoder with the
-  repository's schedule and sampling defaults (the loop the sampler model runs).
+- ``offline``: onnxruntime sessions in this process on the repository's own ``model.onnx``
+  files (or ``--onnx-dir``), with the served models' thread setting (idle threads not
+  spinning; ``--spin`` for onnxruntime's default), the full pipeline being encoder ->
+  ``cxr_sr.sample`` over the unet session -> decoder with the repository's schedule and
+  sampling defaults (the loop the sampler model runs).
 
 Every timing is ``--warmup`` untimed calls then the median and 90th percentile of ``--runs``
 timed calls, in ms. Writes ``outputs/bench_stages.json``.
@@ -158,14 +160,14 @@ def offline_timings(
     warmup: int,
     seed: int = 0,
     threads: int = 0,
-    spinning: bool = True,
+    spinning: bool = False,
 ) -> dict[str, Any]:
     """The same stages with onnxruntime sessions on ``onnx_dir/<network>.onnx``; the full
     pipeline is ``train.pipeline.OnnxPipeline`` (the one offline evaluation scores).
 
-    ``spinning=False`` stops idle intra-op threads from busy-waiting (onnxruntime's
-    ``session.intra_op.allow_spinning``): with three sessions on a shared 2-core machine the
-    spinning pools of the idle sessions take CPU from the busy one.
+    ``spinning=False`` (as the served models) stops idle intra-op threads from busy-waiting
+    (onnxruntime's ``session.intra_op.allow_spinning``): with three sessions on a shared
+    2-core machine the spinning pools of the idle sessions take CPU from the busy one.
     """
     from cxr_sr.train.pipeline import ORT_DTYPES, OnnxPipeline
 
@@ -245,8 +247,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--onnx-dir",
         type=Path,
-        default=Path("build/onnx"),
-        help="exported ONNX files for the offline path (default: %(default)s)",
+        default=None,
+        help="ONNX files for the offline path (a builders ONNX folder or a repository; "
+        "default: --repository's own model.onnx files, the graphs the server runs)",
     )
     p.add_argument("--url", default=None, help="gRPC host:port of a running server to time")
     p.add_argument(
@@ -265,9 +268,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="onnxruntime intra-op threads offline (0 = onnxruntime's default, as served)",
     )
     p.add_argument(
-        "--no-spin",
+        "--spin",
         action="store_true",
-        help="offline sessions with session.intra_op.allow_spinning=0 (served models spin)",
+        help="offline sessions let idle intra-op threads spin (onnxruntime's default; the "
+        "served models do not, and three spinning sessions slow each other on few cores)",
     )
     p.add_argument(
         "--only",
@@ -309,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only != "server":
             repo = args.repository if args.repository.is_dir() else None
             results["offline"] = offline_timings(
-                args.onnx_dir,
+                args.onnx_dir or args.repository,
                 repo,
                 lr,
                 args.steps,
@@ -317,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.warmup,
                 args.seed,
                 args.threads,
-                spinning=not args.no_spin,
+                spinning=args.spin,
             )
     except (FileNotFoundError, RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -339,10 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         {
             "benchmark": "stages",
             "repository": str(args.repository),
-            "onnx_dir": str(args.onnx_dir),
+            "onnx_dir": str(args.onnx_dir or args.repository),
             "url": args.url,
             "batch": 1,
-            "offline_spinning": not args.no_spin,
+            "offline_spinning": args.spin,
             "runs": args.runs,
             "warmup": args.warmup,
             "device": device,
