@@ -129,3 +129,19 @@ def test_stage_benchmark_times_the_shared_pipeline(built_repository):
     res = offline_timings(onnx_dir, repo, _lr(1), [1, 2], runs=1, warmup=0, spinning=False)
     assert set(res["stages"]) == {"vae_encoder", "unet", "vae_decoder"}
     assert set(res["full"]) == {1, 2} and "marginal_step_ms" in res["loop"]
+
+
+def test_stage_benchmark_times_the_served_graphs_by_default(built_repository, tmp_path):
+    """Without --onnx-dir the in-process side runs the repository's own model.onnx files (the
+    fused-attention UNet the server runs, not build/onnx's portable one), not spinning."""
+    import json
+
+    from benchmarks.stages import main
+
+    repo, _ = built_repository
+    out = tmp_path / "stages.json"
+    argv = ["--repository", str(repo), "--only", "offline", "--runs", "1", "--warmup", "0"]
+    assert main([*argv, "--steps", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["onnx_dir"] == str(repo) and report["offline_spinning"] is False
+    assert set(report["results"]["offline"]["full"]) == {"1"}
