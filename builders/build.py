@@ -264,7 +264,7 @@ def assemble(
             _install_tree(checkpoint, version / "checkpoint")
             _install(SOURCES / "torch_python" / "model.py", version / "model.py")
         else:  # cpu: onnxruntime, so the fused-attention variant where there is one
-            _install(onnx.get(name + FUSED, onnx.get(name)), version / "model.onnx")
+            _install(onnx.get(name + FUSED) or onnx[name], version / "model.onnx")
             _install(SOURCES / "onnx_python" / "model.py", version / "model.py")
         config = network_config(
             specs[name],
