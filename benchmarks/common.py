@@ -207,6 +207,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+TRITON_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
+
+
+def grpc_inputs(feeds: dict[str, np.ndarray]) -> list:
+    """tritonclient gRPC inputs for ``{name: array}``, the Triton type from each array's dtype."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, arr in feeds.items():
+        dtype = next(k for k, v in TRITON_DTYPES.items() if v == arr.dtype)
+        x = grpcclient.InferInput(name, list(arr.shape), dtype)
+        x.set_data_from_numpy(np.ascontiguousarray(arr))
+        inputs.append(x)
+    return inputs
+
+
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` as indented JSON, creating the parent folder."""
     path = Path(path)

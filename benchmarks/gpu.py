@@ -40,6 +40,7 @@ import torch
 from benchmarks.common import (
     describe,
     device_info,
+    grpc_inputs,
     lr_crops,
     positive_ints,
     server_version,
@@ -149,11 +150,7 @@ def _served(
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
-    feeds = []
-    for name, value in inputs.items():
-        x = grpcclient.InferInput(name, list(value.shape), "FP32")
-        x.set_data_from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-        feeds.append(x)
+    feeds = grpc_inputs({k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()})
     wanted = [grpcclient.InferRequestedOutput(output)]
     return client.infer(model, feeds, outputs=wanted, parameters=params or None).as_numpy(output)
 

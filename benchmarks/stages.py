@@ -30,8 +30,10 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import (
+    TRITON_DTYPES,
     describe,
     device_info,
+    grpc_inputs,
     lr_images,
     positive_ints,
     repository_sampling,
@@ -41,8 +43,6 @@ from benchmarks.common import (
     write_json,
 )
 from cxr_sr.builders.specs import ENSEMBLE, NETWORKS
-
-TRITON_DTYPES = {"FP32": np.float32, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32}
 
 
 def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
@@ -126,12 +126,7 @@ def server_timings(
     client = grpcclient.InferenceServerClient(url)
 
     def call(model: str, feeds: dict[str, np.ndarray], params: dict | None = None):
-        inputs = []
-        for name, arr in feeds.items():
-            dtype = next(k for k, v in TRITON_DTYPES.items() if v == arr.dtype)
-            x = grpcclient.InferInput(name, list(arr.shape), dtype)
-            x.set_data_from_numpy(arr)
-            inputs.append(x)
+        inputs = grpc_inputs(feeds)
         return lambda: client.infer(model, inputs, parameters=params)
 
     stage = {}
