@@ -24,8 +24,11 @@ ratio measures what serving adds, not a thread setting; their idle threads never
 repository's ``intra_op_spinning``: three pools spinning on shared cores made serving ~1.5x
 slower).
 
-Rounds alternate served / in-process (``--rounds`` of each after ``--warmup``), so load from
-other processes hits both alike; each figure is the median over rounds. Per case:
+Rounds alternate served / in-process, so load from other processes hits both alike: after
+``--warmup``, at least ``--rounds`` of each, then more until a case's timed rounds took
+``--min-seconds`` (at most ``--max-rounds``), so the cheap cases, whose single rounds scatter
+most, get the most rounds; each figure is the median over rounds. Per case (with its
+``rounds``):
 ``served_ms`` and ``inprocess_ms`` (ms per image: round time / c), their ``ratio`` and output
 megapixels per second (``mp_per_s`` served, ``inprocess_mp_per_s``). At c = 1 the served and
 in-process SR are compared (``max_abs_diff``): the two sides do the same work. Writes
@@ -203,6 +206,16 @@ def calibrate(
 # ----------------------------------------------------------------- the cases
 
 
+def enough_rounds(
+    done: int, seconds: float, rounds: int, min_seconds: float, max_rounds: int | None
+) -> bool:
+    """Whether a case has its timed rounds: at least ``rounds``; past that, until the timed
+    rounds took ``min_seconds`` or ``max_rounds`` were run."""
+    if done < rounds:
+        return False
+    return seconds >= min_seconds or (max_rounds is not None and done >= max_rounds)
+
+
 def run_case(
     url: str,
     inproc: InProcess,
@@ -212,13 +225,21 @@ def run_case(
     rounds: int,
     warmup: int,
     seed: int,
+    min_seconds: float = 0.0,
+    max_rounds: int | None = None,
 ) -> dict[str, Any]:
-    """One (LR side, concurrency) case, served and in-process rounds interleaved."""
+    """One (LR side, concurrency) case, served and in-process rounds interleaved: ``rounds``
+    timed pairs, then more until the timed pairs took ``min_seconds`` in all (at most
+    ``max_rounds``), so a cheap case gets the rounds its noisier medians need."""
     lr = lr_crops(side, clients, seed=seed + side)
     calls = [grpc_call(url, lr[i : i + 1], params) for i in range(clients)]
-    served_t, inproc_t = [], []
+    served_t: list[float] = []
+    inproc_t: list[float] = []
     diff = None
-    for r in range(warmup + rounds):
+    r = 0
+    while not enough_rounds(
+        len(served_t), sum(served_t) + sum(inproc_t), rounds, min_seconds, max_rounds
+    ):
         ts, served = served_round(calls)
         ti, local = inproc.timed(lr)
         if r == 0:
@@ -226,6 +247,7 @@ def run_case(
         if r >= warmup:
             served_t.append(ts)
             inproc_t.append(ti)
+        r += 1
     out_mp = (SCALE * side) ** 2 / 1e6
     served_ms = float(np.median(served_t)) * 1e3 / clients
     inproc_ms = float(np.median(inproc_t)) * 1e3 / clients
@@ -239,6 +261,7 @@ def run_case(
         "ratio": served_ms / inproc_ms,
         "mp_per_s": out_mp / served_ms * 1e3,
         "inprocess_mp_per_s": out_mp / inproc_ms * 1e3,
+        "rounds": len(served_t),
         "served_round_ms": [t * 1e3 for t in served_t],
         "inprocess_round_ms": [t * 1e3 for t in inproc_t],
         "max_abs_diff": diff,
@@ -255,6 +278,8 @@ def run(
     rounds: int,
     warmup: int,
     seed: int = 0,
+    min_seconds: float = 0.0,
+    max_rounds: int | None = None,
 ) -> dict[str, Any]:
     """Every case against the server at ``url``; the report's payload (sizes the server does
     not take are skipped)."""
@@ -266,11 +291,13 @@ def run(
     cases = []
     for side in sizes:
         for clients in concurrency:
-            case = run_case(url, inproc, params, side, clients, rounds, warmup, seed)
+            case = run_case(
+                url, inproc, params, side, clients, rounds, warmup, seed, min_seconds, max_rounds
+            )
             cases.append(case)
             print(
                 f"[bench] {case['case']}: served {case['served_ms']:.0f} ms/image, in-process "
-                f"{case['inprocess_ms']:.0f}, ratio {case['ratio']:.2f}",
+                f"{case['inprocess_ms']:.0f}, ratio {case['ratio']:.2f} ({case['rounds']} rounds)",
                 flush=True,
             )
     return {"served_sides": [low, high], "skipped_sizes": skipped, "cases": cases}
@@ -335,7 +362,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add_arguments(p, DEFAULT_PARAMETERS)  # one flag per request-schema key
     p.add_argument(
-        "--rounds", type=int, default=5, help="timed rounds of each side per case (default 5)"
+        "--rounds",
+        type=int,
+        default=5,
+        help="timed rounds of each side per case, at least (default 5)",
+    )
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=20.0,
+        help="more timed rounds until a case's timed rounds (both sides) took this long: a "
+        "single round at LR 64-128 scatters by a third on shared cores, so cheap cases get "
+        "more rounds (default %(default)s; 0: exactly --rounds)",
+    )
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        default=40,
+        help="at most this many timed rounds per case (default %(default)s)",
     )
     p.add_argument(
         "--warmup", type=int, default=1, help="untimed rounds of each side first (default 1)"
@@ -369,6 +413,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or args.calibration_rounds < 1:
         p.error("--rounds >= 1, --warmup >= 0 and --calibration-rounds >= 1 are required")
+    if args.min_seconds < 0 or args.max_rounds < args.rounds:
+        p.error("--min-seconds >= 0 and --max-rounds >= --rounds are required")
     if args.served_threads not in ("match", "default") and not args.served_threads.isdigit():
         p.error(f"--served-threads must be match, default or a number, got {args.served_threads!r}")
     if not args.repository.is_dir():
@@ -390,7 +436,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[bench] in-process: {inproc.label} (fastest of {len(candidates)})", flush=True)
         threads = served_threads(args.served_threads, inproc)
         measure = (inproc, params, args.sizes, args.concurrency)
-        kwargs = {"rounds": args.rounds, "warmup": args.warmup, "seed": args.crop_seed}
+        kwargs = {
+            "rounds": args.rounds,
+            "min_seconds": args.min_seconds,
+            "max_rounds": args.max_rounds,
+            "warmup": args.warmup,
+            "seed": args.crop_seed,
+        }
         if args.url:
             threads = None  # a running server keeps its own settings
             triton = server_version(args.url)
@@ -425,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{ENSEMBLE} served (intra-op threads {threads or 'as configured'}, idle threads "
         f"not spinning) vs the same graphs in one process ({inproc.label}), "
         f"{', '.join(f'{k}={v}' for k, v in params.items())}; ms per image, median of "
-        f"{args.rounds} interleaved rounds after {args.warmup} warm-up"
+        f"{args.rounds}-{args.max_rounds} interleaved rounds (at least {args.min_seconds:g} s "
+        f"per case) after {args.warmup} warm-up"
     )
     print(describe(device, versions))
     print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after")
@@ -440,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "url": args.url,
             "parameters": params,
             "rounds": args.rounds,
+            "min_seconds": args.min_seconds,
+            "max_rounds": args.max_rounds,
             "warmup": args.warmup,
             "target_ratio": args.target,
             "worst_ratio": worst,

@@ -22,6 +22,19 @@ def test_served_round_runs_clients_at_once_and_reports_failures():
         bench.served_round([calls[0], broken])
 
 
+def test_cheap_cases_get_rounds_until_the_time_floor(capsys):
+    """At least --rounds; past that, rounds go on until the timed rounds took --min-seconds,
+    never past --max-rounds."""
+    assert not bench.enough_rounds(2, 100.0, rounds=3, min_seconds=1.0, max_rounds=10)
+    assert bench.enough_rounds(3, 1.0, rounds=3, min_seconds=1.0, max_rounds=10)
+    assert not bench.enough_rounds(3, 0.5, rounds=3, min_seconds=1.0, max_rounds=10)
+    assert bench.enough_rounds(10, 0.5, rounds=3, min_seconds=1.0, max_rounds=10)
+    assert bench.enough_rounds(3, 0.0, rounds=3, min_seconds=0.0, max_rounds=None)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "5", "--max-rounds", "4"])
+    assert "--max-rounds >= --rounds" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_side_by_side_cases_do_the_same_work(server, built_repository):
     """The calibration keeps the fastest candidate thread setting; every (size, concurrency)
@@ -41,7 +54,17 @@ def test_side_by_side_cases_do_the_same_work(server, built_repository):
     }
     assert bench.served_threads("match", inproc) == inproc.threads
     assert bench.served_threads("default", inproc) is None
-    report = bench.run(server.grpc_url, inproc, params, [16, 32, 512], [1, 2], rounds=1, warmup=0)
+    report = bench.run(
+        server.grpc_url,
+        inproc,
+        params,
+        [16, 32, 512],
+        [1, 2],
+        rounds=1,
+        warmup=0,
+        min_seconds=0.3,
+        max_rounds=4,
+    )
     cases = report["cases"]
     assert [(c["lr_side"], c["concurrency"]) for c in cases] == [(16, 1), (16, 2), (32, 1), (32, 2)]
     assert report["skipped_sizes"] == [512]
@@ -50,6 +73,9 @@ def test_side_by_side_cases_do_the_same_work(server, built_repository):
         assert c["ratio"] == pytest.approx(c["served_ms"] / c["inprocess_ms"])
         assert c["mp_per_s"] == pytest.approx(c["output_mp"] / c["served_ms"] * 1e3)
         assert c["max_abs_diff"] < 1e-5
+        assert 1 <= c["rounds"] == len(c["served_round_ms"]) == len(c["inprocess_round_ms"]) <= 4
+        timed_s = (sum(c["served_round_ms"]) + sum(c["inprocess_round_ms"])) / 1e3
+        assert timed_s >= 0.3 or c["rounds"] == 4
     settings = bench.served_thread_settings(repo)
     assert settings["unet"]["intra_op_spinning"] == "false"  # what the builder writes
     json.dumps(report)
