@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cxr_sr import SamplingOptions, Schedule
-from cxr_sr.imaging import HR_SIZE, SCALE, native_pair, reference_pair
+from cxr_sr.imaging import HR_SIZE, SCALE, Pair, native_pair, reference_pair
 
 
 def cpu_model() -> str:
@@ -123,13 +123,11 @@ def _radiograph() -> np.ndarray | None:
         return None
 
 
-def lr_crops(side: int, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` real LR inputs of ``side`` x ``side``, float32 ``[count, 1, side, side]``.
-
-    The native-scale protocol (``cxr_sr.imaging.native_pair``: LR = 4x area downsample of the
-    image at its own pixels) on random ``4 * side`` squares of the bundled radiograph (chest
-    phantoms where it is absent), so every size is the same kind of picture.
-    """
+def native_crops(side: int, count: int, seed: int = 0) -> list[Pair]:
+    """``count`` real (HR, LR) pairs with ``side`` x ``side`` LR: the native-scale protocol
+    (``cxr_sr.imaging.native_pair``: LR = 4x area downsample of the image at its own pixels) on
+    random ``4 * side`` squares of the bundled radiograph (chest phantoms where it is absent),
+    so every size is the same kind of picture."""
     if count < 1 or side < 1:
         raise ValueError(f"need count >= 1 and side >= 1, got {count}, {side}")
     rng = np.random.default_rng(seed)
@@ -145,8 +143,15 @@ def lr_crops(side: int, count: int, seed: int = 0) -> np.ndarray:
             h, w = image.shape
             top, left = int(rng.integers(0, h - hr_side + 1)), int(rng.integers(0, w - hr_side + 1))
             crop = image[top : top + hr_side, left : left + hr_side]
-        out.append(native_pair(crop).lr)
-    return np.clip(np.stack(out)[:, None], 0.0, 1.0).astype(np.float32)
+        out.append(native_pair(crop))
+    return out
+
+
+def lr_crops(side: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` real LR inputs of ``side`` x ``side``, float32 ``[count, 1, side, side]``: the
+    LR side of :func:`native_crops`."""
+    lr = np.stack([pair.lr for pair in native_crops(side, count, seed)])[:, None]
+    return np.clip(lr, 0.0, 1.0).astype(np.float32)
 
 
 def lr_images(count: int, seed: int = 0) -> np.ndarray:

@@ -3,6 +3,9 @@ size inside the served range (dynamic sides, TensorRT profiles over them, -1 dim
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import onnx
 import pytest
@@ -324,3 +327,87 @@ def test_profile_and_bad_batches():
     assert spec.dynamic_axes()["x_t"] == {0: "batch", 2: "latent_height", 3: "latent_width"}
     with pytest.raises(ValueError):
         NetworkSpec("x", (TensorSpec("a", (1,)),), (), min_batch=4, opt_batch=2, max_batch=8)
+
+
+def _qdq_ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node} & {
+        "QuantizeLinear",
+        "DequantizeLinear",
+    }
+
+
+@pytest.mark.integration
+def test_int8_unet_build_serves_the_quantized_unet(built, checkpoint, tmp_path, capsys):
+    """--int8-unet: the UNet is quantized (QDQ) with ranges from the float pipeline on the
+    bundled radiograph, cached, installed only in the UNet's folder and labelled in the
+    configs; the repository serves, and its SR stays near the float repository's."""
+    from benchmarks.bench import InProcess
+    from benchmarks.common import lr_crops
+    from benchmarks.cost import grpc_call
+    from cxr_sr.builders.serve import TritonServer
+    from cxr_sr.imaging import bicubic_baseline
+
+    root, args = built
+    onnx_dir = shutil.copytree(root["onnx"], tmp_path / "onnx")  # keep the shared one as is
+    args = [*args, "--onnx-dir", str(onnx_dir), "--out", str(tmp_path / "repo"), "--int8-unet"]
+    assert build.main(args) == 0
+    assert "the UNet in int8, calibrated on" in capsys.readouterr().out
+    stamp = json.loads((onnx_dir / "unet.int8.json").read_text())
+    assert stamp["calibration_crops"] == 8 and stamp["calls"] >= 8  # one per sampling step
+    assert stamp["source"] == "unet.fused.onnx"  # the graph the cpu target serves
+    repo = tmp_path / "repo"
+    assert _qdq_ops(repo / "unet" / "1" / "model.onnx") == {"QuantizeLinear", "DequantizeLinear"}
+    for name in ("vae_encoder", "vae_decoder"):
+        assert not _qdq_ops(repo / name / "1" / "model.onnx")
+        assert (
+            read_config(repo / name / "config.pbtxt").parameters["precision"].string_value == "fp32"
+        )
+    assert (
+        read_config(repo / "unet" / "config.pbtxt").parameters["precision"].string_value == "int8"
+    )
+    assert build.main(args) == 0
+    assert "unet.int8.onnx is up to date" in capsys.readouterr().out
+
+    lr = lr_crops(32, 1, seed=4)
+    params = {"steps": 1, "seed": 0}
+    with TritonServer(repo, log_file=tmp_path / "triton.log") as server:
+        served = grpc_call(server.grpc_url, lr, params)()
+    assert served.shape == (1, 1, 128, 128) and np.isfinite(served).all()
+    in_float = InProcess(root["cpu"], params, threads=1, spinning=False)(lr)
+    in_int8 = InProcess(repo, params, threads=1, spinning=False)(lr)
+    np.testing.assert_array_equal(served, in_int8)  # the server runs the int8 graph
+    change = np.abs(in_float - bicubic_baseline(lr[0, 0])).max()  # what the networks add
+    error = np.abs(in_int8 - in_float).max()
+    print(f"int8 vs float32 max abs {error:.4g}; networks' change to bicubic {change:.4g}")
+    assert 0 < error < change / 4
+
+
+def test_int8_flags_are_checked(checkpoint, tmp_path, capsys):
+    base = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "r")]
+    assert build.main([*base, "--target", "gpu", "--int8-unet"]) == 2
+    assert "--int8-unet and --calibration-images are for --target cpu" in capsys.readouterr().err
+    assert build.main([*base, "--calibration-images", str(tmp_path)]) == 2
+    assert "--calibration-images needs --int8-unet" in capsys.readouterr().err
+
+
+def test_calibration_crops_come_from_the_images_given(tmp_path):
+    """LR crops alternate 64 and 128 (smaller where an image is), from the images by turns;
+    a folder without images is an error."""
+    from cxr_sr.builders import quantize
+    from cxr_sr.client.io import write_png
+
+    rng = np.random.default_rng(0)
+    write_png(tmp_path / "a.png", rng.random((600, 520)))
+    write_png(tmp_path / "b.png", rng.random((100, 90)))
+    crops = quantize.calibration_lr([tmp_path], count=4)
+    assert [c.shape for c in crops] == [
+        (1, 1, 64, 64),
+        (1, 1, 20, 20),
+        (1, 1, 64, 64),
+        (1, 1, 20, 20),
+    ]
+    assert all(c.dtype == np.float32 and c.min() >= 0 and c.max() <= 1 for c in crops)
+    assert [c.shape[-1] for c in quantize.calibration_lr(count=3)] == [64, 128, 64]  # bundled
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images under"):
+        quantize.calibration_lr([tmp_path / "empty"])

@@ -180,6 +180,10 @@ class OnnxPipeline(Pipeline):
         t_input = self.sessions[NETWORKS[1]].get_inputs()[1]
         self._t_dtype = ORT_DTYPES.get(t_input.type, np.float32)
 
+    def input_names(self, name: str) -> list[str]:
+        """Network ``name``'s input names, in the order :meth:`run` takes them."""
+        return list(self._names[name])
+
     def run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
         """The first output of network ``name``, inputs in the order of its spec."""
         feeds = dict(zip(self._names[name], arrays, strict=True))
