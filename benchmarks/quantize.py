@@ -58,6 +58,14 @@ from cxr_sr.imaging import bicubic_baseline, native_pair
 EVAL_SEED = 1000  # held-out crops: far from the calibration's seeds
 
 
+def is_quantized(path: Path) -> bool:
+    """Whether the graph at ``path`` holds quantize / dequantize nodes."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+
+
 def image_pairs(paths: Sequence[str | Path], limit: int, max_hr_side: int = 1024) -> list:
     """Native-scale (HR, LR) pairs of the first ``limit`` images under ``paths`` (files or
     folders, any format the client reads), each centre-cropped to at most ``max_hr_side`` and
@@ -154,6 +162,12 @@ def run(
     """The whole comparison; the report's payload."""
     from cxr_sr.train.pipeline import find_graph
 
+    for name in NETWORKS:
+        if is_quantized(find_graph(repository, name)):
+            raise ValueError(
+                f"{repository}: {name} is already int8 (built with --int8-unet?); compare "
+                "against a float32 repository"
+            )
     base = pipeline(repository, {}, threads)
     t0 = time.perf_counter()
     recorded = record_inputs(base.pipe, base, calibration_lr(count=calibration), networks)

@@ -367,6 +367,12 @@ def test_int8_unet_build_serves_the_quantized_unet(built, checkpoint, tmp_path, 
     )
     assert build.main(args) == 0
     assert "unet.int8.onnx is up to date" in capsys.readouterr().out
+    from benchmarks import quantize as bench_quantize
+
+    with pytest.raises(ValueError, match="unet is already int8"):  # no int8-vs-int8 report
+        bench_quantize.run(
+            repo, ["unet"], tmp_path / "w", calibration=1, eval_crops=1, sides=[16], runs=1
+        )
 
     lr = lr_crops(32, 1, seed=4)
     params = {"steps": 1, "seed": 0}
