@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+from cxr_sr.builders import quantize as Q
 from cxr_sr.builders import specs as S
 from cxr_sr.builders import trt
-from cxr_sr.builders.quantize import INT8, int8_unet
 from cxr_sr.builders.triton_config import (
     DEFAULT_LIMITS,
     PRECISIONS,
@@ -267,7 +267,7 @@ def assemble(
             _install_tree(checkpoint, version / "checkpoint")
             _install(SOURCES / "torch_python" / "model.py", version / "model.py")
         else:  # cpu: onnxruntime, so the fused-attention variant where there is one
-            graph = onnx[name + INT8] if int8_unet and name == "unet" else None
+            graph = onnx[name + Q.INT8] if int8_unet and name == "unet" else None
             _install(graph or onnx.get(name + FUSED) or onnx[name], version / "model.onnx")
             _install(SOURCES / "onnx_python" / "model.py", version / "model.py")
         config = network_config(
@@ -514,7 +514,7 @@ def main(argv=None) -> int:
         )
     if args.int8_unet:
         try:
-            onnx["unet" + INT8] = int8_unet(
+            onnx["unet" + Q.INT8] = Q.int8_unet(
                 onnx, args.checkpoint, args.onnx_dir, args.calibration_images, force=args.force
             )
         except (FileNotFoundError, ValueError) as err:

@@ -171,8 +171,8 @@ def int8_unet(
     """The build stage behind ``--int8-unet``: ``unet.int8.onnx`` in ``onnx_dir``, the graph
     the cpu target serves (the fused one where there is one) quantized with ranges from the
     float pipeline (``onnx``'s graphs, the checkpoint's schedule and sampling defaults)
-    upscaling :func:`calibration_lr`. Cached on the source graph, the calibration set and
-    onnxruntime's version."""
+    upscaling :func:`calibration_lr`. Cached on the source graph, the calibration crops' pixels
+    and onnxruntime's version."""
     import onnxruntime
 
     from cxr_sr import SamplingOptions, Schedule
@@ -181,8 +181,11 @@ def int8_unet(
     src = onnx.get("unet.fused") or onnx["unet"]
     dst = onnx_dir / f"unet{INT8}.onnx"
     stamp = dst.with_suffix(".json")
-    key = hashlib.sha256(src.read_bytes())
-    key.update(json.dumps([sorted(map(str, images)), count, onnxruntime.__version__]).encode())
+    lr = calibration_lr(images, count)
+    key = hashlib.sha256(src.read_bytes())  # the graph, the calibration pixels, the tool
+    for x in lr:
+        key.update(x.tobytes())
+    key.update(onnxruntime.__version__.encode())
     fresh = dst.is_file() and stamp.is_file()
     if fresh and not force and json.loads(stamp.read_text()).get("key") == key.hexdigest():
         print(f"[int8] {dst} is up to date")
@@ -191,7 +194,6 @@ def int8_unet(
     schedule = Schedule.load(checkpoint / "scheduler")
     options = SamplingOptions(**meta["sampling"])
     pipe = OnnxPipeline(onnx_dir, threads=0, spinning=False)
-    lr = calibration_lr(images, count)
     recorded = record_inputs(pipe, lambda x: pipe.super_resolve(x, schedule, options), lr, ["unet"])
     quantize(src, dst, recorded["unet"])
     stamp.write_text(

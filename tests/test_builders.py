@@ -367,6 +367,14 @@ def test_int8_unet_build_serves_the_quantized_unet(built, checkpoint, tmp_path, 
     )
     assert build.main(args) == 0
     assert "unet.int8.onnx is up to date" in capsys.readouterr().out
+    from cxr_sr.client.io import write_png
+
+    write_png(tmp_path / "own.png", np.random.default_rng(1).random((300, 280)))
+    own = [*args, "--out", str(tmp_path / "own"), "--calibration-images", str(tmp_path / "own.png")]
+    assert build.main(own) == 0  # other calibration pixels: quantized again
+    assert "the UNet in int8, calibrated on" in capsys.readouterr().out
+    assert build.main(args) == 0  # and back: the bundled crops' ranges again
+    assert "unet.int8.onnx is up to date" not in capsys.readouterr().out
     from benchmarks import quantize as bench_quantize
 
     with pytest.raises(ValueError, match="unet is already int8"):  # no int8-vs-int8 report
