@@ -34,19 +34,6 @@ CALIBRATION_CROPS = 8
 INT8 = ".int8"  # unet.int8.onnx next to unet.onnx in the ONNX folder
 
 
-def bundled_radiograph() -> np.ndarray | None:
-    """The chest CR ``RG1_UNCI.dcm`` of the ``pydicom-data`` wheel in [0, 1], or None."""
-    try:
-        from pydicom.data import get_testdata_file
-
-        from cxr_sr.client.io import read_image
-
-        path = get_testdata_file("RG1_UNCI.dcm")
-        return read_image(path) if path else None
-    except ImportError:
-        return None
-
-
 def calibration_lr(
     images: Sequence[str | Path] = (), count: int = CALIBRATION_CROPS, seed: int = 0
 ) -> list[np.ndarray]:
@@ -64,13 +51,9 @@ def calibration_lr(
             raise ValueError(f"no images under {', '.join(map(str, images))}")
         sources = [read_image(f) for f in files[:count]]
     else:
-        radiograph = bundled_radiograph()
-        if radiograph is None:
-            raise FileNotFoundError(
-                "no calibration images: pydicom-data's RG1_UNCI.dcm is not installed; give "
-                "--calibration-images"
-            )
-        sources = [radiograph]
+        from cxr_sr.train.data.sample import load_sample
+
+        sources = [load_sample()]  # the bundled radiograph
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
