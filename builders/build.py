@@ -252,6 +252,7 @@ def assemble(
     for name in S.NETWORKS:
         version = out / name / "1"
         version.mkdir(parents=True, exist_ok=True)
+        label = None  # extra config parameters
         if target == "gpu" and name == "unet":
             plan = version / "model.plan"
             if engine == "skip" or (engine == "auto" and trt.tensorrt_version() is None):
@@ -267,9 +268,11 @@ def assemble(
             _install_tree(checkpoint, version / "checkpoint")
             _install(SOURCES / "torch_python" / "model.py", version / "model.py")
         else:  # cpu: onnxruntime, so the fused-attention variant where there is one
-            graph = onnx[name + Q.INT8] if int8_unet and name == "unet" else None
-            _install(graph or onnx.get(name + FUSED) or onnx[name], version / "model.onnx")
+            int8 = int8_unet and name == "unet"
+            graph = onnx[name + Q.INT8] if int8 else (onnx.get(name + FUSED) or onnx[name])
+            _install(graph, version / "model.onnx")
             _install(SOURCES / "onnx_python" / "model.py", version / "model.py")
+            label = {"precision": "int8" if int8 else "fp32"}  # what the served graph is
         config = network_config(
             specs[name],
             target,
@@ -279,10 +282,8 @@ def assemble(
             precision=precision,
             torch_io=torch_io,
             ort_arena=ort_arena,
+            parameters=label,
         )
-        if target == "cpu":  # what the served graph is, for whoever reads the config
-            weights = "int8" if int8_unet and name == "unet" else "fp32"
-            config.parameters["precision"].string_value = weights
         write_config(config, out / name)
 
     sampler = out / S.SAMPLER / "1"
