@@ -34,22 +34,29 @@ CALIBRATION_CROPS = 8
 INT8 = ".int8"  # unet.int8.onnx next to unet.onnx in the ONNX folder
 
 
+def read_images(paths: Sequence[str | Path], limit: int) -> list[tuple[Path, np.ndarray]]:
+    """(file, image in [0, 1]) for the first ``limit`` images under ``paths`` (files or
+    folders, any format the client reads); none at all is an error."""
+    from cxr_sr.client.io import iter_inputs, read_image
+
+    files = iter_inputs(paths)[:limit]
+    if not files:
+        raise ValueError(f"no images under {', '.join(map(str, paths))}")
+    return [(f, read_image(f)) for f in files]
+
+
 def calibration_lr(
     images: Sequence[str | Path] = (), count: int = CALIBRATION_CROPS, seed: int = 0
 ) -> list[np.ndarray]:
     """``count`` LR inputs ``[1, 1, s, s]`` (s alternating over :data:`CALIBRATION_SIDES`): the
     4x area downsample of random ``4s`` squares of the images under ``images`` (files or
     folders, any format the client reads; by turns), or of the bundled radiograph."""
-    from cxr_sr.client.io import iter_inputs, read_image
     from cxr_sr.imaging import SCALE, native_pair
 
     if count < 1:
         raise ValueError(f"need at least one calibration crop, got {count}")
     if images:
-        files = iter_inputs(images)
-        if not files:
-            raise ValueError(f"no images under {', '.join(map(str, images))}")
-        sources = [read_image(f) for f in files[:count]]
+        sources = [image for _, image in read_images(images, count)]
     else:
         from cxr_sr.train.data.sample import load_sample
 
