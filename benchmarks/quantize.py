@@ -44,13 +44,20 @@ import numpy as np
 from benchmarks.common import (
     describe,
     device_info,
+    lr_crops,
     native_crops,
     positive_ints,
     software_versions,
     table,
     write_json,
 )
-from cxr_sr.builders.quantize import QUANTIZED_OPS, calibration_lr, quantize, record_inputs
+from cxr_sr.builders.quantize import (
+    QUANTIZED_OPS,
+    calibration_lr,
+    quantize,
+    read_images,
+    record_inputs,
+)
 from cxr_sr.builders.specs import NETWORKS
 from cxr_sr.client.metrics import psnr, ssim
 from cxr_sr.imaging import bicubic_baseline, native_pair
@@ -70,14 +77,8 @@ def image_pairs(paths: Sequence[str | Path], limit: int, max_hr_side: int = 1024
     """Native-scale (HR, LR) pairs of the first ``limit`` images under ``paths`` (files or
     folders, any format the client reads), each centre-cropped to at most ``max_hr_side`` and
     to a multiple of 16 per side (LR sides a multiple of 4, as served)."""
-    from cxr_sr.client.io import iter_inputs, read_image
-
-    files = iter_inputs(paths)[:limit]
-    if not files:
-        raise ValueError(f"no images under {', '.join(map(str, paths))}")
     pairs = []
-    for f in files:
-        image = read_image(f)
+    for f, image in read_images(paths, limit):
         h, w = (min(n, max_hr_side) // 16 * 16 for n in image.shape)
         if h == 0 or w == 0:
             raise ValueError(f"{f}: {image.shape[0]}x{image.shape[1]} is below 16x16")
@@ -133,8 +134,7 @@ def speed(pipes: dict[str, Any], sides: Sequence[int], runs: int) -> dict[int, d
     """Median ms per image for every variant at each LR side, variants interleaved."""
     out = {}
     for side in sides:
-        lr = np.stack([p.lr for p in native_crops(side, 1, seed=EVAL_SEED + side)])[:, None]
-        lr = lr.astype(np.float32)
+        lr = lr_crops(side, 1, seed=EVAL_SEED + side)
         times: dict[str, list[float]] = {k: [] for k in pipes}
         for p in pipes.values():
             p(lr)  # warm-up
