@@ -40,6 +40,7 @@ from cxr_sr.builders.triton_config import (
     TARGETS,
     TORCH_DEVICES,
     TORCH_IO,
+    TORCH_LAYOUTS,
     ServingLimits,
     ensemble_config,
     network_config,
@@ -241,15 +242,23 @@ def assemble(
     torch_io: str = "dlpack",
     ort_arena: bool = True,
     int8_unet: bool = False,
+    torch_layout: str = "models",
+    cuda_graphs: bool = False,
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
     checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used;
-    ``int8_unet``: the cpu target serves ``onnx["unet.int8"]``)."""
+    ``int8_unet``: the cpu target serves ``onnx["unet.int8"]``; ``torch_layout`` fused: the
+    sampler holds the networks and ``cxr_sr`` has it as its only step)."""
     from cxr_sr import Schedule
 
+    if torch_layout not in TORCH_LAYOUTS:
+        raise ValueError(f"torch_layout must be one of {TORCH_LAYOUTS}, got {torch_layout!r}")
+    fused = target == "torch" and torch_layout == "fused"
     meta = json.loads((checkpoint / "cxr_sr.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    for name in S.NETWORKS:
+    for stale in S.NETWORKS if fused else ():  # a rebuild into a models-layout folder
+        shutil.rmtree(out / stale, ignore_errors=True)
+    for name in S.NETWORKS if not fused else ():
         version = out / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         label = None  # extra config parameters
@@ -292,12 +301,23 @@ def assemble(
     (sampler / "sampling.json").write_text(json.dumps(meta["sampling"], indent=2) + "\n")
     # on the torch target the loop runs on torch tensors where the networks are (DLPack)
     loop = f"torch-{torch_device}" if target == "torch" and torch_io == "dlpack" else "numpy"
-    config = sampler_config(specs["unet"], instances=instances, limits=limits, loop_device=loop)
+    if fused:
+        loop = f"torch-{torch_device}"  # the networks are here: nothing crosses processes
+        _install_tree(checkpoint, sampler / "checkpoint")
+    config = sampler_config(
+        specs["unet"],
+        instances=instances,
+        limits=limits,
+        loop_device=loop,
+        fused=specs if fused else None,
+        precision=precision,
+        cuda_graphs=cuda_graphs,
+    )
     write_config(config, out / S.SAMPLER)
 
     (out / S.ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)
     identity = model_identity(checkpoint).parameters()
-    write_config(ensemble_config(specs, identity, limits), out / S.ENSEMBLE)
+    write_config(ensemble_config(specs, identity, limits, fused=fused), out / S.ENSEMBLE)
     return out
 
 
@@ -370,6 +390,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="--target torch: dlpack = tensors stay where they are (GPU memory on the GPU, the "
         "sampler's loop there too); host = every hop through host memory, for Python "
         "backends that cannot share GPU memory between processes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--torch-layout",
+        choices=TORCH_LAYOUTS,
+        default="models",
+        help="--target torch: models = vae_encoder, the BLS sampler and vae_decoder as separate "
+        "models, unet called per step; fused = the sampler holds all three networks, so a "
+        "request crosses one Python process instead of five plus two per step (README, "
+        '"GPU"); fewer models to scale separately (default: %(default)s)',
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="--target torch --torch-layout fused on CUDA: replay each network as a CUDA graph "
+        "per input shape (captured on first use; up to 64 shapes per network)",
     )
     p.add_argument(
         "--out",
@@ -494,6 +529,15 @@ def main(argv=None) -> int:
     if args.calibration_images and not args.int8_unet:
         print("error: --calibration-images needs --int8-unet", file=sys.stderr)
         return 2
+    if args.torch_layout != "models" and args.target != "torch":
+        print("error: --torch-layout is for --target torch", file=sys.stderr)
+        return 2
+    if args.cuda_graphs and (args.torch_layout != "fused" or args.torch_device != "cuda"):
+        print(
+            "error: --cuda-graphs needs --target torch --torch-layout fused --torch-device cuda",
+            file=sys.stderr,
+        )
+        return 2
     out = args.out or Path(f"build/model_repository_{args.target}")
     if args.target == "torch":  # the networks run as they are: no ONNX export
         from cxr_sr.train.checkpoint import load
@@ -535,6 +579,8 @@ def main(argv=None) -> int:
         torch_io=args.torch_io,
         ort_arena=args.ort_arena,
         int8_unet=args.int8_unet,
+        torch_layout=args.torch_layout,
+        cuda_graphs=args.cuda_graphs,
     )
     print(f"[repository] {args.target} target written to {out}")
     return 0

@@ -29,6 +29,9 @@ PRECISIONS = ("fp16", "fp32")  # the torch target's precision on CUDA (the CPU r
 # stays on the GPU); host = through host memory at every hop (a fallback for Python backends
 # that cannot share GPU memory between processes)
 TORCH_IO = ("dlpack", "host")
+# the torch target's models: models = vae_encoder, sampler (BLS over unet), vae_decoder as
+# separate models; fused = the sampler holds the three networks (one Python hop per request)
+TORCH_LAYOUTS = ("models", "fused")
 
 
 def _dtype(name: str) -> int:
@@ -183,21 +186,39 @@ def sampler_config(
     env_path: str | None = None,
     limits: ServingLimits = DEFAULT_LIMITS,
     loop_device: str = "numpy",
+    fused: dict[str, NetworkSpec] | None = None,
+    precision: str = "fp16",
+    cuda_graphs: bool = False,
 ) -> mc.ModelConfig:
     """The BLS sampler: z_lr -> z, calling ``unet`` once per step.
 
     ``loop_device`` (the sampler's ``model.py`` has the details): ``numpy`` on the host (cpu
     and gpu targets); ``torch-cuda`` keeps the latents on the GPU (DLPack, UNet outputs
     requested in GPU memory: no host copy per step); ``torch-cpu``; ``torch-auto`` (the torch
-    target: CUDA where torch sees a GPU)."""
+    target: CUDA where torch sees a GPU).
+
+    ``fused`` (the torch target's fused layout; all three network specs): the sampler holds
+    the networks itself and takes ``LR`` to ``SR``, with the encoder's input checks;
+    ``precision`` and ``cuda_graphs`` apply to its networks on CUDA (KIND_GPU instances)."""
     z_lr = next(t for t in unet.inputs if t.name == "z_lr")
     config = mc.ModelConfig(name=SAMPLER, backend="python")
-    config.input.extend(_io(mc.ModelInput, (z_lr,)))
-    config.output.extend(_io(mc.ModelOutput, (TensorSpec("z", z_lr.shape, grid=z_lr.grid),)))
+    if fused is None:
+        config.input.extend(_io(mc.ModelInput, (z_lr,)))
+        config.output.extend(_io(mc.ModelOutput, (TensorSpec("z", z_lr.shape, grid=z_lr.grid),)))
+    else:
+        if loop_device == "numpy" or precision not in PRECISIONS:
+            raise ValueError(
+                "the fused layout runs torch networks: loop_device must be torch-*, precision "
+                f"one of {PRECISIONS}; got {loop_device!r}, {precision!r}"
+            )
+        config.input.extend(_io(mc.ModelInput, fused["vae_encoder"].inputs))
+        config.output.extend(_io(mc.ModelOutput, fused["vae_decoder"].outputs))
     _batching(config, unet.max_batch, queue_delay_us, limits)
     group = config.instance_group.add()
     group.count = instances
     group.kind = mc.ModelInstanceGroup.KIND_CPU  # the loop is host code; tensors stay where unet is
+    if fused is not None and loop_device == "torch-cuda":
+        group.kind = mc.ModelInstanceGroup.KIND_GPU  # it runs the networks: one per GPU
     params = {
         "unet_model": unet.name,
         "unet_inputs": ",".join(unet.input_names),
@@ -210,6 +231,17 @@ def sampler_config(
     }
     if loop_device != "numpy":
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    if fused is not None:
+        g = fused["vae_encoder"].geometry
+        params.update(
+            layout="fused",
+            precision=precision,
+            cuda_graphs=str(bool(cuda_graphs)).lower(),
+            lr_multiple=str(g.multiple),
+            input_ranges=json.dumps({"LR": [0.0, 1.0]}),
+            input_sides=json.dumps({"LR": [g.min_side, g.max_side]}),
+            stage_batch_pixels=json.dumps({n: spec.batch_pixels() for n, spec in fused.items()}),
+        )
     if env_path:
         params["EXECUTION_ENV_PATH"] = env_path
     for key, value in params.items():
@@ -221,10 +253,12 @@ def ensemble_config(
     specs: dict[str, NetworkSpec],
     identity: dict[str, str] | None = None,
     limits: ServingLimits = DEFAULT_LIMITS,
+    fused: bool = False,
 ) -> mc.ModelConfig:
-    """``cxr_sr``: LR -> vae_encoder -> sampler -> vae_decoder -> SR. ``identity``: the
-    model's name, version and weights hash as config parameters
-    (``cxr_sr.client.triton.ModelIdentity.parameters``), for clients to read."""
+    """``cxr_sr``: LR -> vae_encoder -> sampler -> vae_decoder -> SR (``fused``: LR -> sampler
+    -> SR, the sampler holding the networks). ``identity``: the model's name, version and
+    weights hash as config parameters (``cxr_sr.client.triton.ModelIdentity.parameters``),
+    for clients to read."""
     enc, dec = specs["vae_encoder"], specs["vae_decoder"]
     config = mc.ModelConfig(name=ENSEMBLE, platform="ensemble", max_batch_size=enc.max_batch)
     config.input.extend(_io(mc.ModelInput, enc.inputs))
@@ -239,6 +273,8 @@ def ensemble_config(
         (SAMPLER, {"z_lr": "z_lr"}, {"z": "z"}),
         (dec.name, {"z": "z", "LR": "LR"}, {"SR": "SR"}),
     ]
+    if fused:
+        steps = [(SAMPLER, {"LR": "LR"}, {"SR": "SR"})]
     for model, inputs, outputs in steps:
         step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
         for k, v in inputs.items():

@@ -4,6 +4,8 @@ TensorRT plan exists), served by the real tritonserver on the CPU here and held 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,15 @@ def torch_repository(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch") / "repo"
     args = ["--checkpoint", str(checkpoint), "--out", str(out), "--target", "torch"]
     assert build.main([*args, "--max-batch", "4", "--max-side", "128"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused_repository(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fused") / "repo"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--target", "torch"]
+    args += ["--torch-layout", "fused", "--max-batch", "4", "--max-side", "128"]
+    assert build.main(args) == 0
     return out
 
 
@@ -68,6 +79,41 @@ def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, t
     assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in host.parameters
 
 
+def test_fused_layout_is_one_model_behind_the_ensemble(fused_repository, checkpoint):
+    """--torch-layout fused: no separate network models; the sampler takes LR to SR with the
+    checkpoint beside it and the encoder's checks, and cxr_sr has it as its only step."""
+    assert sorted(p.name for p in fused_repository.iterdir()) == ["cxr_sr", "sampler"]
+    sampler = read_config(fused_repository / "sampler" / "config.pbtxt")
+    assert [t.name for t in sampler.input] == ["LR"] and [t.name for t in sampler.output] == ["SR"]
+    params = {k: v.string_value for k, v in sampler.parameters.items()}
+    assert params["layout"] == "fused" and params["loop_device"] == "torch-auto"
+    assert params["input_sides"] == '{"LR": [16, 128]}'
+    assert set(json.loads(params["stage_batch_pixels"])) == set(HALF_INPUTS)
+    assert (fused_repository / "sampler" / "1" / "checkpoint" / "cxr_sr.json").read_bytes() == (
+        checkpoint / "cxr_sr.json"
+    ).read_bytes()
+    ensemble = read_config(fused_repository / "cxr_sr" / "config.pbtxt")
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["sampler"]
+    assert params["lr_multiple"] == ensemble.parameters["lr_multiple"].string_value
+
+
+def test_fused_layout_options_are_checked(checkpoint, tmp_path, capsys):
+    from cxr_sr.builders.specs import network_specs
+    from cxr_sr.builders.triton_config import sampler_config
+
+    base = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "r")]
+    assert build.main([*base, "--torch-layout", "fused"]) == 2  # target cpu
+    assert "--torch-layout is for --target torch" in capsys.readouterr().err
+    assert build.main([*base, "--target", "torch", "--cuda-graphs"]) == 2
+    assert "--cuda-graphs needs" in capsys.readouterr().err
+    specs = network_specs(4, build.S.Geometry(), 4)
+    with pytest.raises(ValueError, match="torch networks"):
+        sampler_config(specs["unet"], fused=specs)  # a numpy loop cannot run them
+    gpu = sampler_config(specs["unet"], loop_device="torch-cuda", fused=specs, cuda_graphs=True)
+    assert gpu.instance_group[0].kind == gpu.instance_group[0].KIND_GPU
+    assert gpu.parameters["cuda_graphs"].string_value == "true"
+
+
 def test_the_onnxruntime_arena_is_a_build_choice():
     """cpu target: the arena is on unless --no-ort-arena (speed vs memory, README "Memory")."""
     from cxr_sr.builders.specs import network_specs
@@ -106,6 +152,34 @@ def test_torch_target_serves_what_the_onnxruntime_target_serves(server, torch_se
     assert served_torch.shape == (shape[0], 1, 4 * shape[2], 4 * shape[3])
     np.testing.assert_array_equal(served_torch, again)
     np.testing.assert_allclose(served_torch, served_onnx, atol=2e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_fused_layout_serves_what_the_separate_models_serve(torch_server, fused_repository):
+    """Same requests, same seeds: one fused model gives the separate models' SR exactly, for a
+    batch of an odd size; a bad request gets its own 400 naming the problem and the next is
+    served."""
+    import tritonclient.http as http
+    from tritonclient.utils import InferenceServerException
+
+    lr = np.random.default_rng(7).random((2, 1, 37, 50)).astype(np.float32)
+    with SRClient(torch_server.http_url) as c:
+        separate = c.super_resolve(lr, steps=STEPS, seed=5)
+    log = fused_repository.parent / "triton.log"
+    with TritonServer(fused_repository, log_file=log) as fused, SRClient(fused.http_url) as c:
+        np.testing.assert_array_equal(c.super_resolve(lr, steps=STEPS, seed=5), separate)
+        raw = http.InferenceServerClient(fused.http_url)
+        for bad, message in [
+            (np.full((1, 1, 32, 32), 2.0, np.float32), "intensities"),
+            (np.full((1, 1, 8, 32), 0.5, np.float32), "LR"),
+        ]:
+            request = http.InferInput("LR", list(bad.shape), "FP32")
+            request.set_data_from_numpy(bad)
+            with pytest.raises(InferenceServerException, match=message) as err:
+                raw.infer("cxr_sr", [request])
+            assert err.value.status() == "400"
+        assert c.super_resolve(lr[:1], steps=1).shape == (1, 1, 148, 200)
 
 
 @pytest.mark.integration

@@ -25,6 +25,15 @@ through DLPack with the UNet's outputs requested in GPU memory, so no step copie
 ``torch-cpu`` runs the same torch path on the CPU (the torch target without a GPU);
 ``torch-auto`` is ``torch-cuda`` where torch sees a GPU, else ``torch-cpu``.
 
+Layout (config parameter ``layout``, written by ``builders.build --torch-layout``): ``models``
+(default) calls ``unet`` through BLS and is one step of the ``cxr_sr`` ensemble between
+``vae_encoder`` and ``vae_decoder``. ``fused`` (the torch target) holds the three networks
+itself (``builders.graphs.TorchStage``, from ``checkpoint/`` next to this file): input ``LR``,
+output ``SR``, and ``cxr_sr`` has this model as its only step, so a request crosses one
+process boundary instead of five plus two per step. On CUDA the networks may replay as CUDA
+graphs (``cuda_graphs`` "true"). The LR is checked here as ``vae_encoder`` checks it
+(``input_ranges``, ``input_sides``, ``max_request_pixels``).
+
 Requests with the same options and latent size are sampled in one loop, so the UNet sees the
 whole dynamic batch each step (Triton only batches requests of equal shapes anyway). Every
 row's noise is keyed by (seed, row, global latent position) (``cxr_sr.noise``), so a result
@@ -41,7 +50,7 @@ from cxr_sr import SamplingOptions, Schedule, sample
 from cxr_sr.imaging import SCALE
 from cxr_sr.noise import legacy_block, noise_keys
 from cxr_sr.sampling import latent_origin
-from cxr_sr.serving import options_key, parse_parameters, row_chunks
+from cxr_sr.serving import InputChecks, options_key, parse_parameters, row_chunks
 
 
 class UNetError(RuntimeError):
@@ -72,7 +81,40 @@ class TritonPythonModel:
         self.max_request_pixels = int(params.get("max_request_pixels", "0")) or None
         sides = params.get("latent_sides", "")
         self.latent_sides = tuple(int(v) for v in sides.split(",")) if sides else None
-        self.arrays = _Arrays(params.get("loop_device", "numpy"))
+        self.arrays = _Arrays(
+            params.get("loop_device", "numpy"), args.get("model_instance_device_id")
+        )
+        self.fused = params.get("layout", "models") == "fused"
+        if self.fused:
+            self._load_networks(here, params)
+        self.input_name, self.result_name = ("LR", "SR") if self.fused else ("z_lr", "z")
+
+    def _load_networks(self, here, params):
+        """``layout`` fused: the encoder, UNet and decoder in this process, on the loop's device."""
+        if self.arrays.torch is None:
+            raise ValueError("layout 'fused' needs a torch loop_device (the torch target)")
+        from cxr_sr.builders.graphs import GraphedStage, TorchStage
+        from cxr_sr.train.checkpoint import load
+
+        device = self.arrays.device
+        half = device.type == "cuda" and params.get("precision", "fp16") == "fp16"
+        graphed = device.type == "cuda" and params.get("cuda_graphs", "false") == "true"
+        self.arrays.torch.backends.cudnn.benchmark = True
+        ckpt = load(here / "checkpoint")
+        self.networks = {}
+        for name in ("vae_encoder", "unet", "vae_decoder"):
+            stage = TorchStage(ckpt.vae, ckpt.denoiser, name, device, half)
+            self.networks[name] = GraphedStage(stage) if graphed else stage
+        self.checks = InputChecks.from_parameters(params)
+        self.lr_multiple = int(params.get("lr_multiple", "1"))
+        self.stage_pixels = json.loads(params.get("stage_batch_pixels", "{}"))
+
+    def _local(self, name, *inputs):
+        """One in-process network over a batch, in chunks of at most its pixel budget."""
+        pixels = int(np.prod(inputs[0].shape[2:]))
+        chunks = row_chunks(len(inputs[0]), pixels, self.stage_pixels.get(name))
+        run = self.networks[name]
+        return self.arrays.cat([run(*(x[s] for x in inputs)) for s in chunks])
 
     def _check_latent(self, z_lr):
         """None, or why this latent is outside what the UNet was built for."""
@@ -91,6 +133,18 @@ class TritonPythonModel:
         """None, or why this request holds too many (padded LR) pixels."""
         n, _, h, w = z_lr.shape
         lr_h, lr_w = h * self.vae_factor // SCALE, w * self.vae_factor // SCALE
+        return self._pixel_problem(n, lr_h, lr_w)
+
+    def _check_lr(self, lr):
+        """``layout`` fused: None, or why this LR is refused (what ``vae_encoder`` checks)."""
+        problem = self.checks.problem({"LR": lr}, _numpy)
+        if problem:
+            return problem
+        n, _, h, w = lr.shape
+        m = self.lr_multiple
+        return self._pixel_problem(n, -(-h // m) * m, -(-w // m) * m)
+
+    def _pixel_problem(self, n, lr_h, lr_w):
         pixels = n * lr_h * lr_w
         if not self.max_request_pixels or pixels <= self.max_request_pixels:
             return None
@@ -109,6 +163,9 @@ class TritonPythonModel:
         limit = min(self.max_pixels or pixels * self.max_batch, pixels * self.max_batch)
         a = self.arrays
         for s in row_chunks(len(x_t), pixels, limit):
+            if self.fused:
+                outs.append(self.networks["unet"](x_t[s], t[s].reshape(-1, 1), z_lr[s]))
+                continue
             request = pb_utils.InferenceRequest(
                 model_name=self.unet,
                 requested_output_names=[self.out_name],
@@ -129,7 +186,9 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         groups = {}
         for i, request in enumerate(requests):
-            z_lr = self.arrays.array(pb_utils.get_input_tensor_by_name(request, "z_lr"))
+            tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+            host = tensor.as_numpy() if self.fused and tensor.is_cpu() else None
+            x = self.arrays.array(tensor, expected_on_host=host is not None)
             try:
                 options, seed, origin = parse_parameters(
                     request.parameters(),
@@ -139,17 +198,20 @@ class TritonPythonModel:
                     max_steps=self.max_steps,
                 )
                 origin = latent_origin(origin, self.vae_factor)
-                problem = self._check_latent(z_lr) or self._check_pixels(z_lr)
+                if self.fused:
+                    problem = self._check_lr(x if host is None else host)
+                else:
+                    problem = self._check_latent(x) or self._check_pixels(x)
                 if problem:
                     raise ValueError(problem)
             except ValueError as err:
                 responses[i] = _error(str(err), pb_utils.TritonError.INVALID_ARG)
                 continue
-            key = (options_key(options), z_lr.shape[1:])
-            groups.setdefault(key, (options, []))[1].append((i, z_lr, (seed, origin)))
+            key = (options_key(options), x.shape[1:])
+            groups.setdefault(key, (options, []))[1].append((i, x, (seed, origin)))
 
         for options, items in groups.values():
-            z_lr = self.arrays.cat([z for _, z, _ in items])
+            x = self.arrays.cat([z for _, z, _ in items])
             keys = noise_keys(
                 [s for _, _, (s, _) in items],
                 [len(z) for _, z, _ in items],
@@ -164,7 +226,9 @@ class TritonPythonModel:
                 return self._denoise(x_t, t, z)
 
             try:
+                z_lr = self._local("vae_encoder", x) if self.fused else x
                 z = sample(denoise, z_lr, self.schedule, options, keys)
+                out = self._local("vae_decoder", z, x) if self.fused else z
             except CancelledError as err:
                 for i, _, _ in items:
                     responses[i] = _error(str(err), pb_utils.TritonError.CANCELLED)
@@ -175,11 +239,13 @@ class TritonPythonModel:
                 continue
             start = 0
             for i, rows, _ in items:
-                out = z[start : start + len(rows)]
+                part = out[start : start + len(rows)]
                 start += len(rows)
-                responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[self.arrays.tensor("z", out)]
-                )
+                if self.fused:  # SR goes to the client: it leaves in host memory
+                    tensor = self.arrays.host(self.result_name, part)
+                else:
+                    tensor = self.arrays.tensor(self.result_name, part)
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])
         return responses
 
 
@@ -187,7 +253,7 @@ class _Arrays:
     """The loop's arrays: numpy on the host, or torch tensors on the CPU or a GPU, exchanged
     with Triton through DLPack (torch is imported only for the torch loops)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, gpu_id: str | None = None):
         if device not in ("numpy", "torch-cpu", "torch-cuda", "torch-auto"):
             raise ValueError(f"loop_device must be numpy or torch-cpu|cuda|auto, got {device!r}")
         self.torch = None
@@ -198,18 +264,22 @@ class _Arrays:
             self.torch = torch
             if device == "torch-auto":
                 device = "torch-cuda" if torch.cuda.is_available() else "torch-cpu"
-            self.device = torch.device("cuda" if device == "torch-cuda" else "cpu")
+            index = int(gpu_id or 0)  # a KIND_GPU instance's device; KIND_CPU: GPU 0
+            self.device = torch.device(f"cuda:{index}" if device == "torch-cuda" else "cpu")
             if self.device.type == "cuda":  # ask unet for its outputs where the loop keeps state
-                memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, 0)
+                torch.cuda.set_device(self.device)
+                memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, index)
                 self.request_memory = {"preferred_memory": memory}
         self.host_copies = 0  # tensors that came from Triton in host memory (torch-cuda: 0)
 
-    def array(self, tensor):
-        """A Triton tensor as this loop's array (no copy where it already is in place)."""
+    def array(self, tensor, expected_on_host=False):
+        """A Triton tensor as this loop's array (no copy where it already is in place).
+        ``expected_on_host``: it comes from a client (the fused layout's LR), so host memory
+        is no sign of a copy between models and is not warned about."""
         if self.torch is None:
             return tensor.as_numpy()
         if tensor.is_cpu():
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and not expected_on_host:
                 self.host_copies += 1
                 if self.host_copies == 1:
                     pb_utils.Logger.log_warn(
@@ -221,6 +291,12 @@ class _Arrays:
         if x.is_cuda:  # the copy is queued: finish it before Triton frees the source
             self.torch.cuda.current_stream(x.device).synchronize()
         return x
+
+    def host(self, name, x):
+        """``x`` as a Triton tensor in host memory (numpy)."""
+        if self.torch is not None:
+            x = x.cpu().numpy()
+        return pb_utils.Tensor(name, np.ascontiguousarray(x))
 
     def tensor(self, name, x):
         if self.torch is None:
@@ -234,6 +310,11 @@ class _Arrays:
         if len(parts) == 1:
             return parts[0]
         return np.concatenate(parts) if self.torch is None else self.torch.cat(parts)
+
+
+def _numpy(x):
+    """An input as numpy for the value checks (torch tensors are copied to the host)."""
+    return x if isinstance(x, np.ndarray) else x.float().cpu().numpy()
 
 
 def _error(message, code):
