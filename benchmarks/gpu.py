@@ -50,7 +50,7 @@ from benchmarks.common import (
 )
 from benchmarks.perf import PerfSettings, sweep
 from cxr_sr import sample
-from cxr_sr.builders.graphs import TorchStage
+from cxr_sr.builders.graphs import GraphedStage, TorchStage
 from cxr_sr.builders.serve import TritonServer
 from cxr_sr.client import SRClient
 from cxr_sr.imaging import SCALE
@@ -77,39 +77,6 @@ def timed(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-class GraphedStage:
-    """A :class:`TorchStage` replayed as one CUDA graph per input shape (captured on first
-    use): inputs are copied into static buffers, the graph replays every kernel with one
-    launch. The numpy noise draws of the loop stay outside the graphs."""
-
-    def __init__(self, stage: TorchStage):
-        self.stage = stage
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, torch.Tensor]] = {}
-
-    def _capture(self, inputs: Sequence[torch.Tensor]):
-        static = [x.clone() for x in inputs]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.stage(*static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.stage(*static)
-        return graph, static, out
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(inputs)
-        graph, static, out = self.graphs[key]
-        for buffer, x in zip(static, inputs, strict=True):
-            buffer.copy_(x)
-        graph.replay()
-        return out.clone()
 
 
 class InProcess:
@@ -193,8 +160,17 @@ def stage_differences(url: str, pipe: InProcess, lr: np.ndarray, seed: int) -> d
     return {name: float(np.abs(a - b).max()) for name, (a, b) in pairs.items()}
 
 
+# what benchmarks.gpu serves side by side: name -> builders.build options of the torch target
+VARIANTS = {
+    "models-dlpack": ["--torch-io", "dlpack"],  # separate models, GPU tensors via DLPack
+    "models-host": ["--torch-io", "host"],  # separate models, every hop through host memory
+    "fused": ["--torch-layout", "fused"],  # the sampler holds the three networks
+    "fused-graphs": ["--torch-layout", "fused", "--cuda-graphs"],  # ... as CUDA graphs
+}
+
+
 def build_repository(
-    checkpoint: Path, out: Path, device: str, max_batch: int, io: str = "dlpack"
+    checkpoint: Path, out: Path, device: str, max_batch: int, options: Sequence[str] = ()
 ) -> Path:
     cmd = [
         sys.executable,
@@ -208,8 +184,7 @@ def build_repository(
         "cuda" if device == "cuda" else "cpu",
         "--max-batch",
         str(max_batch),
-        "--torch-io",
-        io,
+        *options,
         "--out",
         str(out),
     ]
@@ -237,7 +212,7 @@ def in_process_rows(ckpt, device, sides, batch, reps) -> list[dict[str, Any]]:
     return rows
 
 
-def served_rows(server, sides, reps) -> list[dict[str, Any]]:
+def served_rows(server, sides, reps, variant: str) -> list[dict[str, Any]]:
     rows = []
     with SRClient(server.grpc_url, protocol="grpc") as client:
         for side in sides:
@@ -245,7 +220,7 @@ def served_rows(server, sides, reps) -> list[dict[str, Any]]:
             ms = timed(lambda lr=lr: client.super_resolve(lr), torch.device("cpu"), reps)
             rows.append(
                 {
-                    "path": "served (gRPC, batch 1)",
+                    "path": f"served {variant} (gRPC, batch 1)",
                     "lr_side": side,
                     "batch": 1,
                     "ms": ms,
@@ -254,6 +229,50 @@ def served_rows(server, sides, reps) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def serve_variant(args, ckpt, device, name: str, tmp: Path) -> dict[str, Any]:
+    """One served variant: batch-1 latency, its SR against the in-process one (and against
+    itself, asked twice), each stage's difference (separate models only), perf_analyzer."""
+    repo = build_repository(
+        args.checkpoint, tmp / name, args.device, args.max_batch, VARIANTS[name]
+    )
+    log = tmp / f"triton_{name}.log"
+    result: dict[str, Any] = {"variant": name}
+    with TritonServer(repo, log_file=log) as server:
+        result["rows"] = served_rows(server, args.sides, args.reps, name)
+        lr = lr_crops(args.sides[0], 1)
+        with SRClient(server.grpc_url, protocol="grpc") as client:
+            served = client.super_resolve(lr, seed=3)
+            again = client.super_resolve(lr, seed=3)
+        half = device.type == "cuda"
+        local = InProcess(ckpt, device, half)(torch.from_numpy(lr).to(device), seed=3)
+        result["served_vs_in_process_max_abs"] = float(np.abs(served - local.cpu().numpy()).max())
+        result["served_repeat_max_abs"] = float(np.abs(served - again).max())
+        if name.startswith("models"):  # which stage differs, each with the same inputs
+            pipe = InProcess(ckpt, device, half)
+            result["stage_max_abs"] = stage_differences(server.grpc_url, pipe, lr, seed=3)
+        perf = []
+        if args.concurrency:
+            settings = PerfSettings(measurement_ms=args.measurement_ms, max_trials=args.max_trials)
+            perf = sweep(server.grpc_url, args.concurrency, settings, sizes=[args.sides[0]])
+        result["perf"] = [
+            {
+                "variant": name,
+                "concurrency": r.concurrency,
+                "lr_side": r.lr_side,
+                "images_per_s": r.throughput,
+                "p50_ms": r.p50_ms,
+                "p99_ms": r.p99_ms,
+                "failed_requests": r.failed_requests,
+                "error": r.error,
+            }
+            for r in perf
+        ]
+        result["triton"] = server_version(server.grpc_url)
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    result["gpu_resident_loop"] = HOST_COPY_WARNING not in text
+    return result
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -270,15 +289,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="in-process large batch (LR 64)")
     p.add_argument("--reps", type=int, default=50, help="timed repetitions per case")
     p.add_argument(
+        "--variants",
+        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        default=list(VARIANTS),
+        help=f"served variants, comma-separated, of {', '.join(VARIANTS)} (fused-graphs: "
+        "CUDA only; default: all that apply)",
+    )
+    p.add_argument(
         "--concurrency",
         type=lambda text: positive_ints(text) if text.strip() else [],
-        default=[1, 4, 16, 32, 64],
+        default=[1, 4, 16, 64],
         help="perf_analyzer levels, comma-separated ('': no perf_analyzer run)",
     )
     p.add_argument("--max-batch", type=int, default=32, help="the served models' max batch")
     p.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer window")
+    p.add_argument("--max-trials", type=int, default=4, help="perf_analyzer windows per level")
     p.add_argument("--out", type=Path, default=Path("outputs/gpu.json"), help="JSON report")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    if args.device == "cpu":
+        args.variants = [v for v in args.variants if v != "fused-graphs"]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,48 +324,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = load(args.checkpoint)
     print("[gpu] in-process", flush=True)
     rows = in_process_rows(ckpt, device, args.sides, args.batch, args.reps)
-    report: dict[str, Any] = {}
+    variants: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cxr-gpu-") as tmp:
-        for io in ("dlpack", "host"):  # host: where GPU memory cannot cross processes
-            repo = build_repository(
-                args.checkpoint, Path(tmp) / io, args.device, args.max_batch, io
-            )
-            log = Path(tmp) / f"triton_{io}.log"
-            print(f"[gpu] served, tensors between models: {io}", flush=True)
-            try:
-                with TritonServer(repo, log_file=log) as server:
-                    served_rows(server, args.sides[:1], 2)
-                break
-            except Exception as err:  # noqa: BLE001 - reported, then the host path is tried
+        for name in args.variants:
+            print(f"[gpu] served: {name}", flush=True)
+            try:  # one variant failing must not cost the others' figures
+                variants.append(serve_variant(args, ckpt, device, name, Path(tmp)))
+            except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
+                log = Path(tmp) / f"triton_{name}.log"
                 text = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
-                print(f"[gpu] {io} failed: {err}\n{text}", flush=True)
-                report[f"{io}_error"] = str(err)[:2000]
-        report["torch_io"] = io
-        with TritonServer(repo, log_file=log) as server:
-            rows += served_rows(server, args.sides, args.reps)
-            lr = lr_crops(args.sides[0], 1)
-            with SRClient(server.grpc_url, protocol="grpc") as client:
-                served = client.super_resolve(lr, seed=3)
-            local = InProcess(ckpt, device, device.type == "cuda")(
-                torch.from_numpy(lr).to(device), seed=3
-            )
-            report["served_vs_in_process_max_abs"] = float(
-                np.abs(served - local.cpu().numpy()).max()
-            )
-            # which stage differs: each served model against its in-process twin, same inputs
-            report["stage_max_abs"] = stage_differences(
-                server.grpc_url, InProcess(ckpt, device, device.type == "cuda"), lr, seed=3
-            )
-            perf = []
-            if args.concurrency:
-                settings = PerfSettings(measurement_ms=args.measurement_ms)
-                perf = sweep(server.grpc_url, args.concurrency, settings, sizes=[args.sides[0]])
-            versions = software_versions(triton=server_version(server.grpc_url))
-            versions["torch"] = torch.__version__
-        text = log.read_text(errors="replace") if log.is_file() else ""
-        report["gpu_resident_loop"] = HOST_COPY_WARNING not in text
-    device_text = describe(device_info(), versions)
-    print(device_text)
+                print(f"[gpu] {name} failed: {err}\n{text}", flush=True)
+                variants.append({"variant": name, "error": str(err)[:2000]})
+    triton = next((v["triton"] for v in variants if "triton" in v), None)
+    versions = software_versions(triton=triton)
+    versions["torch"] = torch.__version__
+    rows += [r for v in variants for r in v.get("rows", [])]
+    perf_rows = [r for v in variants for r in v.get("perf", [])]
+    print(describe(device_info(), versions))
     print(
         table(
             ["path", "LR", "batch", "ms", "images/s", "output MP/s"],
@@ -349,24 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ],
         )
     )
-    perf_rows = [
-        {
-            "concurrency": r.concurrency,
-            "lr_side": r.lr_side,
-            "images_per_s": r.throughput,
-            "p50_ms": r.p50_ms,
-            "p99_ms": r.p99_ms,
-            "failed_requests": r.failed_requests,
-            "error": r.error,
-        }
-        for r in perf
-    ]
     if perf_rows:
         print(
             table(
-                ["concurrency", "LR", "images/s", "p50 ms", "p99 ms", "failed"],
+                ["variant", "concurrency", "LR", "images/s", "p50 ms", "p99 ms", "failed"],
                 [
                     [
+                        r["variant"],
                         r["concurrency"],
                         r["lr_side"],
                         "-" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}",
@@ -378,18 +375,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ],
             )
         )
-    print(
-        f"GPU-resident served loop: {report['gpu_resident_loop']}; served vs in-process "
-        f"max |diff| {report['served_vs_in_process_max_abs']:.2e}; per stage, same inputs: "
-        + ", ".join(f"{k} {v:.2e}" for k, v in report["stage_max_abs"].items())
-    )
-    report.update(
-        device=device_info(),
-        versions=versions,
-        date=time.strftime("%Y-%m-%d"),
-        rows=rows,
-        perf=perf_rows,
-    )
+    for v in variants:
+        if "error" in v:
+            print(f"{v['variant']}: failed: {v['error'][:300]}")
+            continue
+        stages = v.get("stage_max_abs")
+        print(
+            f"{v['variant']}: GPU-resident loop {v['gpu_resident_loop']}; served vs in-process "
+            f"max |diff| {v['served_vs_in_process_max_abs']:.2e}; served twice "
+            f"{v['served_repeat_max_abs']:.2e}"
+            + ("" if not stages else "; per stage: ")
+            + ", ".join(f"{k} {x:.2e}" for k, x in (stages or {}).items())
+        )
+    report = {
+        "device": device_info(),
+        "versions": versions,
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": rows,
+        "perf": perf_rows,
+        "variants": [{k: x for k, x in v.items() if k not in ("rows", "perf")} for v in variants],
+    }
     write_json(args.out, report)
     print(f"[gpu] wrote {args.out}")
     return 0
