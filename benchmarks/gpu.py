@@ -25,6 +25,7 @@ sampling (1 step):
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -324,12 +325,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ckpt = load(args.checkpoint)
     print("[gpu] in-process", flush=True)
     rows = in_process_rows(ckpt, device, args.sides, args.batch, args.reps)
+    for row in rows:  # as they come, so a run cut short still leaves them in its log
+        print(f"[gpu] {json.dumps(row)}", flush=True)
     variants: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cxr-gpu-") as tmp:
         for name in args.variants:
             print(f"[gpu] served: {name}", flush=True)
             try:  # one variant failing must not cost the others' figures
                 variants.append(serve_variant(args, ckpt, device, name, Path(tmp)))
+                print(f"[gpu] {name}: {json.dumps(variants[-1], default=str)}", flush=True)
             except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
                 log = Path(tmp) / f"triton_{name}.log"
                 text = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
