@@ -9,7 +9,11 @@ on the CPU in fp32 (``device``: auto | cuda | cpu; auto takes CUDA when torch se
 Tensors stay on the GPU (config parameter ``io`` "dlpack"): with
 ``FORCE_CPU_ONLY_INPUT_TENSORS`` "no", inputs that another model left in GPU memory arrive there
 and are read through DLPack, and outputs are handed back through DLPack without a host copy.
-``io`` "host" hands every output back in host memory instead. Requests of equal shapes run as
+``io`` "host" hands every output back in host memory instead. Tensors cross to and from
+Triton through DLPack in host memory as well, never through the stub's numpy bridge: the
+``nvidia-pytriton`` wheel's stub is built against numpy 1.x, and under numpy 2 that bridge
+reads arrays with a zero item size (outputs arrive empty, inputs garbled; measured on a GPU
+machine whose Python had numpy 2.5). Requests of equal shapes run as
 one call (in chunks of at most ``max_batch_pixels``); inputs named in ``input_ranges`` /
 ``input_sides`` are checked per request, and a bad request gets its own INVALID_ARG while the
 rest of the batch is served.
@@ -55,9 +59,8 @@ class TritonPythonModel:
         self.stage = TorchStage(ckpt.vae, ckpt.denoiser, params["network"], self.device, half)
 
     def _tensor(self, tensor) -> torch.Tensor:
-        """A request's input as a torch tensor, without a copy where it already is in place."""
-        if tensor.is_cpu():
-            return torch.from_numpy(tensor.as_numpy())
+        """A request's input as a torch tensor, without a copy, through DLPack in host memory
+        too: the stub's numpy bridge misreads arrays under numpy 2 (module docstring)."""
         return from_dlpack(tensor.to_dlpack())
 
     def execute(self, requests):
@@ -104,10 +107,7 @@ class TritonPythonModel:
 
 
 def _output(name: str, x: torch.Tensor):
-    x = x.contiguous()
-    if x.is_cuda:
-        return pb_utils.Tensor.from_dlpack(name, to_dlpack(x))
-    return pb_utils.Tensor(name, x.numpy())
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(x.contiguous()))
 
 
 def _error(message, code):

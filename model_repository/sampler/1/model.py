@@ -187,8 +187,7 @@ class TritonPythonModel:
         groups = {}
         for i, request in enumerate(requests):
             tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
-            host = tensor.as_numpy() if self.fused and tensor.is_cpu() else None
-            x = self.arrays.array(tensor, expected_on_host=host is not None)
+            x = self.arrays.array(tensor, expected_on_host=self.fused)
             try:
                 options, seed, origin = parse_parameters(
                     request.parameters(),
@@ -199,7 +198,7 @@ class TritonPythonModel:
                 )
                 origin = latent_origin(origin, self.vae_factor)
                 if self.fused:
-                    problem = self._check_lr(x if host is None else host)
+                    problem = self._check_lr(x)
                 else:
                     problem = self._check_latent(x) or self._check_pixels(x)
                 if problem:
@@ -278,25 +277,25 @@ class _Arrays:
         is no sign of a copy between models and is not warned about."""
         if self.torch is None:
             return tensor.as_numpy()
-        if tensor.is_cpu():
-            if self.device.type == "cuda" and not expected_on_host:
-                self.host_copies += 1
-                if self.host_copies == 1:
-                    pb_utils.Logger.log_warn(
-                        "sampler: a tensor arrived in host memory although the loop runs on "
-                        "the GPU; copying it (once per tensor from now on)"
-                    )
-            return self.torch.from_numpy(tensor.as_numpy()).to(self.device)
-        x = self.torch.from_dlpack(tensor.to_dlpack()).clone()
+        if tensor.is_cpu() and self.device.type == "cuda" and not expected_on_host:
+            self.host_copies += 1
+            if self.host_copies == 1:
+                pb_utils.Logger.log_warn(
+                    "sampler: a tensor arrived in host memory although the loop runs on "
+                    "the GPU; copying it (once per tensor from now on)"
+                )
+        # DLPack in host memory too: the stub's numpy bridge misreads arrays under numpy 2
+        x = self.torch.from_dlpack(tensor.to_dlpack())
+        x = x.to(self.device) if x.device != self.device else x.clone()
         if x.is_cuda:  # the copy is queued: finish it before Triton frees the source
             self.torch.cuda.current_stream(x.device).synchronize()
         return x
 
     def host(self, name, x):
-        """``x`` as a Triton tensor in host memory (numpy)."""
-        if self.torch is not None:
-            x = x.cpu().numpy()
-        return pb_utils.Tensor(name, np.ascontiguousarray(x))
+        """``x`` as a Triton tensor in host memory."""
+        if self.torch is None:
+            return pb_utils.Tensor(name, np.ascontiguousarray(x))
+        return pb_utils.Tensor.from_dlpack(name, self.torch.utils.dlpack.to_dlpack(x.cpu()))
 
     def tensor(self, name, x):
         if self.torch is None:
