@@ -254,7 +254,7 @@ def serve_variant(args, ckpt, device, name: str, tmp: Path) -> dict[str, Any]:
             pipe = InProcess(ckpt, device, half)
             result["stage_max_abs"] = stage_differences(server.grpc_url, pipe, lr, seed=3)
         perf = []
-        if args.concurrency:
+        if args.concurrency and (args.perf_variants is None or name in args.perf_variants):
             settings = PerfSettings(measurement_ms=args.measurement_ms, max_trials=args.max_trials)
             perf = sweep(server.grpc_url, args.concurrency, settings, sizes=[args.sides[0]])
         result["perf"] = [
@@ -297,6 +297,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "CUDA only; default: all that apply)",
     )
     p.add_argument(
+        "--perf-variants",
+        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        default=None,
+        help="the variants perf_analyzer runs against (default: every served variant)",
+    )
+    p.add_argument(
         "--concurrency",
         type=lambda text: positive_ints(text) if text.strip() else [],
         default=[1, 4, 16, 64],
@@ -307,7 +313,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-trials", type=int, default=4, help="perf_analyzer windows per level")
     p.add_argument("--out", type=Path, default=Path("outputs/gpu.json"), help="JSON report")
     args = p.parse_args(argv)
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants + (args.perf_variants or []) if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.device == "cpu":

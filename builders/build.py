@@ -299,10 +299,13 @@ def assemble(
     _install(SOURCES / S.SAMPLER / "1" / "model.py", sampler / "model.py")
     Schedule.load(checkpoint / "scheduler").save(sampler)
     (sampler / "sampling.json").write_text(json.dumps(meta["sampling"], indent=2) + "\n")
-    # on the torch target the loop runs on torch tensors where the networks are (DLPack)
-    loop = f"torch-{torch_device}" if target == "torch" and torch_io == "dlpack" else "numpy"
+    # on the torch target the loop runs on torch tensors where the networks are (DLPack), or
+    # on the host with io "host" (still torch: DLPack in host memory, not the numpy bridge)
+    loop = "numpy"
+    if target == "torch":
+        on_host = torch_io == "host" and not fused  # fused: nothing crosses processes
+        loop = "torch-cpu" if on_host else f"torch-{torch_device}"
     if fused:
-        loop = f"torch-{torch_device}"  # the networks are here: nothing crosses processes
         _install_tree(checkpoint, sampler / "checkpoint")
     config = sampler_config(
         specs["unet"],

@@ -66,6 +66,26 @@ JEMALLOC = (
 JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
 
 
+def numpy_bridge_models(repository: Path, numpy_version: str) -> list[str]:
+    """The models of ``repository`` that would exchange tensors through the Python backend's
+    numpy bridge (``pb_utils.Tensor(name, array)`` / ``as_numpy``), if this numpy is one the
+    ``nvidia-pytriton`` wheel's stub cannot read: it is built for numpy 1.x, and under numpy 2
+    it read arrays with an item size of 0 (outputs arrived empty, inputs garbled; measured on
+    a GPU machine with numpy 2.5). Those models are the cpu target's onnxruntime models and
+    every numpy sampler loop; the torch target exchanges tensors through DLPack and is safe.
+    Empty where ``numpy_version`` is 1.x."""
+    if int(numpy_version.split(".")[0]) < 2:
+        return []
+    names = []
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        text = config.read_text()
+        onnx = any(config.parent.glob("*/model.onnx"))
+        numpy_loop = re.search(r'key: "loop_device"\s*value \{\s*string_value: "numpy"', text)
+        if 'backend: "python"' in text and (onnx or numpy_loop):
+            names.append(config.parent.name)
+    return names
+
+
 _LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version \d+: (.+)")
 
 
@@ -339,6 +359,16 @@ class TritonServer:
         backends = None
         self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="cxr-sr-triton-")
         if self.binary is None:
+            import numpy
+
+            broken = numpy_bridge_models(self.repository, numpy.__version__)
+            if broken:
+                raise RuntimeError(
+                    f"numpy {numpy.__version__} is installed, but the nvidia-pytriton wheel's "
+                    "Python backend is built for numpy 1.x and garbles the tensors of "
+                    f"{', '.join(broken)} under numpy 2: pip install 'numpy<2' (the project's "
+                    "own install pins it), or serve a --target torch repository (DLPack)"
+                )
             backends = backend_dir(pytriton_root(), Path(self._tmp.name) / "backends")
         # without a log file of the caller's, the log goes to the temporary folder, so that a
         # failed start can say which model failed and why

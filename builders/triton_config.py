@@ -238,6 +238,8 @@ def sampler_config(
             precision=precision,
             cuda_graphs=str(bool(cuda_graphs)).lower(),
             lr_multiple=str(g.multiple),
+            batch_buckets="auto",  # CUDA: pad dynamic batches to powers of two
+            warmup_side=str(g.opt_side),  # CUDA: every bucket runs once before ready
             input_ranges=json.dumps({"LR": [0.0, 1.0]}),
             input_sides=json.dumps({"LR": [g.min_side, g.max_side]}),
             stage_batch_pixels=json.dumps({n: spec.batch_pixels() for n, spec in fused.items()}),

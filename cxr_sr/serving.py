@@ -251,6 +251,17 @@ def row_chunks(rows: int, pixels_per_row: int, max_pixels: int | None) -> list[s
     return [slice(i, min(rows, i + per)) for i in range(0, rows, per)]
 
 
+def batch_bucket(rows: int, cap: int) -> int:
+    """The batch size ``rows`` rows run at when batches are bucketed: the next power of two,
+    at most ``cap`` (never fewer than ``rows``). A dynamic batcher forms every size from 1 to
+    its maximum; bucketed, a network sees a handful of shapes, so CUDA graphs and cuDNN's
+    autotuning are paid a few times, not once per size."""
+    bucket = 1
+    while bucket < rows:
+        bucket *= 2
+    return max(rows, min(bucket, cap))
+
+
 def options_key(options: SamplingOptions) -> tuple:
     """Hashable key: requests with equal keys share one sampling loop."""
     return tuple(getattr(options, f.name) for f in fields(options))

@@ -447,3 +447,12 @@ def test_sampler_refuses_latents_outside_its_sides_and_misaligned_origins(sample
     assert odd.error.code == "INVALID_ARG" and "'origin_x' must be a multiple of 2" in (
         odd.error.message()
     )
+
+
+def test_batch_buckets_are_powers_of_two_up_to_the_cap():
+    """The fused layout on CUDA runs a dynamic batch at its bucket's size: few shapes."""
+    buckets = [serving.batch_bucket(n, 64) for n in range(1, 65)]
+    assert sorted(set(buckets)) == [1, 2, 4, 8, 16, 32, 64]
+    assert all(b >= n for n, b in zip(range(1, 65), buckets, strict=True))
+    assert serving.batch_bucket(5, 6) == 6  # capped: a chunk never grows past its budget
+    assert serving.batch_bucket(9, 6) == 9  # more rows than the cap: run as they are

@@ -71,3 +71,34 @@ def test_tritonserver_runs_on_jemalloc_unless_told_otherwise(built_repository, m
     assert env["MALLOC_CONF"] == JEMALLOC_CONF
     monkeypatch.setenv("CXR_MALLOC", "system")
     assert "LD_PRELOAD" not in TritonServer(repo)._environment()
+
+
+def test_numpy_2_is_refused_where_the_stub_would_garble_tensors(built_repository, tmp_path):
+    """The wheel's stub is built for numpy 1.x: under numpy 2 the cpu target's models (numpy
+    bridge) are named and the server refuses to start; a torch-target repository (DLPack) and
+    numpy 1.x pass."""
+    from cxr_sr.builders.serve import numpy_bridge_models
+
+    repo, _ = built_repository
+    assert numpy_bridge_models(repo, "2.5.2") == [
+        "sampler",
+        "unet",
+        "vae_decoder",
+        "vae_encoder",
+    ]
+    assert numpy_bridge_models(repo, "1.26.4") == []
+    torch_like = tmp_path / "torch"
+    for name in ("sampler", "unet"):
+        shutil.copytree(repo / name, torch_like / name)
+        (torch_like / name / "1" / "model.onnx").unlink(missing_ok=True)
+    config = torch_like / "sampler" / "config.pbtxt"
+    config.write_text(config.read_text().replace('"numpy"', '"torch-auto"'))
+    assert numpy_bridge_models(torch_like, "2.0.0") == []
+
+
+def test_serve_names_the_numpy_problem_before_starting(built_repository, monkeypatch):
+    import numpy
+
+    monkeypatch.setattr(numpy, "__version__", "2.5.2")
+    with pytest.raises(RuntimeError, match=r"numpy 2\.5\.2 .*sampler, unet.*'numpy<2'"):
+        TritonServer(built_repository[0]).start()

@@ -13,7 +13,7 @@ import torch
 from cxr_sr.builders import build
 from cxr_sr.builders.graphs import HALF_INPUTS, TorchStage, graphs
 from cxr_sr.builders.serve import TritonServer
-from cxr_sr.builders.triton_config import read_config
+from cxr_sr.builders.triton_config import read_config, write_config
 from cxr_sr.client import SRClient
 from cxr_sr.train.checkpoint import load
 
@@ -34,6 +34,11 @@ def fused_repository(checkpoint, tmp_path_factory):
     args = ["--checkpoint", str(checkpoint), "--out", str(out), "--target", "torch"]
     args += ["--torch-layout", "fused", "--max-batch", "4", "--max-side", "128"]
     assert build.main(args) == 0
+    # buckets are for CUDA ("auto"); on here too, so the padding path runs on the CPU
+    config = read_config(out / "sampler" / "config.pbtxt")
+    assert config.parameters["batch_buckets"].string_value == "auto"
+    config.parameters["batch_buckets"].string_value = "true"
+    write_config(config, out / "sampler")
     return out
 
 
@@ -157,18 +162,18 @@ def test_torch_target_serves_what_the_onnxruntime_target_serves(server, torch_se
 @pytest.mark.integration
 @pytest.mark.slow
 def test_fused_layout_serves_what_the_separate_models_serve(torch_server, fused_repository):
-    """Same requests, same seeds: one fused model gives the separate models' SR exactly, for a
-    batch of an odd size; a bad request gets its own 400 naming the problem and the next is
-    served."""
+    """Same requests, same seeds: one fused model gives the separate models' SR, for a batch
+    of 3 at an odd size (padded to a bucket of 4 and cut back); a bad request gets its own 400
+    naming the problem and the next is served."""
     import tritonclient.http as http
     from tritonclient.utils import InferenceServerException
 
-    lr = np.random.default_rng(7).random((2, 1, 37, 50)).astype(np.float32)
+    lr = np.random.default_rng(7).random((3, 1, 37, 50)).astype(np.float32)
     with SRClient(torch_server.http_url) as c:
         separate = c.super_resolve(lr, steps=STEPS, seed=5)
     log = fused_repository.parent / "triton.log"
     with TritonServer(fused_repository, log_file=log) as fused, SRClient(fused.http_url) as c:
-        np.testing.assert_array_equal(c.super_resolve(lr, steps=STEPS, seed=5), separate)
+        np.testing.assert_allclose(c.super_resolve(lr, steps=STEPS, seed=5), separate, atol=1e-5)
         raw = http.InferenceServerClient(fused.http_url)
         for bad, message in [
             (np.full((1, 1, 32, 32), 2.0, np.float32), "intensities"),
@@ -180,6 +185,25 @@ def test_fused_layout_serves_what_the_separate_models_serve(torch_server, fused_
                 raw.infer("cxr_sr", [request])
             assert err.value.status() == "400"
         assert c.super_resolve(lr[:1], steps=1).shape == (1, 1, 148, 200)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_host_io_serves_the_same_through_a_torch_loop_on_the_host(
+    torch_server, checkpoint, tmp_path
+):
+    """--torch-io host: every hop through host memory, the sampler's loop on torch CPU tensors
+    (DLPack, not the stub's numpy bridge), and the same SR as the DLPack repository."""
+    out = tmp_path / "repo"
+    args = ["--checkpoint", str(checkpoint), "--out", str(out), "--target", "torch"]
+    assert build.main([*args, "--torch-io", "host", "--max-batch", "4", "--max-side", "128"]) == 0
+    sampler = read_config(out / "sampler" / "config.pbtxt")
+    assert sampler.parameters["loop_device"].string_value == "torch-cpu"
+    lr = np.random.default_rng(8).random((1, 1, 40, 32)).astype(np.float32)
+    with SRClient(torch_server.http_url) as c:
+        dlpack = c.super_resolve(lr, steps=STEPS, seed=6)
+    with TritonServer(out, log_file=tmp_path / "triton.log") as host, SRClient(host.http_url) as c:
+        np.testing.assert_array_equal(c.super_resolve(lr, steps=STEPS, seed=6), dlpack)
 
 
 @pytest.mark.integration

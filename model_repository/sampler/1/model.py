@@ -41,6 +41,7 @@ does not depend on what it was batched with, and tiles of one image agree where 
 """
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,14 @@ from cxr_sr import SamplingOptions, Schedule, sample
 from cxr_sr.imaging import SCALE
 from cxr_sr.noise import legacy_block, noise_keys
 from cxr_sr.sampling import latent_origin
-from cxr_sr.serving import InputChecks, options_key, parse_parameters, row_chunks
+from cxr_sr.serving import (
+    InputChecks,
+    batch_bucket,
+    options_key,
+    parse_flag,
+    parse_parameters,
+    row_chunks,
+)
 
 
 class UNetError(RuntimeError):
@@ -97,8 +105,11 @@ class TritonPythonModel:
         from cxr_sr.train.checkpoint import load
 
         device = self.arrays.device
-        half = device.type == "cuda" and params.get("precision", "fp16") == "fp16"
-        graphed = device.type == "cuda" and params.get("cuda_graphs", "false") == "true"
+        on_gpu = device.type == "cuda"
+        half = on_gpu and params.get("precision", "fp16") == "fp16"
+        graphed = on_gpu and parse_flag(params.get("cuda_graphs", "false"))
+        buckets = params.get("batch_buckets", "auto")
+        self.buckets = on_gpu if buckets == "auto" else parse_flag(buckets)
         self.arrays.torch.backends.cudnn.benchmark = True
         ckpt = load(here / "checkpoint")
         self.networks = {}
@@ -108,13 +119,46 @@ class TritonPythonModel:
         self.checks = InputChecks.from_parameters(params)
         self.lr_multiple = int(params.get("lr_multiple", "1"))
         self.stage_pixels = json.loads(params.get("stage_batch_pixels", "{}"))
+        warm_side = int(params.get("warmup_side", "0"))
+        if on_gpu and warm_side:
+            self._warm(warm_side)
+
+    def _warm(self, side):
+        """Run every batch bucket once at the LR side most requests have, before the server
+        reports ready: cuDNN's autotuning and the CUDA graphs' capture happen here, not in the
+        first requests' latency. Other sides are captured on first use."""
+        torch = self.arrays.torch
+        start = time.perf_counter()
+        sizes = sorted({batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
+        for rows in sizes:
+            lr = torch.zeros((rows, 1, side, side), device=self.arrays.device)
+            z_lr = self._local("vae_encoder", lr)
+            t = torch.zeros((rows, 1), device=lr.device)
+            self._local("unet", z_lr, t, z_lr)
+            self._local("vae_decoder", z_lr, lr)
+        torch.cuda.synchronize(self.arrays.device)
+        pb_utils.Logger.log_info(
+            f"sampler: networks warmed at LR {side} for batches {sizes} in "
+            f"{time.perf_counter() - start:.1f} s"
+        )
 
     def _local(self, name, *inputs):
-        """One in-process network over a batch, in chunks of at most its pixel budget."""
+        """One in-process network over a batch, in chunks of at most its pixel budget; with
+        ``batch_buckets`` each chunk runs at its bucket's size (zero rows appended, results
+        cut back), so the networks see few shapes (``builders.graphs.batch_bucket``)."""
         pixels = int(np.prod(inputs[0].shape[2:]))
-        chunks = row_chunks(len(inputs[0]), pixels, self.stage_pixels.get(name))
+        budget = self.stage_pixels.get(name)
+        chunks = row_chunks(len(inputs[0]), pixels, budget)
+        per = self.max_batch if not budget else max(1, min(self.max_batch, budget // pixels))
         run = self.networks[name]
-        return self.arrays.cat([run(*(x[s] for x in inputs)) for s in chunks])
+        outs = []
+        for s in chunks:
+            part = [x[s] for x in inputs]
+            rows = len(part[0])
+            if self.buckets:
+                part = self.arrays.pad_rows(part, batch_bucket(rows, per))
+            outs.append(run(*part)[:rows])
+        return self.arrays.cat(outs)
 
     def _check_latent(self, z_lr):
         """None, or why this latent is outside what the UNet was built for."""
@@ -162,10 +206,9 @@ class TritonPythonModel:
         pixels = int(np.prod(x_t.shape[2:]))
         limit = min(self.max_pixels or pixels * self.max_batch, pixels * self.max_batch)
         a = self.arrays
+        if self.fused:
+            return self._local("unet", x_t, t.reshape(-1, 1), z_lr)
         for s in row_chunks(len(x_t), pixels, limit):
-            if self.fused:
-                outs.append(self.networks["unet"](x_t[s], t[s].reshape(-1, 1), z_lr[s]))
-                continue
             request = pb_utils.InferenceRequest(
                 model_name=self.unet,
                 requested_output_names=[self.out_name],
@@ -187,7 +230,9 @@ class TritonPythonModel:
         groups = {}
         for i, request in enumerate(requests):
             tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
-            x = self.arrays.array(tensor, expected_on_host=self.fused)
+            # fused: the client's LR is checked where it arrived (host memory) and moves to
+            # the loop's device once per group, below
+            x = self.arrays.view(tensor) if self.fused else self.arrays.array(tensor)
             try:
                 options, seed, origin = parse_parameters(
                     request.parameters(),
@@ -211,6 +256,8 @@ class TritonPythonModel:
 
         for options, items in groups.values():
             x = self.arrays.cat([z for _, z, _ in items])
+            if self.fused:
+                x = self.arrays.to_loop(x)
             keys = noise_keys(
                 [s for _, _, (s, _) in items],
                 [len(z) for _, z, _ in items],
@@ -236,6 +283,8 @@ class TritonPythonModel:
                 for i, _, _ in items:
                     responses[i] = _error(f"sampling failed: {err}", pb_utils.TritonError.INTERNAL)
                 continue
+            if self.fused:  # SR goes to the client: one copy to host memory per group
+                out = out.cpu()
             start = 0
             for i, rows, _ in items:
                 part = out[start : start + len(rows)]
@@ -271,22 +320,31 @@ class _Arrays:
                 self.request_memory = {"preferred_memory": memory}
         self.host_copies = 0  # tensors that came from Triton in host memory (torch-cuda: 0)
 
-    def array(self, tensor, expected_on_host=False):
-        """A Triton tensor as this loop's array (no copy where it already is in place).
-        ``expected_on_host``: it comes from a client (the fused layout's LR), so host memory
-        is no sign of a copy between models and is not warned about."""
+    def array(self, tensor):
+        """A Triton tensor as this loop's array, on the loop's device, owned by the loop."""
         if self.torch is None:
             return tensor.as_numpy()
-        if tensor.is_cpu() and self.device.type == "cuda" and not expected_on_host:
+        if tensor.is_cpu() and self.device.type == "cuda":
             self.host_copies += 1
             if self.host_copies == 1:
                 pb_utils.Logger.log_warn(
                     "sampler: a tensor arrived in host memory although the loop runs on "
                     "the GPU; copying it (once per tensor from now on)"
                 )
-        # DLPack in host memory too: the stub's numpy bridge misreads arrays under numpy 2
-        x = self.torch.from_dlpack(tensor.to_dlpack())
-        x = x.to(self.device) if x.device != self.device else x.clone()
+        return self.to_loop(self.view(tensor), copy=True)
+
+    def view(self, tensor):
+        """A Triton tensor as a torch tensor where Triton put it, without a copy (valid while
+        its request is): DLPack in host memory too, never the stub's numpy bridge, which
+        misreads arrays under numpy 2."""
+        return self.torch.from_dlpack(tensor.to_dlpack())
+
+    def to_loop(self, x, copy=False):
+        """``x`` on the loop's device (``copy``: never a view of Triton's memory)."""
+        if x.device != self.device:
+            x = x.to(self.device)
+        elif copy:
+            x = x.clone()
         if x.is_cuda:  # the copy is queued: finish it before Triton frees the source
             self.torch.cuda.current_stream(x.device).synchronize()
         return x
@@ -304,6 +362,15 @@ class _Arrays:
         if x.is_cuda:  # the next model reads it from another stream and process
             self.torch.cuda.current_stream(x.device).synchronize()
         return pb_utils.Tensor.from_dlpack(name, self.torch.utils.dlpack.to_dlpack(x))
+
+    def pad_rows(self, parts, rows):
+        """Each array with zero rows appended up to ``rows`` (torch loops; rows are
+        independent, so the real rows' results do not depend on the padding)."""
+        torch = self.torch
+        return [
+            x if len(x) == rows else torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))])
+            for x in parts
+        ]
 
     def cat(self, parts):
         if len(parts) == 1:
