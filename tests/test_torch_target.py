@@ -247,3 +247,25 @@ def test_gpu_benchmark_compares_each_stage_with_its_in_process_twin(torch_server
     off = stage_differences(torch_server.grpc_url, pipe, lr, seed=3)
     assert off["vae_decoder"] > 0.05 and off["cxr_sr"] > 0.05, off
     assert max(off[k] for k in ("vae_encoder", "unet", "sampler")) < 1e-4, off
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_gpu_benchmark_runs_its_variants_on_the_cpu(checkpoint, tmp_path):
+    """``benchmarks.gpu --device cpu``: the script a GPU session relies on builds and serves
+    its variants and writes the report (a broken script would waste scarce GPU minutes)."""
+    from benchmarks.gpu import main
+
+    out = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--checkpoint", str(checkpoint), "--sides", "32", "--reps", "2"]
+    args += ["--batch", "2", "--max-batch", "4", "--variants", "fused", "--concurrency", ""]
+    assert main([*args, "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (fused,) = report["variants"]
+    assert fused["variant"] == "fused" and "error" not in fused, fused
+    assert fused["served_vs_in_process_max_abs"] < 1e-4
+    assert fused["served_repeat_max_abs"] == 0.0
+    assert {r["path"] for r in report["rows"]} == {
+        "in-process eager",
+        "served fused (gRPC, batch 1)",
+    }

@@ -121,7 +121,10 @@ class TritonPythonModel:
         self.stage_pixels = json.loads(params.get("stage_batch_pixels", "{}"))
         warm_side = int(params.get("warmup_side", "0"))
         if on_gpu and warm_side:
-            self._warm(warm_side)
+            try:
+                self._warm(warm_side)
+            except Exception as err:  # noqa: BLE001 - the first requests then pay instead
+                pb_utils.Logger.log_warn(f"sampler: warm-up at LR {warm_side} failed: {err}")
 
     def _warm(self, side):
         """Run every batch bucket once at the LR side most requests have, before the server
