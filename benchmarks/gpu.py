@@ -167,6 +167,10 @@ VARIANTS = {
     "models-host": ["--torch-io", "host"],  # separate models, every hop through host memory
     "fused": ["--torch-layout", "fused"],  # the sampler holds the three networks
     "fused-graphs": ["--torch-layout", "fused", "--cuda-graphs"],  # ... as CUDA graphs
+    # two fused instances on the GPU: one's Python work overlaps the other's kernels
+    "fused-graphs-x2": ["--torch-layout", "fused", "--cuda-graphs", "--instances", "2"],
+    # no batcher delay: a lone request starts at once (batch-1 latency)
+    "fused-graphs-nodelay": ["--torch-layout", "fused", "--cuda-graphs", "--queue-delay-us", "0"],
 }
 
 
@@ -292,9 +296,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
-        default=list(VARIANTS),
-        help=f"served variants, comma-separated, of {', '.join(VARIANTS)} (fused-graphs: "
-        "CUDA only; default: all that apply)",
+        default=["models-dlpack", "models-host", "fused", "fused-graphs"],
+        help=f"served variants, comma-separated, of {', '.join(VARIANTS)} (fused-graphs*: "
+        "CUDA only; default: %(default)s)",
     )
     p.add_argument(
         "--perf-variants",
@@ -317,7 +321,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.device == "cpu":
-        args.variants = [v for v in args.variants if v != "fused-graphs"]
+        args.variants = [v for v in args.variants if not v.startswith("fused-graphs")]
     return args
 
 

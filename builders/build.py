@@ -37,6 +37,7 @@ from cxr_sr.builders import trt
 from cxr_sr.builders.triton_config import (
     DEFAULT_LIMITS,
     PRECISIONS,
+    QUEUE_DELAY_US,
     TARGETS,
     TORCH_DEVICES,
     TORCH_IO,
@@ -244,6 +245,7 @@ def assemble(
     int8_unet: bool = False,
     torch_layout: str = "models",
     cuda_graphs: bool = False,
+    queue_delay_us: int = QUEUE_DELAY_US,
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
     checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used;
@@ -286,6 +288,7 @@ def assemble(
             specs[name],
             target,
             instances=instances,
+            queue_delay_us=0 if name == "unet" else queue_delay_us,
             limits=limits,
             torch_device=torch_device,
             precision=precision,
@@ -310,6 +313,7 @@ def assemble(
     config = sampler_config(
         specs["unet"],
         instances=instances,
+        queue_delay_us=queue_delay_us,
         limits=limits,
         loop_device=loop,
         fused=specs if fused else None,
@@ -393,6 +397,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="--target torch: dlpack = tensors stay where they are (GPU memory on the GPU, the "
         "sampler's loop there too); host = every hop through host memory, for Python "
         "backends that cannot share GPU memory between processes (default: %(default)s)",
+    )
+    p.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=QUEUE_DELAY_US,
+        help="how long the dynamic batcher of vae_encoder, sampler and vae_decoder holds a "
+        "request to fill a batch when fewer than half --max-batch are queued (unet: 0, its "
+        "batches come whole from the sampler). A lone request waits this long: 0 for the "
+        "lowest batch-1 latency, more for fuller batches under load (default: %(default)s)",
     )
     p.add_argument(
         "--torch-layout",
@@ -532,6 +545,12 @@ def main(argv=None) -> int:
     if args.calibration_images and not args.int8_unet:
         print("error: --calibration-images needs --int8-unet", file=sys.stderr)
         return 2
+    if not 0 <= args.queue_delay_us <= 1_000_000:
+        print(
+            f"error: --queue-delay-us must be in [0, 1000000], got {args.queue_delay_us}",
+            file=sys.stderr,
+        )
+        return 2
     if args.torch_layout != "models" and args.target != "torch":
         print("error: --torch-layout is for --target torch", file=sys.stderr)
         return 2
@@ -584,6 +603,7 @@ def main(argv=None) -> int:
         int8_unet=args.int8_unet,
         torch_layout=args.torch_layout,
         cuda_graphs=args.cuda_graphs,
+        queue_delay_us=args.queue_delay_us,
     )
     print(f"[repository] {args.target} target written to {out}")
     return 0

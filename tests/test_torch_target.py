@@ -63,6 +63,16 @@ def test_torch_repository_layout(torch_repository, checkpoint):
         assert config.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
     sampler = read_config(torch_repository / "sampler" / "config.pbtxt")
     assert sampler.parameters["loop_device"].string_value == "torch-auto"
+    delays = {
+        name: read_config(torch_repository / name / "config.pbtxt").dynamic_batching
+        for name in ("vae_encoder", "unet", "sampler", "vae_decoder")
+    }
+    assert {n: d.max_queue_delay_microseconds for n, d in delays.items()} == {
+        "vae_encoder": 2000,  # --queue-delay-us's default
+        "unet": 0,  # its batches come whole from the sampler
+        "sampler": 2000,
+        "vae_decoder": 2000,
+    }
 
 
 def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, tmp_path):
@@ -111,6 +121,12 @@ def test_fused_layout_options_are_checked(checkpoint, tmp_path, capsys):
     assert "--torch-layout is for --target torch" in capsys.readouterr().err
     assert build.main([*base, "--target", "torch", "--cuda-graphs"]) == 2
     assert "--cuda-graphs needs" in capsys.readouterr().err
+    assert build.main([*base, "--target", "torch", "--queue-delay-us", "-1"]) == 2
+    assert "--queue-delay-us must be in" in capsys.readouterr().err
+    fused = [*base, "--target", "torch", "--torch-layout", "fused", "--max-side", "128"]
+    assert build.main([*fused, "--queue-delay-us", "0"]) == 0  # batch-1 latency first
+    sampler = read_config(tmp_path / "r" / "sampler" / "config.pbtxt")
+    assert sampler.dynamic_batching.max_queue_delay_microseconds == 0
     specs = network_specs(4, build.S.Geometry(), 4)
     with pytest.raises(ValueError, match="torch networks"):
         sampler_config(specs["unet"], fused=specs)  # a numpy loop cannot run them
