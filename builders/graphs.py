@@ -354,12 +354,16 @@ class GraphedStage:
     """A :class:`TorchStage` on CUDA replayed as one CUDA graph per input shape and dtype
     (captured on first use, warmed on a side stream first): inputs are copied into static
     buffers and one launch replays every kernel, so a small image no longer waits on Python
-    launching hundreds of kernels. Each captured shape keeps its buffers and memory pool, so
-    at most ``max_graphs`` shapes are captured; later shapes run eagerly."""
+    launching hundreds of kernels. All of a stage's graphs draw their working memory from one
+    pool: they replay one at a time on one stream, and each output is copied out at once, so
+    the pool holds the largest graph's activations, not the sum of all (capture the largest
+    shape first). Each shape keeps its input buffers and output; at most ``max_graphs`` shapes
+    are captured, later shapes run eagerly."""
 
     def __init__(self, stage: TorchStage, max_graphs: int = 64):
         self.stage, self.max_graphs = stage, int(max_graphs)
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list, torch.Tensor]] = {}
+        self.pool = None  # the graphs' shared memory pool, made at the first capture
 
     def _capture(self, inputs):
         static = [x.clone() for x in inputs]
@@ -370,7 +374,9 @@ class GraphedStage:
                 self.stage(*static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
             out = self.stage(*static)
         return graph, static, out
 

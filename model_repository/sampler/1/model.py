@@ -132,7 +132,8 @@ class TritonPythonModel:
         first requests' latency. Other sides are captured on first use."""
         torch = self.arrays.torch
         start = time.perf_counter()
-        sizes = sorted({batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
+        sizes = {batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}
+        sizes = sorted(sizes, reverse=True)  # largest first: smaller graphs share its memory
         for rows in sizes:
             lr = torch.zeros((rows, 1, side, side), device=self.arrays.device)
             z_lr = self._local("vae_encoder", lr)
@@ -148,7 +149,7 @@ class TritonPythonModel:
     def _local(self, name, *inputs):
         """One in-process network over a batch, in chunks of at most its pixel budget; with
         ``batch_buckets`` each chunk runs at its bucket's size (zero rows appended, results
-        cut back), so the networks see few shapes (``builders.graphs.batch_bucket``)."""
+        cut back), so the networks see few shapes (``cxr_sr.serving.batch_bucket``)."""
         pixels = int(np.prod(inputs[0].shape[2:]))
         budget = self.stage_pixels.get(name)
         chunks = row_chunks(len(inputs[0]), pixels, budget)
