@@ -310,6 +310,8 @@ def assemble(
         loop = "torch-cpu" if on_host else f"torch-{torch_device}"
     if fused:
         _install_tree(checkpoint, sampler / "checkpoint")
+    else:  # a rebuild into a fused-layout folder
+        shutil.rmtree(sampler / "checkpoint", ignore_errors=True)
     config = sampler_config(
         specs["unet"],
         instances=instances,

@@ -127,6 +127,12 @@ def test_fused_layout_options_are_checked(checkpoint, tmp_path, capsys):
     assert build.main([*fused, "--queue-delay-us", "0"]) == 0  # batch-1 latency first
     sampler = read_config(tmp_path / "r" / "sampler" / "config.pbtxt")
     assert sampler.dynamic_batching.max_queue_delay_microseconds == 0
+    # the same folder rebuilt with separate models: nothing of the fused layout is left
+    assert build.main([*base, "--target", "torch", "--max-side", "128"]) == 0
+    assert not (tmp_path / "r" / "sampler" / "1" / "checkpoint").exists()
+    assert (tmp_path / "r" / "unet" / "1" / "model.py").is_file()
+    again = read_config(tmp_path / "r" / "sampler" / "config.pbtxt")
+    assert "layout" not in again.parameters and [t.name for t in again.input] == ["z_lr"]
     specs = network_specs(4, build.S.Geometry(), 4)
     with pytest.raises(ValueError, match="torch networks"):
         sampler_config(specs["unet"], fused=specs)  # a numpy loop cannot run them
