@@ -26,6 +26,7 @@ and its stubs inherit. gRPC TLS: ``--grpc-tls-cert`` / ``--grpc-tls-key`` (and
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ipaddress
 import os
@@ -117,10 +118,23 @@ def _die_with_parent() -> None:
         pass
 
 
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=256)
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free on ``host`` now, and not one this process handed out recently: the kernel
+    may give the same ephemeral port to two binds in a row, and a server asking for HTTP and
+    gRPC ports that way once got one port for both (tritonserver refused to start)."""
+    with _HANDED_OUT_LOCK:
+        for _ in range(64):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                break
+        _HANDED_OUT.append(port)
+        return port
 
 
 def is_loopback(host: str) -> bool:

@@ -102,3 +102,22 @@ def test_serve_names_the_numpy_problem_before_starting(built_repository, monkeyp
     monkeypatch.setattr(numpy, "__version__", "2.5.2")
     with pytest.raises(RuntimeError, match=r"numpy 2\.5\.2 .*sampler, unet.*'numpy<2'"):
         TritonServer(built_repository[0]).start()
+
+
+def test_free_ports_are_distinct_within_a_process(monkeypatch):
+    """The kernel may return one ephemeral port to two binds in a row; a server then got one
+    port for HTTP and gRPC and would not start. free_port never hands a port out twice."""
+    import socket
+
+    from cxr_sr.builders import serve
+
+    real = socket.socket
+    ports = iter([40001, 40001, 40001, 40002])
+
+    class Repeating(real):
+        def getsockname(self):
+            return ("127.0.0.1", next(ports))
+
+    monkeypatch.setattr(serve.socket, "socket", Repeating)
+    monkeypatch.setattr(serve, "_HANDED_OUT", serve.collections.deque(maxlen=8))
+    assert [serve.free_port(), serve.free_port()] == [40001, 40002]
