@@ -206,12 +206,12 @@ class TritonPythonModel:
     def _denoise(self, x_t, t, z_lr):
         """One UNet pass over the loop's batch, in requests of at most the UNet's max batch
         and ``max_batch_pixels`` latent pixels (one image at the largest sizes)."""
+        if self.fused:
+            return self._local("unet", x_t, t.reshape(-1, 1), z_lr)
         outs = []
         pixels = int(np.prod(x_t.shape[2:]))
         limit = min(self.max_pixels or pixels * self.max_batch, pixels * self.max_batch)
         a = self.arrays
-        if self.fused:
-            return self._local("unet", x_t, t.reshape(-1, 1), z_lr)
         for s in row_chunks(len(x_t), pixels, limit):
             request = pb_utils.InferenceRequest(
                 model_name=self.unet,
@@ -293,10 +293,7 @@ class TritonPythonModel:
             for i, rows, _ in items:
                 part = out[start : start + len(rows)]
                 start += len(rows)
-                if self.fused:  # SR goes to the client: it leaves in host memory
-                    tensor = self.arrays.host(self.result_name, part)
-                else:
-                    tensor = self.arrays.tensor(self.result_name, part)
+                tensor = self.arrays.tensor(self.result_name, part)
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[tensor])
         return responses
 
@@ -352,12 +349,6 @@ class _Arrays:
         if x.is_cuda:  # the copy is queued: finish it before Triton frees the source
             self.torch.cuda.current_stream(x.device).synchronize()
         return x
-
-    def host(self, name, x):
-        """``x`` as a Triton tensor in host memory."""
-        if self.torch is None:
-            return pb_utils.Tensor(name, np.ascontiguousarray(x))
-        return pb_utils.Tensor.from_dlpack(name, self.torch.utils.dlpack.to_dlpack(x.cpu()))
 
     def tensor(self, name, x):
         if self.torch is None:
