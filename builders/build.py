@@ -288,7 +288,7 @@ def assemble(
             specs[name],
             target,
             instances=instances,
-            queue_delay_us=0 if name == "unet" else queue_delay_us,
+            queue_delay_us=queue_delay_us,
             limits=limits,
             torch_device=torch_device,
             precision=precision,

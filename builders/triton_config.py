@@ -102,12 +102,21 @@ def _batching(
     policy.allow_timeout_override = True
 
 
+def _lr_checks(g) -> dict[str, str]:
+    """The per-request checks of the LR (``cxr_sr.serving.InputChecks``): values in [0, 1],
+    sides the networks were built for (``g``: the encoder's geometry)."""
+    return {
+        "input_ranges": json.dumps({"LR": [0.0, 1.0]}),
+        "input_sides": json.dumps({"LR": [g.min_side, g.max_side]}),
+    }
+
+
 def network_config(
     spec: NetworkSpec,
     target: str,
     *,
     instances: int = 1,
-    queue_delay_us: int | None = None,
+    queue_delay_us: int = QUEUE_DELAY_US,
     parameters: dict[str, str] | None = None,
     env_path: str | None = None,
     limits: ServingLimits = DEFAULT_LIMITS,
@@ -119,15 +128,14 @@ def network_config(
     """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;
     Python+PyTorch on ``torch`` (``torch_device`` cuda: KIND_GPU instances, one per GPU id
     Triton assigns; auto or cpu: KIND_CPU instances that pick their device themselves).
-    ``queue_delay_us`` None: 0 for the UNet, else :data:`QUEUE_DELAY_US`."""
+    ``queue_delay_us``: the batcher's wait for the models clients' requests reach; the UNet's
+    is always 0 (its batches come whole from the sampler)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     config = mc.ModelConfig(name=spec.name)
     config.input.extend(_io(mc.ModelInput, spec.inputs))
     config.output.extend(_io(mc.ModelOutput, spec.outputs))
-    if queue_delay_us is None:
-        queue_delay_us = 0 if spec.name == "unet" else QUEUE_DELAY_US
-    _batching(config, spec.max_batch, queue_delay_us, limits)
+    _batching(config, spec.max_batch, 0 if spec.name == "unet" else queue_delay_us, limits)
     group = config.instance_group.add()
     group.count = instances
     params = dict(parameters or {})
@@ -158,9 +166,8 @@ def network_config(
         else:
             config.platform = "onnxruntime_onnx"
     if config.backend == "python" and "LR" in spec.input_names:
-        g = spec.geometry
-        params.setdefault("input_ranges", json.dumps({"LR": [0.0, 1.0]}))
-        params.setdefault("input_sides", json.dumps({"LR": [g.min_side, g.max_side]}))
+        for key, value in _lr_checks(spec.geometry).items():
+            params.setdefault(key, value)
     if config.backend == "python":
         params.setdefault("max_batch_pixels", str(spec.batch_pixels()))
     if target == "cpu":
@@ -240,8 +247,7 @@ def sampler_config(
             lr_multiple=str(g.multiple),
             batch_buckets="auto",  # CUDA: pad dynamic batches to powers of two
             warmup_side=str(g.opt_side),  # CUDA: every bucket runs once before ready
-            input_ranges=json.dumps({"LR": [0.0, 1.0]}),
-            input_sides=json.dumps({"LR": [g.min_side, g.max_side]}),
+            **_lr_checks(g),  # what vae_encoder checks, checked here
             stage_batch_pixels=json.dumps({n: spec.batch_pixels() for n, spec in fused.items()}),
         )
     if env_path:
