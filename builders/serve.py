@@ -77,13 +77,19 @@ def numpy_bridge_models(repository: Path, numpy_version: str) -> list[str]:
     Empty where ``numpy_version`` is 1.x."""
     if int(numpy_version.split(".")[0]) < 2:
         return []
+    from cxr_sr.builders.triton_config import read_config
+
     names = []
-    for config in sorted(Path(repository).glob("*/config.pbtxt")):
-        text = config.read_text()
-        onnx = any(config.parent.glob("*/model.onnx"))
-        numpy_loop = re.search(r'key: "loop_device"\s*value \{\s*string_value: "numpy"', text)
-        if 'backend: "python"' in text and (onnx or numpy_loop):
-            names.append(config.parent.name)
+    for path in sorted(Path(repository).glob("*/config.pbtxt")):
+        config = read_config(path)
+        onnx = any(path.parent.glob("*/model.onnx"))
+        loop = (
+            config.parameters["loop_device"].string_value
+            if "loop_device" in config.parameters
+            else ""
+        )
+        if config.backend == "python" and (onnx or loop == "numpy"):
+            names.append(path.parent.name)
     return names
 
 
