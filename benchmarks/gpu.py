@@ -236,9 +236,10 @@ def served_rows(server, sides, reps, variant: str) -> list[dict[str, Any]]:
     return rows
 
 
-def serve_variant(args, ckpt, device, name: str, tmp: Path) -> dict[str, Any]:
-    """One served variant: batch-1 latency, its SR against the in-process one (and against
-    itself, asked twice), each stage's difference (separate models only), perf_analyzer."""
+def serve_variant(args, reference: InProcess, name: str, tmp: Path) -> dict[str, Any]:
+    """One served variant: batch-1 latency, its SR against the in-process ``reference`` (and
+    against itself, asked twice), each stage's difference (separate models only),
+    perf_analyzer."""
     repo = build_repository(
         args.checkpoint, tmp / name, args.device, args.max_batch, VARIANTS[name]
     )
@@ -250,13 +251,11 @@ def serve_variant(args, ckpt, device, name: str, tmp: Path) -> dict[str, Any]:
         with SRClient(server.grpc_url, protocol="grpc") as client:
             served = client.super_resolve(lr, seed=3)
             again = client.super_resolve(lr, seed=3)
-        half = device.type == "cuda"
-        local = InProcess(ckpt, device, half)(torch.from_numpy(lr).to(device), seed=3)
-        result["served_vs_in_process_max_abs"] = float(np.abs(served - local.cpu().numpy()).max())
+        local = reference(torch.from_numpy(lr).to(reference.device), seed=3).cpu().numpy()
+        result["served_vs_in_process_max_abs"] = float(np.abs(served - local).max())
         result["served_repeat_max_abs"] = float(np.abs(served - again).max())
         if name.startswith("models"):  # which stage differs, each with the same inputs
-            pipe = InProcess(ckpt, device, half)
-            result["stage_max_abs"] = stage_differences(server.grpc_url, pipe, lr, seed=3)
+            result["stage_max_abs"] = stage_differences(server.grpc_url, reference, lr, seed=3)
         perf = []
         if args.concurrency and (args.perf_variants is None or name in args.perf_variants):
             settings = PerfSettings(measurement_ms=args.measurement_ms, max_trials=args.max_trials)
@@ -338,11 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:  # as they come, so a run cut short still leaves them in its log
         print(f"[gpu] {json.dumps(row)}", flush=True)
     variants: list[dict[str, Any]] = []
+    reference = InProcess(ckpt, device, device.type == "cuda")  # eager: what each SR is held to
     with tempfile.TemporaryDirectory(prefix="cxr-gpu-") as tmp:
         for name in args.variants:
             print(f"[gpu] served: {name}", flush=True)
             try:  # one variant failing must not cost the others' figures
-                variants.append(serve_variant(args, ckpt, device, name, Path(tmp)))
+                variants.append(serve_variant(args, reference, name, Path(tmp)))
                 print(f"[gpu] {name}: {json.dumps(variants[-1], default=str)}", flush=True)
             except Exception as err:  # noqa: BLE001 - reported in the table and the JSON
                 log = Path(tmp) / f"triton_{name}.log"
