@@ -197,11 +197,12 @@ def build_repository(
     return out
 
 
-def in_process_rows(ckpt, device, sides, batch, reps) -> list[dict[str, Any]]:
-    half = device.type == "cuda"
-    variants = {"eager": InProcess(ckpt, device, half)}
+def in_process_rows(eager: InProcess, sides, batch, reps) -> list[dict[str, Any]]:
+    """``eager`` timed at each side and at ``batch``, and on CUDA its CUDA-graph twin."""
+    device = eager.device
+    variants = {"eager": eager}
     if device.type == "cuda":
-        variants["cuda graphs"] = InProcess(ckpt, device, half, graphed=True)
+        variants["cuda graphs"] = InProcess(eager.ckpt, device, half=True, graphed=True)
     rows = []
     for name, pipe in variants.items():
         for side in sides:
@@ -333,11 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     ckpt = load(args.checkpoint)
     print("[gpu] in-process", flush=True)
-    rows = in_process_rows(ckpt, device, args.sides, args.batch, args.reps)
+    reference = InProcess(ckpt, device, device.type == "cuda")  # eager: what each SR is held to
+    rows = in_process_rows(reference, args.sides, args.batch, args.reps)
     for row in rows:  # as they come, so a run cut short still leaves them in its log
         print(f"[gpu] {json.dumps(row)}", flush=True)
     variants: list[dict[str, Any]] = []
-    reference = InProcess(ckpt, device, device.type == "cuda")  # eager: what each SR is held to
     with tempfile.TemporaryDirectory(prefix="cxr-gpu-") as tmp:
         for name in args.variants:
             print(f"[gpu] served: {name}", flush=True)
