@@ -54,6 +54,7 @@ from cxr_sr.sampling import latent_origin
 from cxr_sr.serving import (
     InputChecks,
     batch_bucket,
+    chunk_rows,
     options_key,
     parse_flag,
     parse_parameters,
@@ -153,7 +154,7 @@ class TritonPythonModel:
         pixels = int(np.prod(inputs[0].shape[2:]))
         budget = self.stage_pixels.get(name)
         chunks = row_chunks(len(inputs[0]), pixels, budget)
-        per = self.max_batch if not budget else max(1, min(self.max_batch, budget // pixels))
+        per = min(self.max_batch, chunk_rows(pixels, budget) or self.max_batch)
         run = self.networks[name]
         outs = []
         for s in chunks:
