@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_sr import SamplingOptions, Schedule, sample, timesteps
-from cxr_sr.noise import NoiseKey, RowNoise, draw_noise, noise_keys
+from cxr_sr import SamplingOptions, Schedule, noise, sample, timesteps
+from cxr_sr.noise import MAX_THREADS, NoiseKey, RowNoise, draw_noise, noise_keys, noise_threads
 from cxr_sr.sampling import latent_origin
 from cxr_sr.train.models import Denoiser, UNetConfig, build_unet
 
@@ -456,3 +456,74 @@ def test_early_stop_threshold_sets_the_stop_step():
     # change from call k-1 to k: 2**-(k-1) / (1 + 2**-(k-1)) = .33, .2, .11, .059: < 0.1 at k = 5
     assert seen == [2, 2, 2, 2, 2]
     np.testing.assert_allclose(out, z * (1 + 2.0**-4), rtol=1e-6)
+
+
+def _batch_rows():
+    """Rows of a batch as the sampler sees them: whole images and tiles at several origins,
+    windows crossing blocks, two requests with different seeds."""
+    keys = noise_keys([5, 9], [3, 2], [(0, 0), (B - 3, 2 * B + 1)], block=B)
+    return [RowNoise(k) for k in keys]
+
+
+@pytest.fixture
+def small_batches_in_threads(monkeypatch):
+    """Batches this small are drawn in the calling thread unless the threshold is lowered."""
+    monkeypatch.setattr(noise, "PARALLEL_MIN_VALUES", 0)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_noise_drawn_in_threads_equals_the_serial_draw(threads, small_batches_in_threads):
+    """Every block of every row is a task of its own; the batch is the same bit for bit, draw
+    after draw (block (0, 0) keeps a stream per row, advanced once per draw)."""
+    shape = (4, 2 * B + 5, B + 7)
+    serial, threaded = _batch_rows(), _batch_rows()
+    for draw in range(3):
+        want = draw_noise(serial, draw, shape, threads=1)
+        got = draw_noise(threaded, draw, shape, threads=threads)
+        assert noise._pool is not None and noise._pool[0] == threads  # drawn by the pool
+        np.testing.assert_array_equal(got, want)
+        for i, row in enumerate(serial):
+            np.testing.assert_array_equal(want[i], NoiseKey(**vars(row.key)).window(draw, shape))
+
+
+def test_noise_threads_setting(monkeypatch, small_batches_in_threads):
+    rows = _batch_rows()
+    want = draw_noise(_batch_rows(), 0, (4, 40, 40), threads=1)
+    monkeypatch.setenv("CXR_NOISE_THREADS", "3")
+    assert noise_threads() == 3
+    np.testing.assert_array_equal(draw_noise(rows, 0, (4, 40, 40)), want)
+    monkeypatch.setenv("CXR_NOISE_THREADS", "1")
+    assert noise_threads() == 1
+    for bad in ("0", "two"):
+        monkeypatch.setenv("CXR_NOISE_THREADS", bad)
+        with pytest.raises(ValueError, match="CXR_NOISE_THREADS"):
+            draw_noise(rows, 0, (4, 40, 40))
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        draw_noise(rows, 0, (4, 40, 40), threads=0)
+    monkeypatch.delenv("CXR_NOISE_THREADS")
+    assert 1 <= noise_threads() <= MAX_THREADS
+
+
+def test_a_row_listed_twice_is_still_right(small_batches_in_threads):
+    """Its block (0, 0) has one stream: the batch is drawn in one thread, not raced."""
+    row = RowNoise(NoiseKey(4, block=B))
+    got = draw_noise([row, row], 1, (4, B, B), threads=2)
+    want = NoiseKey(4, block=B).window(1, (4, B, B))
+    np.testing.assert_array_equal(got, np.stack([want, want]))
+
+
+def test_a_forked_child_draws_with_its_own_threads(small_batches_in_threads):
+    """The pool does not survive a fork (its threads stay in the parent): a child made after
+    the parent drew in threads (a DataLoader worker, a forked server) draws in fresh ones."""
+    import multiprocessing
+
+    shape = (4, 2 * B, 2 * B)
+    want = draw_noise(_batch_rows(), 0, shape, threads=2)  # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_draw_in_child, (shape,)).get(timeout=60)
+    np.testing.assert_array_equal(got, want)
+
+
+def _draw_in_child(shape):
+    return draw_noise(_batch_rows(), 0, shape, threads=2)
