@@ -271,6 +271,7 @@ def serve_variant(args, reference: InProcess, name: str, tmp: Path) -> dict[str,
                 "p99_ms": r.p99_ms,
                 "failed_requests": r.failed_requests,
                 "error": r.error,
+                "models": r.models,  # per model: mean batch formed, queue/compute ms
             }
             for r in perf
         ]

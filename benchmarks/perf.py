@@ -231,6 +231,8 @@ class PerfResult:
     windows and the level was measured again over a fixed request count instead.
     ``failed_requests``: the server's failure count for the model over the run.
     ``lr_side``: the side of the square LR inputs (None: the 64x64 reference-protocol set).
+    ``models``: what each model of the server did during the level (:func:`model_activity`:
+    the batches its dynamic batcher formed, queue and compute ms per request).
     """
 
     concurrency: int
@@ -246,6 +248,7 @@ class PerfResult:
     returncode: int
     error: str | None = None
     lr_side: int | None = None
+    models: dict[str, dict[str, float]] | None = None
 
     @property
     def output_mp_per_s(self) -> float | None:
@@ -278,15 +281,59 @@ class PerfResult:
         )
 
 
-def failed_count(url: str, model: str) -> int | None:
-    """The server's cumulative failed-inference count for ``model`` (gRPC statistics)."""
+STAT_TIMES = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def model_statistics(url: str) -> dict[str, dict[str, int]] | None:
+    """Every loaded model's cumulative counters from the server's statistics (gRPC), summed
+    over its versions: ``requests`` (images), ``executions`` (batches the model ran),
+    ``failed`` and the ns of each of :data:`STAT_TIMES`; None when they cannot be read."""
     try:
         import tritonclient.grpc as grpcclient
 
-        stats = grpcclient.InferenceServerClient(url).get_inference_statistics(model, as_json=True)
+        stats = grpcclient.InferenceServerClient(url).get_inference_statistics(as_json=True)
     except Exception:  # noqa: BLE001 - statistics are a bonus; None means unknown
         return None
-    return sum(int(m["inference_stats"]["fail"].get("count", 0)) for m in stats["model_stats"])
+    out: dict[str, dict[str, int]] = {}
+    for m in stats.get("model_stats", []):
+        keys = ("requests", "executions", "failed", *(f"{k}_ns" for k in STAT_TIMES))
+        c = out.setdefault(m["name"], dict.fromkeys(keys, 0))
+        inference = m.get("inference_stats", {})
+        c["requests"] += int(m.get("inference_count", 0))
+        c["executions"] += int(m.get("execution_count", 0))
+        c["failed"] += int(inference.get("fail", {}).get("count", 0))
+        for k in STAT_TIMES:
+            c[f"{k}_ns"] += int(inference.get(k, {}).get("ns", 0))
+    return out
+
+
+def failed_count(url: str, model: str) -> int | None:
+    """The server's cumulative failed-inference count for ``model`` (gRPC statistics)."""
+    stats = model_statistics(url)
+    return None if stats is None or model not in stats else stats[model]["failed"]
+
+
+def model_activity(
+    before: Mapping[str, Mapping[str, int]] | None, after: Mapping[str, Mapping[str, int]] | None
+) -> dict[str, dict[str, float]] | None:
+    """What each model did between two :func:`model_statistics` snapshots: ``requests``,
+    ``mean_batch`` (images per execution: what the dynamic batcher formed) and, per request,
+    ms queued and in compute (input, infer, output: a batch's time counts once for each of
+    its requests). Models that served nothing are left out; None when a snapshot is."""
+    if before is None or after is None:
+        return None
+    activity = {}
+    for name, a in after.items():
+        b = before.get(name, {})
+        n = a["requests"] - b.get("requests", 0)
+        if n <= 0:
+            continue
+        runs = a["executions"] - b.get("executions", 0)
+        row = {"requests": n, "mean_batch": n / runs if runs > 0 else None}
+        for k in STAT_TIMES:
+            row[f"{k}_ms"] = (a[f"{k}_ns"] - b.get(f"{k}_ns", 0)) / n / 1e6
+        activity[name] = row
+    return activity
 
 
 def run_level(
@@ -309,7 +356,7 @@ def run_level(
     at least 8) and marked unstable.
     """
     csv_path = workdir / f"perf_c{concurrency}.csv"
-    before = failed_count(url, model)
+    before = model_statistics(url)
     attempts = [settings]
     if settings.request_count == 0:
         fallback = max(8, 2 * concurrency)
@@ -336,15 +383,22 @@ def run_level(
         log += done.stdout + done.stderr
         if done.returncode not in (UNSTABLE_EXIT, NO_REQUESTS_EXIT):
             break
-    after = failed_count(url, model)
-    failed = after - before if before is not None and after is not None else None
+    after = model_statistics(url)
+    failed = None
+    if before is not None and after is not None and model in after:
+        failed = after[model]["failed"] - before.get(model, {}).get("failed", 0)
+    activity = model_activity(before, after)
     if done.returncode != 0 or not csv_path.is_file():
         lines = [line for line in log.splitlines() if line.strip()]
         reason = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else "")
-        return _failed(concurrency, done.returncode, reason, failed), log
+        result = _failed(concurrency, done.returncode, reason, failed)
+        result.models = activity
+        return result, log
     rows = parse_csv(csv_path)
     stable = attempt.request_count == settings.request_count
-    return PerfResult.from_row(rows[0], failed=failed, stable=stable, returncode=0), log
+    result = PerfResult.from_row(rows[0], failed=failed, stable=stable, returncode=0)
+    result.models = activity
+    return result, log
 
 
 def _failed(concurrency: int, code: int, reason: str, failed: int | None = None) -> PerfResult:
@@ -407,7 +461,13 @@ def _summary(r: PerfResult) -> str:
     if r.error:
         return f"FAILED (exit {r.returncode}): {r.error}"
     note = "" if r.stable else " (unstable: fixed request count)"
-    return f"{r.throughput:.2f} img/s, p50 {r.p50_ms:.0f} ms{note}"
+    batches = ", ".join(
+        f"{name} {m['mean_batch']:.1f}"
+        for name, m in (r.models or {}).items()
+        if m.get("mean_batch") is not None
+    )
+    batches = f"; mean batch: {batches}" if batches else ""
+    return f"{r.throughput:.2f} img/s, p50 {r.p50_ms:.0f} ms{note}{batches}"
 
 
 HEADERS = (

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import csv
 
-from benchmarks.perf import CSV_FIELDS, PerfResult, _failed, plot, write_csv
+import pytest
+
+from benchmarks.perf import (
+    CSV_FIELDS,
+    PerfResult,
+    _failed,
+    _summary,
+    model_activity,
+    plot,
+    write_csv,
+)
 
 
 def _result(side, c, throughput, p50):
@@ -49,3 +59,36 @@ def test_plot_writes_a_png(tmp_path):
     results = [_result(64, c, 2.0 + c, 100.0 * c) for c in (1, 2, 4)]
     path = plot(tmp_path / "perf.png", [*results, _result(128, 1, 1.0, 900.0)], "title")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def _counters(requests, executions, queue_ms, infer_ms):
+    ms = 1_000_000
+    return {
+        "requests": requests,
+        "executions": executions,
+        "failed": 0,
+        "queue_ns": queue_ms * ms,
+        "compute_input_ns": 0,
+        "compute_infer_ns": infer_ms * ms,
+        "compute_output_ns": 0,
+    }
+
+
+def test_model_activity_is_the_difference_of_two_snapshots():
+    before = {"sampler": _counters(10, 10, 50, 100), "unet": _counters(10, 10, 0, 80)}
+    after = {
+        "sampler": _counters(74, 12, 50 + 640, 100 + 64 * 30),  # 64 more in 2 batches
+        "unet": _counters(10, 10, 0, 80),  # idle during the level
+        "cxr_sr": _counters(64, 64, 0, 64 * 31),  # loaded after the first snapshot
+    }
+    activity = model_activity(before, after)
+    assert set(activity) == {"sampler", "cxr_sr"}
+    assert activity["sampler"]["requests"] == 64
+    assert activity["sampler"]["mean_batch"] == pytest.approx(32.0)
+    assert activity["sampler"]["queue_ms"] == pytest.approx(10.0)
+    assert activity["sampler"]["compute_infer_ms"] == pytest.approx(30.0)
+    assert activity["cxr_sr"]["mean_batch"] == pytest.approx(1.0)
+    assert model_activity(None, after) is None and model_activity(before, None) is None
+    result = _result(64, 64, 100.0, 300.0)
+    result.models = activity
+    assert "mean batch: sampler 32.0, cxr_sr 1.0" in _summary(result)

@@ -92,3 +92,30 @@ def test_run_level_counts_rejected_requests(server, perf_analyzer, tmp_path):
     assert result.error and result.returncode != 0 and result.throughput is None
     assert result.failed_requests and result.failed_requests > 0
     assert "LR" in log
+
+
+def test_run_level_reports_the_batches_each_model_formed(
+    server, perf_analyzer, input_data, tmp_path
+):
+    """The server's statistics around a level: every model of the chain served the level's
+    requests, in batches no larger than the repository's max batch (4)."""
+    binary, env = perf_analyzer
+    result, log = run_level(
+        binary,
+        env,
+        model="cxr_sr",
+        url=server.grpc_url,
+        concurrency=4,
+        input_data=input_data,
+        workdir=tmp_path,
+        settings=PerfSettings(parameters={"steps": 1}, request_count=8),
+        timeout_s=300,
+    )
+    assert result.error is None, log[-3000:]
+    models = result.models
+    assert {"cxr_sr", "vae_encoder", "sampler", "unet", "vae_decoder"} <= set(models), models
+    for name in ("cxr_sr", "vae_encoder", "sampler", "vae_decoder"):
+        assert models[name]["requests"] >= 8  # perf_analyzer may send a few more
+    for name, m in models.items():
+        assert 1 <= m["mean_batch"] <= 4, (name, m)
+        assert m["queue_ms"] >= 0 and m["compute_infer_ms"] > 0, (name, m)
