@@ -121,17 +121,24 @@ class NetworkSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
-    def batch_pixels(self) -> int:
+    def batch_pixels(self, gpu: bool = False) -> int:
         """The most pixels (of the first input's sides) one session call takes: a full batch
         at the opt size, but never more than one image of the largest size. A dynamic batch
         of larger images runs in several calls (``cxr_sr.serving.row_chunks``), so a model's
-        memory stays bounded at every size, and at the largest size it is one image's."""
+        memory stays bounded at every size, and at the largest size it is one image's.
+
+        ``gpu``: for a network that runs on a GPU, where one image of the largest size is not
+        what memory allows but the batch is what keeps the device busy: a full batch at the
+        opt size in one call (4 images of the largest size for the default geometry), and
+        never less than one image of the largest size."""
         g = self.geometry
 
         def pixels(side: int) -> int:
             return int(np.prod(self.inputs[0].concrete(g, (side, side))[-2:]))
 
-        return min(self.max_batch * pixels(g.opt_side), pixels(g.max_side))
+        full = self.max_batch * pixels(g.opt_side)
+        largest = pixels(g.max_side)
+        return max(full, largest) if gpu else min(full, largest)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """``torch.onnx.export`` dynamic axes: the batch axis of every tensor and the sides

@@ -169,7 +169,8 @@ def network_config(
         for key, value in _lr_checks(spec.geometry).items():
             params.setdefault(key, value)
     if config.backend == "python":
-        params.setdefault("max_batch_pixels", str(spec.batch_pixels()))
+        on_gpu = target == "torch" and torch_device == "cuda"
+        params.setdefault("max_batch_pixels", str(spec.batch_pixels(gpu=on_gpu)))
     if target == "cpu":
         # onnxruntime's memory arena on, memory patterns off (README, "Operating the server")
         params.setdefault("ort_cpu_mem_arena", str(bool(ort_arena)).lower())
@@ -232,7 +233,7 @@ def sampler_config(
         "unet_output": unet.output_names[0],
         "vae_factor": str(unet.geometry.vae_factor),
         "latent_sides": ",".join(map(str, unet.geometry.latent_sides())),
-        "max_batch_pixels": str(unet.batch_pixels()),
+        "max_batch_pixels": str(unet.batch_pixels(gpu=loop_device == "torch-cuda")),
         **limits.parameters(unet.geometry.max_side),
         "loop_device": loop_device,
     }
@@ -248,7 +249,9 @@ def sampler_config(
             batch_buckets="auto",  # CUDA: pad dynamic batches to powers of two
             warmup_side=str(g.opt_side),  # CUDA: every bucket runs once before ready
             **_lr_checks(g),  # what vae_encoder checks, checked here
-            stage_batch_pixels=json.dumps({n: spec.batch_pixels() for n, spec in fused.items()}),
+            stage_batch_pixels=json.dumps(
+                {n: spec.batch_pixels(gpu=loop_device == "torch-cuda") for n, spec in fused.items()}
+            ),
         )
     if env_path:
         params["EXECUTION_ENV_PATH"] = env_path

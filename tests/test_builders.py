@@ -230,6 +230,9 @@ def test_cpu_and_gpu_configs(built):
     g = Geometry(max_side=128)
     assert network_specs(4, g, max_batch=8)["vae_encoder"].batch_pixels() == 128 * 128
     assert network_specs(4, Geometry(), max_batch=8)["unet"].batch_pixels() == 8 * 64 * 64
+    # on a GPU: a full batch at the opt side in one call, never less than one largest image
+    assert network_specs(4, g, max_batch=8)["vae_encoder"].batch_pixels(gpu=True) == 8 * 64 * 64
+    assert network_specs(4, g, max_batch=2)["vae_encoder"].batch_pixels(gpu=True) == 128 * 128
     for name in NETWORKS:
         cpu, gpu = (
             read_config(root["cpu"] / name / "config.pbtxt"),

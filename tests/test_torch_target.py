@@ -80,13 +80,26 @@ def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, t
     from cxr_sr.builders.specs import network_specs
     from cxr_sr.builders.triton_config import network_config, sampler_config
 
-    specs = network_specs(4, build.S.Geometry(), 4)
+    specs = network_specs(4, build.S.Geometry(), 64)
     unet = network_config(specs["unet"], "torch", torch_device="cuda", precision="fp16")
     assert unet.instance_group[0].kind == unet.instance_group[0].KIND_GPU
     assert unet.parameters["device"].string_value == "cuda"
     loop = sampler_config(specs["unet"], loop_device="torch-cuda")
     assert loop.parameters["loop_device"].string_value == "torch-cuda"
     assert loop.parameters["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"
+    # a GPU takes a dynamic batch of 64 at the opt side (64x64 LR) in one call; the host
+    # target keeps a call to one image of the largest side (256x256 LR): 16 of them
+    full, largest = 64 * 64 * 64, 256 * 256
+    assert unet.parameters["max_batch_pixels"].string_value == str(full)
+    assert loop.parameters["max_batch_pixels"].string_value == str(full)
+    auto = network_config(specs["unet"], "torch", torch_device="auto")
+    assert auto.parameters["max_batch_pixels"].string_value == str(largest)
+    fused = sampler_config(specs["unet"], loop_device="torch-cuda", fused=specs)
+    assert set(json.loads(fused.parameters["stage_batch_pixels"].string_value).values()) == {full}
+    fused = sampler_config(specs["unet"], loop_device="torch-cpu", fused=specs)
+    assert set(json.loads(fused.parameters["stage_batch_pixels"].string_value).values()) == {
+        largest
+    }
     with pytest.raises(ValueError, match="precision"):
         network_config(specs["unet"], "torch", precision="int8")
     host = network_config(specs["unet"], "torch", torch_device="cuda", torch_io="host")
