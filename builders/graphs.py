@@ -18,12 +18,14 @@ global position like any other (``cxr_sr.noise``) and the margin is cropped away
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 from cxr_sr.imaging import LR_SIZE, SCALE, bicubic_phase_taps
+from cxr_sr.serving import batch_bucket, chunk_rows, row_chunks
 
 
 def vae_factor(rvae) -> int:
@@ -391,3 +393,41 @@ class GraphedStage:
             buffer.copy_(x)
         graph.replay()
         return out.clone()
+
+
+def _rows_per_call(rows: int, pixels: int, budget: int | None, max_batch: int) -> int:
+    return min(max_batch, chunk_rows(pixels, budget) or max(rows, max_batch))
+
+
+def run_in_calls(
+    run: Callable[..., torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    budget: int | None,
+    max_batch: int,
+    buckets: bool,
+) -> torch.Tensor:
+    """``run(*inputs)`` over a served batch, in calls of at most ``budget`` pixels (of the
+    first input's last two sides; None: one call), as the torch target's models and the fused
+    sampler call their networks. With ``buckets`` each call runs at its bucket's size
+    (``cxr_sr.serving.batch_bucket``, at most what one call takes): zero rows are appended
+    and their results cut off, so a network sees a handful of batch sizes, not every size a
+    dynamic batcher forms (on CUDA each new size costs cuDNN autotuning and a graph capture).
+    Rows are independent, so the result does not depend on either."""
+    rows, pixels = len(inputs[0]), int(inputs[0].shape[2:].numel())
+    per = _rows_per_call(rows, pixels, budget, max_batch)
+    outs = []
+    for s in row_chunks(rows, pixels, budget):
+        part = [x[s] for x in inputs]
+        n = len(part[0])
+        size = batch_bucket(n, per) if buckets else n
+        if size > n:
+            part = [torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))]) for x in part]
+        outs.append(run(*part)[:n])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def bucket_sizes(pixels: int, budget: int | None, max_batch: int) -> list[int]:
+    """The batch sizes :func:`run_in_calls` runs with buckets, for rows of ``pixels`` pixels,
+    largest first (the order to warm CUDA graphs that share one memory pool)."""
+    per = _rows_per_call(max_batch, pixels, budget, max_batch)
+    return sorted({batch_bucket(n, per) for n in range(1, per + 1)}, reverse=True)

@@ -157,6 +157,11 @@ def network_config(
         on_gpu = torch_device == "cuda"
         group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
         params.update(network=spec.name, device=torch_device, precision=precision, io=torch_io)
+        # CUDA: batches padded to power-of-two buckets, each bucket run once at load time at
+        # the opt side (torch_python/model.py)
+        g = spec.geometry
+        opt = {t.name: list(t.concrete(g, (g.opt_side, g.opt_side))) for t in spec.inputs}
+        params.update(batch_buckets="auto", warmup_shapes=json.dumps(opt))
         if torch_io == "dlpack":
             params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"  # GPU tensors arrive as they are
     else:

@@ -25,6 +25,11 @@ def torch_repository(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch") / "repo"
     args = ["--checkpoint", str(checkpoint), "--out", str(out), "--target", "torch"]
     assert build.main([*args, "--max-batch", "4", "--max-side", "128"]) == 0
+    for name in HALF_INPUTS:  # buckets are for CUDA ("auto"): on here, so padding runs too
+        config = read_config(out / name / "config.pbtxt")
+        assert config.parameters["batch_buckets"].string_value == "auto"
+        config.parameters["batch_buckets"].string_value = "true"
+        write_config(config, out / name)
     return out
 
 
@@ -90,6 +95,9 @@ def test_cuda_build_asks_for_gpu_instances_and_a_gpu_resident_loop(checkpoint, t
     # a GPU takes a dynamic batch of 64 at the opt side (64x64 LR) in one call; the host
     # target keeps a call to one image of the largest side (256x256 LR): 16 of them
     full, largest = 64 * 64 * 64, 256 * 256
+    # what each bucket is warmed with at load time: the opt side's (64x64 LR) input shapes
+    shapes = json.loads(unet.parameters["warmup_shapes"].string_value)
+    assert shapes == {"x_t": [4, 64, 64], "timestep": [1], "z_lr": [4, 64, 64]}
     assert unet.parameters["max_batch_pixels"].string_value == str(full)
     assert loop.parameters["max_batch_pixels"].string_value == str(full)
     auto = network_config(specs["unet"], "torch", torch_device="auto")
@@ -304,3 +312,29 @@ def test_gpu_benchmark_runs_its_variants_on_the_cpu(checkpoint, tmp_path):
         "in-process eager",
         "served fused (gRPC, batch 1)",
     }
+
+
+def test_run_in_calls_chunks_and_buckets_without_changing_rows():
+    """A batch of 7 under a budget of 4 rows per call: calls of 4 and 3 rows; with buckets the
+    second runs padded to 4 and is cut back; the result is the unchunked one either way."""
+    from cxr_sr.builders.graphs import bucket_sizes, run_in_calls
+
+    x = torch.randn(7, 2, 4, 4)
+    t = torch.arange(7.0).reshape(7, 1)
+    seen = []
+
+    def net(a, b):
+        seen.append(len(a))
+        return a * 2 + b.reshape(-1, 1, 1, 1)
+
+    want = net(x, t)
+    for buckets, sizes in ((False, [4, 3]), (True, [4, 4])):
+        seen.clear()
+        torch.testing.assert_close(run_in_calls(net, [x, t], 4 * 16, 8, buckets), want)
+        assert seen == sizes
+    seen.clear()
+    torch.testing.assert_close(run_in_calls(net, [x[:5], t[:5]], None, 8, True), want[:5])
+    assert seen == [8]  # no budget: one call, at the bucket of 5 rows
+    assert bucket_sizes(16, 3 * 16, 8) == [3, 2, 1]
+    assert bucket_sizes(64 * 64, 64 * 64 * 64, 64) == [64, 32, 16, 8, 4, 2, 1]
+    assert bucket_sizes(64 * 64, 256 * 256, 64) == [16, 8, 4, 2, 1]

@@ -53,8 +53,6 @@ from cxr_sr.noise import legacy_block, noise_keys
 from cxr_sr.sampling import latent_origin
 from cxr_sr.serving import (
     InputChecks,
-    batch_bucket,
-    chunk_rows,
     options_key,
     parse_flag,
     parse_parameters,
@@ -102,7 +100,7 @@ class TritonPythonModel:
         """``layout`` fused: the encoder, UNet and decoder in this process, on the loop's device."""
         if self.arrays.torch is None:
             raise ValueError("layout 'fused' needs a torch loop_device (the torch target)")
-        from cxr_sr.builders.graphs import GraphedStage, TorchStage
+        from cxr_sr.builders import graphs  # torch modules: the torch target's only
         from cxr_sr.train.checkpoint import load
 
         device = self.arrays.device
@@ -115,8 +113,9 @@ class TritonPythonModel:
         ckpt = load(here / "checkpoint")
         self.networks = {}
         for name in ("vae_encoder", "unet", "vae_decoder"):
-            stage = TorchStage(ckpt.vae, ckpt.denoiser, name, device, half)
-            self.networks[name] = GraphedStage(stage) if graphed else stage
+            stage = graphs.TorchStage(ckpt.vae, ckpt.denoiser, name, device, half)
+            self.networks[name] = graphs.GraphedStage(stage) if graphed else stage
+        self.graphs = graphs
         self.checks = InputChecks.from_parameters(params)
         self.lr_multiple = int(params.get("lr_multiple", "1"))
         self.stage_pixels = json.loads(params.get("stage_batch_pixels", "{}"))
@@ -133,8 +132,9 @@ class TritonPythonModel:
         first requests' latency. Other sides are captured on first use."""
         torch = self.arrays.torch
         start = time.perf_counter()
-        sizes = {batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)}
-        sizes = sorted(sizes, reverse=True)  # largest first: smaller graphs share its memory
+        # largest first: smaller graphs share its memory
+        budget = self.stage_pixels.get("vae_encoder")
+        sizes = self.graphs.bucket_sizes(side * side, budget, self.max_batch)
         for rows in sizes:
             lr = torch.zeros((rows, 1, side, side), device=self.arrays.device)
             z_lr = self._local("vae_encoder", lr)
@@ -148,22 +148,11 @@ class TritonPythonModel:
         )
 
     def _local(self, name, *inputs):
-        """One in-process network over a batch, in chunks of at most its pixel budget; with
-        ``batch_buckets`` each chunk runs at its bucket's size (zero rows appended, results
-        cut back), so the networks see few shapes (``cxr_sr.serving.batch_bucket``)."""
-        pixels = int(np.prod(inputs[0].shape[2:]))
+        """One in-process network over a batch, in calls of at most its pixel budget, each
+        at its bucket's size with ``batch_buckets`` (``builders.graphs.run_in_calls``)."""
         budget = self.stage_pixels.get(name)
-        chunks = row_chunks(len(inputs[0]), pixels, budget)
-        per = min(self.max_batch, chunk_rows(pixels, budget) or self.max_batch)
         run = self.networks[name]
-        outs = []
-        for s in chunks:
-            part = [x[s] for x in inputs]
-            rows = len(part[0])
-            if self.buckets:
-                part = self.arrays.pad_rows(part, batch_bucket(rows, per))
-            outs.append(run(*part)[:rows])
-        return self.arrays.cat(outs)
+        return self.graphs.run_in_calls(run, inputs, budget, self.max_batch, self.buckets)
 
     def _check_latent(self, z_lr):
         """None, or why this latent is outside what the UNet was built for."""
@@ -358,15 +347,6 @@ class _Arrays:
         if x.is_cuda:  # the next model reads it from another stream and process
             self.torch.cuda.current_stream(x.device).synchronize()
         return pb_utils.Tensor.from_dlpack(name, self.torch.utils.dlpack.to_dlpack(x))
-
-    def pad_rows(self, parts, rows):
-        """Each array with zero rows appended up to ``rows`` (torch loops; rows are
-        independent, so the real rows' results do not depend on the padding)."""
-        torch = self.torch
-        return [
-            x if len(x) == rows else torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))])
-            for x in parts
-        ]
 
     def cat(self, parts):
         if len(parts) == 1:
