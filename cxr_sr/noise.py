@@ -19,11 +19,12 @@ is draw k): with ``block`` = the latent side of a 64x64 LR (:func:`legacy_block`
 request keeps, bit for bit, the output it had when the service took 64x64 inputs only.
 
 The draws are host work that a GPU-resident sampling loop waits for: a batch of 64 rows at
-LR 64 takes ~23 ms on one core of a 2.8 GHz Xeon, more than the GPU needs for the batch's
-networks. numpy's generators release the GIL while they fill an array, so :func:`draw_noise`
-hands the rows of a large batch to a small thread pool (one thread per usable core, at most
-:data:`MAX_THREADS`; ``CXR_NOISE_THREADS`` sets the count, 1 = in the calling thread). Each
-row keeps its own generators, so the result is the same bit for bit whatever the thread count.
+LR 64 takes 15-20 ms on one core of a 2.8 GHz Xeon (``benchmarks.noise``), about what the GPU
+needs for the batch's networks. numpy's generators release the GIL while they fill an array,
+so :func:`draw_noise` hands the blocks of a large batch to a small thread pool (one thread per
+usable core, at most :data:`MAX_THREADS`; ``CXR_NOISE_THREADS`` sets the count, 1 = in the
+calling thread). Every block keeps its own generator, so the result is the same bit for bit
+whatever the thread count.
 """
 
 from __future__ import annotations
