@@ -53,6 +53,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from benchmarks.common import (
+    benchmark_parser,
     describe,
     device_info,
     lr_crops,
@@ -331,17 +332,8 @@ def case_rows(cases: Sequence[Mapping[str, Any]], target: float) -> list[list[An
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("build/model_repository_cpu"),
-        help="built cpu repository: served, and its model.onnx files run in-process "
-        "(default: %(default)s)",
+    p = benchmark_parser(
+        "bench", __doc__, "built cpu repository: served, and its model.onnx files run in-process"
     )
     p.add_argument(
         "--url",

@@ -236,6 +236,30 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+DEFAULT_REPOSITORY = Path("build/model_repository_cpu")  # what `make build` writes
+
+
+def benchmark_parser(
+    name: str, doc: str | None, repository: str | None = None
+) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: ``python -m benchmarks.<name>``, its module docstring
+    as the help text, and, given ``repository`` (what the script does with one), a
+    ``--repository`` option that defaults to the cpu build of ``make build``."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if repository:
+        p.add_argument(
+            "--repository",
+            type=Path,
+            default=DEFAULT_REPOSITORY,
+            help=f"{repository} (default: %(default)s)",
+        )
+    return p
+
+
 def positive_ints(text: str) -> list[int]:
     """argparse type: comma-separated positive integers ("64,128,256")."""
     try:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import (
+    benchmark_parser,
     describe,
     device_info,
     lr_crops,
@@ -292,16 +293,8 @@ def cost_rows(report: Mapping[str, Any], concurrency: int) -> list[list[Any]]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.cost",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("build/model_repository_cpu"),
-        help="built repository to serve with the embedded tritonserver (default: %(default)s)",
+    p = benchmark_parser(
+        "cost", __doc__, "built repository to serve with the embedded tritonserver"
     )
     p.add_argument("--url", default=None, help="gRPC host:port of a running server instead")
     p.add_argument(

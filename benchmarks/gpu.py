@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import (
+    benchmark_parser,
     describe,
     device_info,
     grpc_inputs,
@@ -282,9 +283,7 @@ def serve_variant(args, reference: InProcess, name: str, tmp: Path) -> dict[str,
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = benchmark_parser("gpu", __doc__)
     p.add_argument("--checkpoint", type=Path, default=Path("weights/demo"), help="checkpoint")
     p.add_argument(
         "--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a small smoke test"

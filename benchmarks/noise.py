@@ -14,7 +14,6 @@ same noise bit for bit. Milliseconds per batch (median of ``--repeats``) and per
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from benchmarks.common import (
+    benchmark_parser,
     describe,
     device_info,
     positive_ints,
@@ -62,9 +62,7 @@ def time_case(batch: int, side: int, threads: Sequence[int], repeats: int) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.noise", description=__doc__.split("\n")[0]
-    )
+    p = benchmark_parser("noise", __doc__)
     p.add_argument("--batches", type=positive_ints, default=[1, 16, 64], help="rows per batch")
     p.add_argument("--sizes", type=positive_ints, default=[64, 128, 256], help="LR sides")
     p.add_argument(

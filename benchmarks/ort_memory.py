@@ -21,7 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import describe, device_info, lr_crops, software_versions, table, write_json
+from benchmarks.common import (
+    benchmark_parser,
+    describe,
+    device_info,
+    lr_crops,
+    software_versions,
+    table,
+    write_json,
+)
 from benchmarks.soak import MemorySampler, server_processes
 from cxr_sr.builders.serve import TritonServer
 from cxr_sr.builders.triton_config import read_config, write_config
@@ -81,15 +89,7 @@ def measure(repository: Path, arena: bool, pattern: bool, log: Path | None) -> d
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("build/model_repository_cpu"),
-        help="built cpu-target repository (default: %(default)s)",
-    )
+    p = benchmark_parser("ort_memory", __doc__, "built cpu-target repository")
     p.add_argument(
         "--out",
         type=Path,

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import (
+    benchmark_parser,
     describe,
     device_info,
     lr_crops,
@@ -575,16 +576,8 @@ def plot(path: str | Path, results: Sequence[PerfResult], title: str) -> Path:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.perf",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("build/model_repository_cpu"),
-        help="built repository to serve with the embedded tritonserver (default: %(default)s)",
+    p = benchmark_parser(
+        "perf", __doc__, "built repository to serve with the embedded tritonserver"
     )
     p.add_argument(
         "--url",

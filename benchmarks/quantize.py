@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import (
+    benchmark_parser,
     describe,
     device_info,
     lr_crops,
@@ -210,16 +211,8 @@ def run(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.quantize",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("build/model_repository_cpu"),
-        help="built cpu repository whose model.onnx files are quantized (default: %(default)s)",
+    p = benchmark_parser(
+        "quantize", __doc__, "built cpu repository whose model.onnx files are quantized"
     )
     p.add_argument(
         "--networks",

@@ -22,7 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import describe, device_info, positive_ints, software_versions, table
+from benchmarks.common import (
+    benchmark_parser,
+    describe,
+    device_info,
+    positive_ints,
+    software_versions,
+    table,
+)
 from benchmarks.common import write_json as write_report
 from cxr_sr.sampling import PARAMS_BY_NAME, SAMPLERS
 
@@ -153,11 +160,7 @@ def report_rows(report: dict[str, Any]) -> list[list[Any]]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.samplers",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = benchmark_parser("samplers", __doc__)
     p.add_argument(
         "--checkpoint",
         type=Path,

@@ -41,6 +41,7 @@ import psutil
 import tritonclient.grpc as grpcclient
 
 from benchmarks.common import (
+    benchmark_parser,
     describe,
     device_info,
     lr_crops,
@@ -384,15 +385,7 @@ def memory_rows(report: dict[str, Any]) -> list[list[Any]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("build/model_repository_cpu"),
-        help="built repository to serve (default: %(default)s)",
-    )
+    p = benchmark_parser("soak", __doc__, "built repository to serve")
     p.add_argument(
         "--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)"
     )

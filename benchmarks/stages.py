@@ -31,6 +31,7 @@ import numpy as np
 
 from benchmarks.common import (
     TRITON_DTYPES,
+    benchmark_parser,
     describe,
     device_info,
     grpc_inputs,
@@ -229,15 +230,11 @@ def overhead_rows(results: dict[str, dict[str, Any]]) -> list[list[Any]]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("build/model_repository_cpu"),
-        help="built repository: served for the server path, its sampler folder gives the "
-        "schedule for the offline loop (default: %(default)s)",
+    p = benchmark_parser(
+        "stages",
+        __doc__,
+        "built repository: served for the server path, its sampler folder gives the "
+        "schedule for the offline loop",
     )
     p.add_argument(
         "--onnx-dir",

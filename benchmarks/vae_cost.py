@@ -16,7 +16,6 @@ in pixels; the first version's needs 16 GiB at LR 256), for the VAE and the UNet
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 import warnings
@@ -25,7 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import describe, device_info, software_versions, table, write_json
+from benchmarks.common import (
+    benchmark_parser,
+    describe,
+    device_info,
+    software_versions,
+    table,
+    write_json,
+)
 from cxr_sr.builders.graphs import DecoderGraph, EncoderGraph, attention_bytes
 from cxr_sr.train import checkpoint as ckpt_io
 from cxr_sr.train.models import ResidualVAE, VAEConfig, build_vae
@@ -92,9 +98,7 @@ def measure(vae: ResidualVAE, lr_side: int, threads: int, repeats: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m benchmarks.vae_cost", description=__doc__.split("\n")[0]
-    )
+    p = benchmark_parser("vae_cost", __doc__)
     p.add_argument(
         "--checkpoint", type=Path, default=Path("weights/demo"), help="checkpoint to compare"
     )
