@@ -57,6 +57,18 @@ def test_serve_exits_non_zero_naming_the_model(broken_repository):
     assert "model 'vae_decoder'" in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.integration
+def test_a_bad_noise_thread_setting_fails_the_load_not_every_request(built_repository, monkeypatch):
+    """CXR_NOISE_THREADS is read when the sampler loads: a typo stops the start with the
+    variable's name instead of failing each request later with a 500."""
+    repo, _ = built_repository
+    monkeypatch.setenv("CXR_NOISE_THREADS", "two")
+    with pytest.raises(RuntimeError) as err:
+        TritonServer(repo).start(timeout_s=120)
+    assert "model 'sampler'" in str(err.value)
+    assert "CXR_NOISE_THREADS must be an integer, got 'two'" in str(err.value)
+
+
 def test_tritonserver_runs_on_jemalloc_unless_told_otherwise(built_repository, monkeypatch):
     """jemalloc (system-packages.txt) is preloaded for tritonserver and its stubs, with its
     page-return settings; CXR_MALLOC=system keeps glibc's malloc."""

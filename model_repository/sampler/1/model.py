@@ -49,7 +49,7 @@ import triton_python_backend_utils as pb_utils
 
 from cxr_sr import SamplingOptions, Schedule, sample
 from cxr_sr.imaging import SCALE
-from cxr_sr.noise import legacy_block, noise_keys
+from cxr_sr.noise import legacy_block, noise_keys, noise_threads
 from cxr_sr.sampling import latent_origin
 from cxr_sr.serving import (
     InputChecks,
@@ -91,6 +91,7 @@ class TritonPythonModel:
         self.arrays = _Arrays(
             params.get("loop_device", "numpy"), args.get("model_instance_device_id")
         )
+        noise_threads()  # a bad CXR_NOISE_THREADS fails the load, not every request
         self.fused = params.get("layout", "models") == "fused"
         if self.fused:
             self._load_networks(here, params)
