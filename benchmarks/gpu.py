@@ -50,7 +50,7 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from benchmarks.perf import PerfSettings, sweep
+from benchmarks.perf import SHARED_MEMORY, PerfSettings, sweep
 from cxr_sr import sample
 from cxr_sr.builders.graphs import GraphedStage, TorchStage
 from cxr_sr.builders.serve import TritonServer
@@ -260,7 +260,11 @@ def serve_variant(args, reference: InProcess, name: str, tmp: Path) -> dict[str,
             result["stage_max_abs"] = stage_differences(server.grpc_url, reference, lr, seed=3)
         perf = []
         if args.concurrency and (args.perf_variants is None or name in args.perf_variants):
-            settings = PerfSettings(measurement_ms=args.measurement_ms, max_trials=args.max_trials)
+            settings = PerfSettings(
+                measurement_ms=args.measurement_ms,
+                max_trials=args.max_trials,
+                shared_memory=args.perf_shared_memory,
+            )
             perf = sweep(server.grpc_url, args.concurrency, settings, sizes=[args.sides[0]])
         result["perf"] = [
             {
@@ -315,6 +319,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=32, help="the served models' max batch")
     p.add_argument("--measurement-ms", type=int, default=3000, help="perf_analyzer window")
     p.add_argument("--max-trials", type=int, default=4, help="perf_analyzer windows per level")
+    p.add_argument(
+        "--perf-shared-memory",
+        choices=SHARED_MEMORY,
+        default="none",
+        help="perf_analyzer's inputs and outputs: gRPC messages (none) or system shared memory",
+    )
     p.add_argument("--out", type=Path, default=Path("outputs/gpu.json"), help="JSON report")
     args = p.parse_args(argv)
     unknown = [v for v in args.variants + (args.perf_variants or []) if v not in VARIANTS]

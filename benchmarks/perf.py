@@ -62,6 +62,7 @@ UNSTABLE_EXIT = 2  # perf_analyzer: "Failed to obtain stable measurement"
 # than the window: large images at high concurrency on a CPU)
 NO_REQUESTS_EXIT = 3
 DEFAULT_PARAMETERS = {"steps": 1, "seed": 0}  # 1 step: the demo checkpoint's default
+SHARED_MEMORY = ("none", "system")  # perf_analyzer's --shared-memory ("cuda" needs a GPU client)
 # perf_analyzer 2.51's --request-parameter types are bool, int and string; the server parses
 # a number sent as a string exactly as the number itself
 _PERF_TYPES = {bool: "bool", int: "int"}
@@ -163,7 +164,11 @@ class PerfSettings:
     """How perf_analyzer measures one concurrency level.
 
     ``parameters``: the request parameters sent with every request, keys of the request
-    schema only (validated here as the client does).
+    schema only (validated here as the client does). ``shared_memory`` "system": inputs and
+    outputs go through POSIX shared memory regions registered with the server instead of the
+    gRPC messages (client and server on one host), so a level measures the server without the
+    transfer; ``output_bytes`` is then the region size per output (:func:`sweep` sets it from
+    the LR side: the SR's float32 bytes).
     """
 
     parameters: Mapping[str, Any] = field(default_factory=lambda: dict(DEFAULT_PARAMETERS))
@@ -171,9 +176,15 @@ class PerfSettings:
     stability_percentage: float = 25.0
     max_trials: int = 8
     request_count: int = 0  # > 0: one window of that many requests, no stability search
+    shared_memory: str = "none"
+    output_bytes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "parameters", request_parameters(self.parameters))
+        if self.shared_memory not in SHARED_MEMORY:
+            raise ValueError(
+                f"shared_memory must be one of {SHARED_MEMORY}, got {self.shared_memory!r}"
+            )
 
 
 def perf_command(
@@ -212,6 +223,11 @@ def perf_command(
     ]
     if settings.request_count > 0:
         cmd += ["--request-count", str(settings.request_count)]
+    if settings.shared_memory != "none":
+        if settings.output_bytes < 1:
+            raise ValueError("shared memory needs output_bytes, the largest output's size")
+        cmd += [f"--shared-memory={settings.shared_memory}"]
+        cmd += ["--output-shared-memory-size", str(settings.output_bytes)]
     for key, value in settings.parameters.items():
         text = str(value).lower() if isinstance(value, bool) else str(value)
         cmd += ["--request-parameter", f"{key}:{text}:{_PERF_TYPES.get(type(value), 'string')}"]
@@ -437,6 +453,8 @@ def sweep(
         for side in sizes or [None]:
             lr = lr_images(images, seed=seed) if side is None else lr_crops(side, images, seed)
             data = write_input_data(work / f"lr_{side}.json", lr)
+            sr_bytes = 4 * int(np.prod(lr.shape[1:])) * SCALE * SCALE  # float32 SR per image
+            level_settings = replace(settings, output_bytes=max(settings.output_bytes, sr_bytes))
             for level in levels:
                 result, log = run_level(
                     binary,
@@ -446,7 +464,7 @@ def sweep(
                     concurrency=level,
                     input_data=data,
                     workdir=work,
-                    settings=settings,
+                    settings=level_settings,
                     timeout_s=timeout_s,
                 )
                 result.lr_side = side
@@ -628,6 +646,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--images", type=int, default=8, help="distinct LR images in the input data (default: 8)"
     )
     p.add_argument(
+        "--shared-memory",
+        choices=SHARED_MEMORY,
+        default="none",
+        help="system: inputs and outputs through shared memory instead of gRPC messages "
+        "(perf_analyzer on the server's host): the server's throughput without the transfer "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--timeout", type=float, default=900.0, help="seconds allowed per perf_analyzer run"
     )
     p.add_argument(
@@ -663,6 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stability_percentage=args.stability,
         max_trials=args.max_trials,
         request_count=args.request_count,
+        shared_memory=args.shared_memory,
     )
     kwargs = {
         "model": args.model,
@@ -696,7 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"perf_analyzer on {args.model}: batch 1, gRPC, "
         f"{', '.join(f'{k}={v}' for k, v in settings.parameters.items())}, "
-        f"window {args.measurement_ms} ms, stability {args.stability:g}%"
+        f"window {args.measurement_ms} ms, stability {args.stability:g}%, "
+        f"shared memory {args.shared_memory}"
     )
     print(describe(device, versions))
     print(table(HEADERS, result_rows(results)))

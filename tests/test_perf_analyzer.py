@@ -9,6 +9,7 @@ asserted.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,48 @@ def test_run_level_reports_the_batches_each_model_formed(
     for name, m in models.items():
         assert 1 <= m["mean_batch"] <= 4, (name, m)
         assert m["queue_ms"] >= 0 and m["compute_infer_ms"] > 0, (name, m)
+
+
+def test_shared_memory_settings_reach_the_command(tmp_path):
+    """--shared-memory system: perf_analyzer registers regions sized for the largest output;
+    a missing size or an unknown kind is refused before anything runs."""
+    common = {
+        "model": "cxr_sr",
+        "url": "127.0.0.1:1",
+        "concurrency": 1,
+        "input_data": tmp_path / "lr.json",
+        "csv_path": tmp_path / "perf.csv",
+    }
+    settings = PerfSettings(shared_memory="system", output_bytes=262144)
+    cmd = perf_command(Path("perf_analyzer"), settings=settings, **common)
+    assert "--shared-memory=system" in cmd
+    assert cmd[cmd.index("--output-shared-memory-size") + 1] == "262144"
+    assert "--shared-memory=system" not in perf_command(
+        Path("perf_analyzer"), settings=PerfSettings(), **common
+    )
+    with pytest.raises(ValueError, match="output_bytes"):
+        perf_command(Path("perf_analyzer"), settings=PerfSettings(shared_memory="system"), **common)
+    with pytest.raises(ValueError, match="shared_memory must be one of"):
+        PerfSettings(shared_memory="cuda")
+
+
+def test_run_level_through_shared_memory(server, perf_analyzer, input_data, tmp_path):
+    """The same level with inputs and outputs in system shared memory: served, no failures."""
+    binary, env = perf_analyzer
+    settings = PerfSettings(
+        parameters={"steps": 1}, request_count=8, shared_memory="system", output_bytes=4 * 256 * 256
+    )
+    result, log = run_level(
+        binary,
+        env,
+        model="cxr_sr",
+        url=server.grpc_url,
+        concurrency=2,
+        input_data=input_data,
+        workdir=tmp_path,
+        settings=settings,
+        timeout_s=300,
+    )
+    assert result.error is None, log[-3000:]
+    assert result.throughput > 0 and result.failed_requests == 0
+    assert result.models["sampler"]["requests"] >= 8
