@@ -338,3 +338,66 @@ def test_run_in_calls_chunks_and_buckets_without_changing_rows():
     assert bucket_sizes(16, 3 * 16, 8) == [3, 2, 1]
     assert bucket_sizes(64 * 64, 64 * 64 * 64, 64) == [64, 32, 16, 8, 4, 2, 1]
     assert bucket_sizes(64 * 64, 256 * 256, 64) == [16, 8, 4, 2, 1]
+
+
+def _load_model(version_dir, monkeypatch):
+    """A repository's Python model in this process, with a stand-in triton_python_backend_utils
+    (the warm-ups log through its Logger), initialised from its config as Triton would."""
+    import importlib.util
+    import sys
+    import types
+
+    from google.protobuf.json_format import MessageToDict
+
+    logged = []
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.Logger = types.SimpleNamespace(log_info=logged.append, log_warn=logged.append)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    name = f"model_under_test_{version_dir.parent.name}"
+    spec = importlib.util.spec_from_file_location(name, version_dir / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = read_config(version_dir.parent / "config.pbtxt")
+    model = module.TritonPythonModel()
+    model.initialize(
+        {
+            "model_config": json.dumps(MessageToDict(config, preserving_proto_field_name=True)),
+            "model_repository": str(version_dir.parent),
+            "model_version": version_dir.name,
+        }
+    )
+    return model, logged
+
+
+@pytest.mark.slow
+def test_warm_ups_run_every_bucket_once_largest_first(
+    torch_repository, fused_repository, monkeypatch
+):
+    """What a CUDA model runs before the server reports ready (here on the CPU, called
+    directly): every batch bucket at the opt side, largest first, each network at its own
+    input shapes."""
+    unet, logged = _load_model(torch_repository / "unet" / "1", monkeypatch)
+    calls = []
+    stage = unet.stage
+    unet.stage = lambda *x: (calls.append([tuple(t.shape) for t in x]), stage(*x))[1]
+    unet._warm(
+        json.loads(
+            read_config(torch_repository / "unet" / "config.pbtxt")
+            .parameters["warmup_shapes"]
+            .string_value
+        )
+    )
+    assert [c[0][0] for c in calls] == [4, 2, 1]  # --max-batch 4
+    assert calls[0] == [(4, 4, 64, 64), (4, 1), (4, 4, 64, 64)]  # the opt side: LR 64
+    assert "unet: warmed for batches [4, 2, 1]" in logged[-1]
+
+    sampler, logged = _load_model(fused_repository / "sampler" / "1", monkeypatch)
+    seen = {}
+    for name, run in sampler.networks.items():
+        sampler.networks[name] = lambda *x, run=run, name=name: (
+            seen.setdefault(name, []).append(len(x[0])),
+            run(*x),
+        )[1]
+    sampler._warm(64)
+    assert seen == {n: [4, 2, 1] for n in ("vae_encoder", "unet", "vae_decoder")}
+    assert "networks warmed at LR 64 for batches [4, 2, 1]" in logged[-1]

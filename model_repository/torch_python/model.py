@@ -65,7 +65,8 @@ class TritonPythonModel:
         torch.backends.cudnn.benchmark = True
         here = Path(args["model_repository"]) / args["model_version"]
         ckpt = load(here / "checkpoint")
-        self.stage = TorchStage(ckpt.vae, ckpt.denoiser, params["network"], self.device, half)
+        self.network = params["network"]
+        self.stage = TorchStage(ckpt.vae, ckpt.denoiser, self.network, self.device, half)
         self.max_batch = int(config["max_batch_size"])
         on_gpu = self.device.type == "cuda"
         buckets = params.get("batch_buckets", "auto")
@@ -75,7 +76,7 @@ class TritonPythonModel:
             try:
                 self._warm(shapes)
             except Exception as err:  # noqa: BLE001 - the first requests then pay instead
-                pb_utils.Logger.log_warn(f"{params['network']}: warm-up failed: {err}")
+                pb_utils.Logger.log_warn(f"{self.network}: warm-up failed: {err}")
 
     def _warm(self, shapes):
         """Every batch bucket once, zeros of the opt side's shapes (``warmup_shapes``)."""
@@ -85,10 +86,10 @@ class TritonPythonModel:
         for rows in sizes:
             feeds = [torch.zeros((rows, *shapes[n]), device=self.device) for n in self.inputs]
             self._call(feeds)
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         pb_utils.Logger.log_info(
-            f"{self.stage.network}: warmed for batches {sizes} in "
-            f"{time.perf_counter() - start:.1f} s"
+            f"{self.network}: warmed for batches {sizes} in {time.perf_counter() - start:.1f} s"
         )
 
     def _call(self, merged):

@@ -142,7 +142,8 @@ class TritonPythonModel:
             t = torch.zeros((rows, 1), device=lr.device)
             self._local("unet", z_lr, t, z_lr)
             self._local("vae_decoder", z_lr, lr)
-        torch.cuda.synchronize(self.arrays.device)
+        if self.arrays.device.type == "cuda":
+            torch.cuda.synchronize(self.arrays.device)
         pb_utils.Logger.log_info(
             f"sampler: networks warmed at LR {side} for batches {sizes} in "
             f"{time.perf_counter() - start:.1f} s"
