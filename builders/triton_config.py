@@ -139,6 +139,7 @@ def network_config(
     group = config.instance_group.add()
     group.count = instances
     params = dict(parameters or {})
+    on_gpu = target == "torch" and torch_device == "cuda"  # a torch network on a GPU
     if target == "cpu":
         config.backend = "python"
         group.kind = mc.ModelInstanceGroup.KIND_CPU
@@ -154,7 +155,6 @@ def network_config(
                 f"{torch_io!r}"
             )
         config.backend = "python"
-        on_gpu = torch_device == "cuda"
         group.kind = mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU
         params.update(network=spec.name, device=torch_device, precision=precision, io=torch_io)
         # CUDA: batches padded to power-of-two buckets, each bucket run once at load time at
@@ -174,7 +174,6 @@ def network_config(
         for key, value in _lr_checks(spec.geometry).items():
             params.setdefault(key, value)
     if config.backend == "python":
-        on_gpu = target == "torch" and torch_device == "cuda"
         params.setdefault("max_batch_pixels", str(spec.batch_pixels(gpu=on_gpu)))
     if target == "cpu":
         # onnxruntime's memory arena on, memory patterns off (README, "Operating the server")
