@@ -409,11 +409,10 @@ def run_level(
         lines = [line for line in log.splitlines() if line.strip()]
         reason = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else "")
         result = _failed(concurrency, done.returncode, reason, failed)
-        result.models = activity
-        return result, log
-    rows = parse_csv(csv_path)
-    stable = attempt.request_count == settings.request_count
-    result = PerfResult.from_row(rows[0], failed=failed, stable=stable, returncode=0)
+    else:
+        stable = attempt.request_count == settings.request_count
+        row = parse_csv(csv_path)[0]
+        result = PerfResult.from_row(row, failed=failed, stable=stable, returncode=0)
     result.models = activity
     return result, log
 
