@@ -52,7 +52,7 @@ from benchmarks.common import (
 )
 from benchmarks.perf import SHARED_MEMORY, PerfSettings, sweep
 from cxr_sr import sample
-from cxr_sr.builders.graphs import GraphedStage, TorchStage
+from cxr_sr.builders.graphs import GraphedStage, TorchStage, vae_factor
 from cxr_sr.builders.serve import TritonServer
 from cxr_sr.client import SRClient
 from cxr_sr.imaging import SCALE
@@ -91,8 +91,7 @@ class InProcess:
             for name in ("vae_encoder", "unet", "vae_decoder")
         }
         self.stages = {n: GraphedStage(s) if graphed else s for n, s in stages.items()}
-        factor = 2 ** (len(ckpt.vae.vae.config.block_out_channels) - 1)
-        self.noise_block = legacy_block(factor)
+        self.noise_block = legacy_block(vae_factor(ckpt.vae))
 
     @torch.inference_mode()
     def sample(self, z_lr: torch.Tensor, seed: int = 0) -> torch.Tensor:
