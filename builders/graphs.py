@@ -395,10 +395,6 @@ class GraphedStage:
         return out.clone()
 
 
-def _rows_per_call(rows: int, pixels: int, budget: int | None, max_batch: int) -> int:
-    return min(max_batch, chunk_rows(pixels, budget) or max(rows, max_batch))
-
-
 def run_in_calls(
     run: Callable[..., torch.Tensor],
     inputs: Sequence[torch.Tensor],
@@ -407,16 +403,16 @@ def run_in_calls(
     buckets: bool,
 ) -> torch.Tensor:
     """``run(*inputs)`` over a served batch, in calls of at most ``budget`` pixels (of the
-    first input's last two sides; None: one call), as the torch target's models and the fused
-    sampler call their networks. With ``buckets`` each call runs at its bucket's size
+    first input's last two sides) and ``max_batch`` rows, as the torch target's models and
+    the fused sampler call their networks. With ``buckets`` each call runs at its bucket's size
     (``cxr_sr.serving.batch_bucket``, at most what one call takes): zero rows are appended
     and their results cut off, so a network sees a handful of batch sizes, not every size a
     dynamic batcher forms (on CUDA each new size costs cuDNN autotuning and a graph capture).
     Rows are independent, so the result does not depend on either."""
     rows, pixels = len(inputs[0]), int(inputs[0].shape[2:].numel())
-    per = _rows_per_call(rows, pixels, budget, max_batch)
+    per = chunk_rows(pixels, budget, max_batch)
     outs = []
-    for s in row_chunks(rows, pixels, budget):
+    for s in row_chunks(rows, pixels, budget, max_batch):
         part = [x[s] for x in inputs]
         n = len(part[0])
         size = batch_bucket(n, per) if buckets else n
@@ -429,5 +425,5 @@ def run_in_calls(
 def bucket_sizes(pixels: int, budget: int | None, max_batch: int) -> list[int]:
     """The batch sizes :func:`run_in_calls` runs with buckets, for rows of ``pixels`` pixels,
     largest first (the order to warm CUDA graphs that share one memory pool)."""
-    per = _rows_per_call(max_batch, pixels, budget, max_batch)
+    per = chunk_rows(pixels, budget, max_batch)
     return sorted({batch_bucket(n, per) for n in range(1, per + 1)}, reverse=True)

@@ -242,18 +242,25 @@ def check_request_pixels(name: str, shape: Sequence[int], max_pixels: int | None
     )
 
 
-def chunk_rows(pixels_per_row: int, max_pixels: int | None) -> int | None:
-    """How many rows one call of at most ``max_pixels`` pixels takes (at least one; None: no
-    limit)."""
-    return max(1, max_pixels // max(1, pixels_per_row)) if max_pixels else None
+def chunk_rows(
+    pixels_per_row: int, max_pixels: int | None, max_rows: int | None = None
+) -> int | None:
+    """How many rows one call takes: at most ``max_pixels`` pixels (but at least one row) and
+    at most ``max_rows`` rows (None: no limit of that kind; None when there is neither)."""
+    per = max(1, max_pixels // max(1, pixels_per_row)) if max_pixels else None
+    if max_rows:
+        per = min(per or max_rows, max_rows)
+    return per
 
 
-def row_chunks(rows: int, pixels_per_row: int, max_pixels: int | None) -> list[slice]:
+def row_chunks(
+    rows: int, pixels_per_row: int, max_pixels: int | None, max_rows: int | None = None
+) -> list[slice]:
     """Split ``rows`` items into consecutive slices of at most ``max_pixels`` pixels (at
-    least one row each; ``max_pixels`` None: one slice). A dynamic batch of large images then
-    runs in several network calls, so memory stays bounded; rows are independent of their
-    batch, so results do not change."""
-    per = chunk_rows(pixels_per_row, max_pixels) or rows
+    least one row each) and at most ``max_rows`` rows (None: no such limit; neither: one
+    slice). A dynamic batch of large images then runs in several network calls, so memory
+    stays bounded; rows are independent of their batch, so results do not change."""
+    per = chunk_rows(pixels_per_row, max_pixels, max_rows) or rows
     return [slice(i, min(rows, i + per)) for i in range(0, rows, per)]
 
 

@@ -303,6 +303,14 @@ def test_row_chunks_bound_the_pixels_of_a_call():
     assert serving.row_chunks(5, 10, None) == [slice(0, 5)]
 
 
+def test_row_chunks_also_bound_the_rows_of_a_call():
+    """max_rows (a model's max batch) caps a call as the pixel budget does; the tighter wins."""
+    assert serving.row_chunks(5, 10, None, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert serving.row_chunks(8, 64 * 64, 8 * 64 * 64, 4) == [slice(0, 4), slice(4, 8)]
+    assert serving.row_chunks(3, 256 * 256, 8 * 64 * 64, 4) == [slice(i, i + 1) for i in range(3)]
+    assert serving.chunk_rows(10, None) is None and serving.chunk_rows(10, None, 6) == 6
+
+
 def test_image_shapes_outside_the_served_sides_are_named():
     assert serving.check_image_shape("LR", (2, 1, 16, 256), 16, 256) is None
     msg = serving.check_image_shape("LR", (1, 1, 15, 300), 16, 256)

@@ -202,9 +202,8 @@ class TritonPythonModel:
             return self._local("unet", x_t, t.reshape(-1, 1), z_lr)
         outs = []
         pixels = int(np.prod(x_t.shape[2:]))
-        limit = min(self.max_pixels or pixels * self.max_batch, pixels * self.max_batch)
         a = self.arrays
-        for s in row_chunks(len(x_t), pixels, limit):
+        for s in row_chunks(len(x_t), pixels, self.max_pixels, self.max_batch):
             request = pb_utils.InferenceRequest(
                 model_name=self.unet,
                 requested_output_names=[self.out_name],
