@@ -229,7 +229,8 @@ def sampler_config(
     group = config.instance_group.add()
     group.count = instances
     group.kind = mc.ModelInstanceGroup.KIND_CPU  # the loop is host code; tensors stay where unet is
-    if fused is not None and loop_device == "torch-cuda":
+    on_gpu = loop_device == "torch-cuda"  # the loop (and fused: the networks) on a GPU
+    if fused is not None and on_gpu:
         group.kind = mc.ModelInstanceGroup.KIND_GPU  # it runs the networks: one per GPU
     params = {
         "unet_model": unet.name,
@@ -237,7 +238,7 @@ def sampler_config(
         "unet_output": unet.output_names[0],
         "vae_factor": str(unet.geometry.vae_factor),
         "latent_sides": ",".join(map(str, unet.geometry.latent_sides())),
-        "max_batch_pixels": str(unet.batch_pixels(gpu=loop_device == "torch-cuda")),
+        "max_batch_pixels": str(unet.batch_pixels(gpu=on_gpu)),
         **limits.parameters(unet.geometry.max_side),
         "loop_device": loop_device,
     }
@@ -254,7 +255,7 @@ def sampler_config(
             warmup_side=str(g.opt_side),  # CUDA: every bucket runs once before ready
             **_lr_checks(g),  # what vae_encoder checks, checked here
             stage_batch_pixels=json.dumps(
-                {n: spec.batch_pixels(gpu=loop_device == "torch-cuda") for n, spec in fused.items()}
+                {n: s.batch_pixels(gpu=on_gpu) for n, s in fused.items()}
             ),
         )
     if env_path:
