@@ -69,6 +69,7 @@ from cxr_sr import sample
 from cxr_sr.builders.specs import ENSEMBLE, NETWORKS
 from cxr_sr.imaging import SCALE
 from cxr_sr.noise import legacy_block, noise_keys
+from cxr_sr.ort_cpu import LANES_ENV, lane_count
 from cxr_sr.sampling import latent_origin
 from cxr_sr.serving import add_arguments, namespace_parameters, parse_parameters, row_chunks
 
@@ -81,7 +82,7 @@ TARGET_RATIO = 1.15
 CALIBRATION_MAX_SIDE = 128
 THREADS_ENV = "CXR_ORT_THREADS"  # read by model_repository/onnx_python/model.py
 # the served network models' onnxruntime settings worth reporting (config parameters)
-THREAD_PARAMETERS = ("intra_op_threads", "intra_op_spinning", "ort_cpu_mem_arena")
+THREAD_PARAMETERS = ("intra_op_threads", "intra_op_spinning", "ort_cpu_mem_arena", "cpu_lanes")
 
 
 # ----------------------------------------------------------------- the two sides
@@ -119,15 +120,27 @@ def served_round(calls: Sequence[Callable[[], np.ndarray]]) -> tuple[float, list
 
 class InProcess:
     """The served pipeline in this process: ``OnnxPipeline`` on the repository's graphs, with
-    the request's sampling options and seed, ``rows_per_call`` images per network call."""
+    the request's sampling options and seed, network calls of at most the served
+    ``max_batch_pixels``, a batch spread over the lanes the served models use with
+    ``threads`` (their ``cpu_lanes``, or ``CXR_ORT_LANES``)."""
 
     def __init__(self, repository: Path, params: Mapping[str, Any], threads: int, spinning: bool):
-        from cxr_sr.train.pipeline import OnnxPipeline  # torch: only the benchmark needs it
+        # torch: only the benchmark needs it
+        from cxr_sr.train.pipeline import OnnxPipeline, find_graph
 
-        self.pipe = OnnxPipeline(repository, threads=threads, spinning=spinning)
+        for name in NETWORKS:  # a missing graph is the error to report, before the configs
+            find_graph(repository, name)
+        self.max_pixels = _config_int(repository / NETWORKS[-1], "max_batch_pixels")
+        self.lanes = lane_count(served_lanes(repository), threads)
+        self.pipe = OnnxPipeline(
+            repository,
+            threads=threads,
+            spinning=spinning,
+            lanes=self.lanes,
+            max_pixels=self.max_pixels,
+        )
         self.schedule, defaults = repository_sampling(repository)
         self.settings = parse_parameters(dict(params), defaults, self.schedule.num_train_timesteps)
-        self.max_pixels = _config_int(repository / NETWORKS[-1], "max_batch_pixels")
         self.threads, self.spinning = threads, spinning
 
     def _one_call(self, lr: np.ndarray) -> np.ndarray:
@@ -154,7 +167,10 @@ class InProcess:
 
     @property
     def label(self) -> str:
-        return f"threads={self.threads or 'all'} spinning={'on' if self.spinning else 'off'}"
+        return (
+            f"threads={self.threads or 'all'} spinning={'on' if self.spinning else 'off'} "
+            f"lanes={self.lanes}"
+        )
 
 
 def _config(model_dir: Path) -> mc.ModelConfig:
@@ -164,6 +180,14 @@ def _config(model_dir: Path) -> mc.ModelConfig:
 def _config_int(model_dir: Path, key: str) -> int | None:
     params = _config(model_dir).parameters
     return int(params[key].string_value) if key in params else None
+
+
+def served_lanes(repository: Path) -> str:
+    """The lanes setting the served network models read: ``CXR_ORT_LANES``, else the
+    decoder's ``cpu_lanes`` parameter, else ``auto`` (``model_repository/onnx_python``)."""
+    params = _config(repository / NETWORKS[-1]).parameters
+    configured = params["cpu_lanes"].string_value if "cpu_lanes" in params else "auto"
+    return os.environ.get(LANES_ENV) or configured
 
 
 def served_thread_settings(repository: Path) -> dict[str, dict[str, str]]:
@@ -493,7 +517,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_average": {"before": list(load_before), "after": list(load_after)},
             "device": device,
             "versions": versions,
-            "inprocess": {"threads": inproc.threads, "spinning": inproc.spinning},
+            "inprocess": {
+                "threads": inproc.threads,
+                "spinning": inproc.spinning,
+                "lanes": inproc.lanes,
+            },
             "calibration": {"lr_side": side, "candidates": candidates},
             "served_settings": {"intra_op_threads_env": threads, "config": served},
             **report,

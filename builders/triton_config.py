@@ -124,6 +124,7 @@ def network_config(
     precision: str = "fp16",
     torch_io: str = "dlpack",
     ort_arena: bool = True,
+    cpu_lanes: str = "auto",
 ) -> mc.ModelConfig:
     """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;
     Python+PyTorch on ``torch`` (``torch_device`` cuda: KIND_GPU instances, one per GPU id
@@ -182,6 +183,8 @@ def network_config(
         # idle onnxruntime threads sleep, not spin: the three network processes share the
         # cores (README, "Served vs in-process")
         params.setdefault("intra_op_spinning", "false")
+        # a batch of several rows as parallel calls (cxr_sr.ort_cpu)
+        params.setdefault("cpu_lanes", str(cpu_lanes))
     if env_path and config.backend == "python":
         params["EXECUTION_ENV_PATH"] = env_path
     for key, value in params.items():

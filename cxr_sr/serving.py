@@ -260,7 +260,7 @@ def row_chunks(
     least one row each) and at most ``max_rows`` rows (None: no such limit; neither: one
     slice). A dynamic batch of large images then runs in several network calls, so memory
     stays bounded; rows are independent of their batch, so results do not change."""
-    per = chunk_rows(pixels_per_row, max_pixels, max_rows) or rows
+    per = chunk_rows(pixels_per_row, max_pixels, max_rows) or max(rows, 1)
     return [slice(i, min(rows, i + per)) for i in range(0, rows, per)]
 
 

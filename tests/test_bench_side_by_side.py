@@ -78,7 +78,23 @@ def test_side_by_side_cases_do_the_same_work(server, built_repository):
         assert timed_s >= 0.3 or c["rounds"] == 4
     settings = bench.served_thread_settings(repo)
     assert settings["unet"]["intra_op_spinning"] == "false"  # what the builder writes
+    assert settings["unet"]["cpu_lanes"] == "auto"
     json.dumps(report)
+
+
+def test_in_process_spreads_a_batch_as_the_served_models_do(built_repository, monkeypatch):
+    """The in-process side takes the served models' lanes (cpu_lanes, or CXR_ORT_LANES)
+    with its own thread count, and its call size, so it is the same work, not less."""
+    repo, _ = built_repository
+    two = bench.InProcess(repo, {"steps": 1}, threads=2, spinning=False)
+    assert two.lanes == 2 and "lanes=2" in two.label
+    assert two.pipe.networks["vae_decoder"].max_pixels == two.max_pixels
+    assert bench.InProcess(repo, {"steps": 1}, threads=1, spinning=False).lanes == 1
+    monkeypatch.setenv("CXR_ORT_LANES", "1")
+    assert bench.InProcess(repo, {"steps": 1}, threads=2, spinning=False).lanes == 1
+    lr = np.random.default_rng(0).random((3, 1, 16, 16), dtype=np.float32)
+    one = bench.InProcess(repo, {"steps": 1}, threads=2, spinning=False)
+    np.testing.assert_allclose(two(lr), one(lr), atol=1e-6)
 
 
 def test_in_process_refuses_a_folder_without_the_graphs(tmp_path):

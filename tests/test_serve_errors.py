@@ -69,6 +69,18 @@ def test_a_bad_noise_thread_setting_fails_the_load_not_every_request(built_repos
     assert "CXR_NOISE_THREADS must be an integer, got 'two'" in str(err.value)
 
 
+@pytest.mark.integration
+def test_a_bad_lane_setting_fails_the_load_not_every_request(built_repository, monkeypatch):
+    """CXR_ORT_LANES (or cpu_lanes) is read when the onnxruntime models load: a typo stops
+    the start, naming a model and the setting."""
+    repo, _ = built_repository
+    monkeypatch.setenv("CXR_ORT_LANES", "many")
+    with pytest.raises(RuntimeError) as err:
+        TritonServer(repo).start(timeout_s=120)
+    assert "model 'vae_" in str(err.value) or "model 'unet'" in str(err.value)
+    assert "cpu lanes must be 'auto' or an integer, got 'many'" in str(err.value)
+
+
 def test_tritonserver_runs_on_jemalloc_unless_told_otherwise(built_repository, monkeypatch):
     """jemalloc (system-packages.txt) is preloaded for tritonserver and its stubs, with its
     page-return settings; CXR_MALLOC=system keeps glibc's malloc."""

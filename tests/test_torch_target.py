@@ -174,6 +174,26 @@ def test_the_onnxruntime_arena_is_a_build_choice():
     assert build.parse_args([]).ort_arena and not build.parse_args(["--no-ort-arena"]).ort_arena
 
 
+def test_cpu_lanes_are_a_build_choice(checkpoint, tmp_path, capsys):
+    """cpu target: cpu_lanes (cxr_sr.ort_cpu) is written from --cpu-lanes, auto by default,
+    and a bad value stops the build before anything is written."""
+    from cxr_sr.builders.specs import network_specs
+    from cxr_sr.builders.triton_config import network_config
+
+    unet = network_specs(4, build.S.Geometry(), 4)["unet"]
+    assert network_config(unet, "cpu").parameters["cpu_lanes"].string_value == "auto"
+    assert network_config(unet, "cpu", cpu_lanes="1").parameters["cpu_lanes"].string_value == "1"
+    assert "cpu_lanes" not in network_config(unet, "torch").parameters
+    assert build.parse_args([]).cpu_lanes == "auto"
+    out = tmp_path / "repo"
+    for bad, message in [("two", "'auto' or an integer, got 'two'"), ("0", "got 0")]:
+        args = ["--checkpoint", str(checkpoint), "--out", str(out), "--cpu-lanes", bad]
+        assert build.main(args) == 2
+        err = capsys.readouterr().err
+        assert "--cpu-lanes" in err and message in err
+        assert not out.exists()
+
+
 def test_torch_stage_fp32_is_the_exported_module(checkpoint):
     ckpt = load(checkpoint)
     lr = torch.rand(2, 1, 20, 24)

@@ -148,26 +148,44 @@ def find_graph(folder: str | Path, name: str) -> Path:
 
 
 def cpu_session(path: str | Path, threads: int = 0, spinning: bool = True):
-    """An onnxruntime CPU session. ``threads``: intra-op threads (0 = onnxruntime's default,
-    as served); ``spinning=False`` stops idle intra-op threads from busy-waiting
+    """An onnxruntime CPU session with onnxruntime's own memory settings (its arena, memory
+    patterns on). ``threads``: intra-op threads (0 = onnxruntime's default, as served);
+    ``spinning=False`` stops idle intra-op threads from busy-waiting
     (``session.intra_op.allow_spinning``), which matters when several sessions share a CPU."""
-    import onnxruntime as ort
+    from cxr_sr.ort_cpu import session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or 0
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return session(path, threads, spinning=spinning, mem_pattern=True, shared_arena=False)
 
 
 class OnnxPipeline(Pipeline):
-    """onnxruntime CPU sessions (:func:`cpu_session`) of the three exported graphs in
-    ``folder``; with three sessions on a shared machine, ``spinning=False`` keeps the idle
-    sessions' thread pools from taking CPU from the busy one. The VAE factor comes from the
-    encoder graph's metadata (``builders.export``)."""
+    """The three exported graphs in ``folder`` on onnxruntime's CPU provider, each a
+    ``cxr_sr.ort_cpu.CpuNetwork`` as the served ``cpu`` target runs them: ``lanes`` > 1
+    spreads a batch over parallel calls, ``max_pixels`` caps one call (None: no cap). With three
+    sessions on a shared machine, ``spinning=False`` keeps the idle sessions' thread pools from
+    taking CPU from the busy one. The VAE factor comes from the encoder graph's metadata
+    (``builders.export``)."""
 
-    def __init__(self, folder: str | Path, threads: int = 0, spinning: bool = True):
-        self.sessions = {
-            name: cpu_session(find_graph(folder, name), threads, spinning) for name in NETWORKS
+    def __init__(
+        self,
+        folder: str | Path,
+        threads: int = 0,
+        spinning: bool = True,
+        *,
+        lanes: int = 1,
+        max_pixels: int | None = None,
+    ):
+        from cxr_sr.ort_cpu import CpuNetwork
+
+        self.networks = {
+            name: CpuNetwork(
+                find_graph(folder, name),
+                threads,
+                lanes=lanes,
+                max_pixels=max_pixels,
+                spinning=spinning,
+                mem_pattern=True,
+            )
+            for name in NETWORKS
         }
         meta = self.sessions[NETWORKS[0]].get_modelmeta().custom_metadata_map
         if "vae_factor" not in meta:
@@ -180,6 +198,11 @@ class OnnxPipeline(Pipeline):
         t_input = self.sessions[NETWORKS[1]].get_inputs()[1]
         self._t_dtype = ORT_DTYPES.get(t_input.type, np.float32)
 
+    @property
+    def sessions(self) -> dict:
+        """Each network's full session (one call, all its threads), by network name."""
+        return {name: net.session for name, net in self.networks.items()}
+
     def input_names(self, name: str) -> list[str]:
         """Network ``name``'s input names, in the order :meth:`run` takes them."""
         return list(self._names[name])
@@ -187,7 +210,7 @@ class OnnxPipeline(Pipeline):
     def run(self, name: str, *arrays: np.ndarray) -> np.ndarray:
         """The first output of network ``name``, inputs in the order of its spec."""
         feeds = dict(zip(self._names[name], arrays, strict=True))
-        return self.sessions[name].run(None, feeds)[0]
+        return self.networks[name].run(None, feeds)[0]
 
     def encode_lr(self, lr: np.ndarray) -> np.ndarray:
         return self.run(NETWORKS[0], _f32(lr))

@@ -3,9 +3,11 @@
 Used for ``vae_encoder``, ``unet`` and ``vae_decoder``: ``builders.build`` copies this file
 next to each ``model.onnx``. Tensor names come from the model's config.pbtxt (written from
 the network spec). The requests of a dynamic batch that have the same shapes (Triton only
-batches equal shapes; requests of other sizes come in other batches) are run as one session
-call, or several when the batch holds more than ``max_batch_pixels`` pixels (a full batch at
-64x64, one image at the largest sizes). Inputs named in the config parameters
+batches equal shapes; requests of other sizes come in other batches) are run as one batch by
+``cxr_sr.ort_cpu.CpuNetwork``: in calls of at most ``max_batch_pixels`` pixels (a full batch at
+64x64, one image at the largest sizes), a batch of several rows spread over ``cpu_lanes``
+parallel calls (``auto``: 2 when the model has 2 or more intra-op threads; ``CXR_ORT_LANES``
+overrides it). Inputs named in the config parameters
 ``input_ranges`` (JSON ``{"LR": [0, 1]}``) and ``input_sides`` (JSON ``{"LR": [16, 256]}``:
 [N, 1, H, W] with H, W in that range) are checked per request: a request with NaN,
 out-of-range values or sides gets its own INVALID_ARG error naming them, the rest are served.
@@ -17,10 +19,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-from cxr_sr.serving import InputChecks, model_parameters, parse_flag, row_chunks
+from cxr_sr.ort_cpu import LANES_ENV, CpuNetwork, lane_count
+from cxr_sr.serving import InputChecks, model_parameters, parse_flag
 
 
 class TritonPythonModel:
@@ -29,30 +31,32 @@ class TritonPythonModel:
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
         self.checks = InputChecks.from_parameters(params)
-        self.max_pixels = int(params.get("max_batch_pixels", "0")) or None
-        options = ort.SessionOptions()
         threads = int(params.get("intra_op_threads", os.environ.get("CXR_ORT_THREADS", "0")))
-        options.intra_op_num_threads = threads
-        # idle intra-op threads sleep instead of busy-waiting: three of these processes share
-        # the cores and a spinning pool takes CPU from the stage that has work (README,
-        # "Served vs in-process"). No inter-op pool: the graph runs sequentially.
-        spinning = params.get("intra_op_spinning", os.environ.get("CXR_ORT_SPINNING", "false"))
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if parse_flag(spinning) else "0"
-        )
-        options.inter_op_num_threads = 1
-        # memory (README, "Operating the server"): onnxruntime's CPU arena keeps the peak of
-        # the largest request it has served (bounded by the build's largest side: ~0.35 GB
-        # for the demo UNet, ~0.65 GB for its decoder at LR 256) and never returns it;
-        # without it a process falls back to ~0.1-0.2 GB between requests but pays for
-        # fresh pages on every call (LR 256 1.6-2.2x slower). Memory patterns (one planned block
-        # per input shape, remembered per shape) are off: with dynamic batch and sides nearly
-        # every tile size is a new shape, and with the arena they made each process hold
-        # 1.4-1.6x more for the same speed (benchmarks.ort_memory).
-        options.enable_cpu_mem_arena = parse_flag(params.get("ort_cpu_mem_arena", "true"))
-        options.enable_mem_pattern = parse_flag(params.get("ort_mem_pattern", "false"))
+        # a batch of several rows runs as parallel calls with fewer threads each
+        # (cxr_sr.ort_cpu; README, "Served vs in-process"); a bad setting fails the load
+        lanes = lane_count(os.environ.get(LANES_ENV) or params.get("cpu_lanes", "auto"), threads)
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.network = CpuNetwork(
+            path,
+            threads,
+            lanes=lanes,
+            max_pixels=int(params.get("max_batch_pixels", "0")) or None,
+            # idle intra-op threads sleep instead of busy-waiting: three of these processes
+            # share the cores and a spinning pool takes CPU from the stage that has work
+            spinning=parse_flag(
+                params.get("intra_op_spinning", os.environ.get("CXR_ORT_SPINNING", "false"))
+            ),
+            # memory (README, "Operating the server"): onnxruntime's CPU arena keeps the peak
+            # of the largest request it has served (bounded by the build's largest side: ~0.35
+            # GB for the demo UNet, ~0.65 GB for its decoder at LR 256) and never returns it;
+            # without it a process falls back to ~0.1-0.2 GB between requests but pays for
+            # fresh pages on every call (LR 256 1.6-2.2x slower). Memory patterns (one planned
+            # block per input shape, remembered per shape) are off: with dynamic batch and
+            # sides nearly every tile size is a new shape, and with the arena they made each
+            # process hold 1.4-1.6x more for the same speed (benchmarks.ort_memory).
+            arena=parse_flag(params.get("ort_cpu_mem_arena", "true")),
+            mem_pattern=parse_flag(params.get("ort_mem_pattern", "false")),
+        )
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -73,18 +77,15 @@ class TritonPythonModel:
             self._run(batch, responses)
         return responses
 
+    def finalize(self):
+        self.network.close()
+
     def _run(self, batch, responses):
-        """Requests of equal shapes: session calls of at most ``max_batch_pixels`` (a full
-        batch of 64x64 LRs, one image at the largest sizes); fills their responses."""
+        """Requests of equal shapes, run as one batch (``CpuNetwork``: calls of at most
+        ``max_batch_pixels``, spread over the lanes); fills their responses."""
         merged = {n: np.concatenate([f[n] for _, f in batch]) for n in self.inputs}
-        first = merged[self.inputs[0]]
-        pixels = int(np.prod(first.shape[2:]))
         try:
-            parts = [
-                self.session.run(self.outputs, {n: x[s] for n, x in merged.items()})
-                for s in row_chunks(len(first), pixels, self.max_pixels)
-            ]
-            results = [np.concatenate(r) if len(r) > 1 else r[0] for r in zip(*parts, strict=True)]
+            results = self.network.run(self.outputs, merged)
         except Exception as err:  # answer every request rather than failing the batch
             for i, _ in batch:
                 responses[i] = pb_utils.InferenceResponse(
