@@ -4,8 +4,8 @@ two cannot drift.
 
 A call of one row runs in one session with all the configured intra-op threads. A call of
 several rows (a dynamic batch: concurrent clients) is spread over the cores instead: with
-``lanes`` = 2, the rows are split into two halves that run at the same time, each in its own
-session with half the threads, and a row left over (an odd batch) runs afterwards with all
+``lanes`` = 2, the rows are split into two halves that run at the same time with half the
+threads each, and a row left over (an odd batch) runs afterwards with all
 of them. On 2 cores the pair beats the batch: onnxruntime's two threads on one call give it
 only ~1.5x of one thread (the GroupNorms, element-wise ops and layout changes between the
 convolutions parallelise poorly), two calls of one thread give 2x. Measured side by side in
@@ -15,8 +15,8 @@ cores): batch 2 138 -> 105, batch 3 126 -> 110, batch 4 128 -> 102; LR 128 batch
 Memory stays bounded as before: a batch is only split when ``lanes`` rows fit in the call
 budget ``max_pixels`` (each lane then takes at most ``max_pixels // lanes`` pixels per call),
 so larger images run one at a time as they did; and every session of the process takes its
-memory from one shared onnxruntime arena (the environment allocator), so the lanes' sessions
-add their weights, not another arena.
+memory from one shared onnxruntime arena (the environment allocator), so the lanes add a copy
+of the weights (one session that both one-thread lanes call at once), not another arena.
 
 Rows are independent of their batch, so the result is that of one call, to float rounding.
 """
@@ -130,8 +130,8 @@ def session(
 class CpuNetwork:
     """One ONNX network on the CPU: :meth:`run` takes a batch of any size, in calls of at
     most ``max_pixels`` pixels (None: no limit), spread over ``lanes`` (module docstring).
-    ``threads``: intra-op threads of the full session (0: one per usable core); each lane's
-    session gets ``threads // lanes`` (at least 1). Other options as :func:`session`."""
+    ``threads``: intra-op threads of the full session (0: one per usable core); the lanes run
+    with ``threads // lanes`` each (at least 1). Other options as :func:`session`."""
 
     def __init__(
         self,
@@ -156,7 +156,12 @@ class CpuNetwork:
         self._pool = None
         if lanes > 1:
             per = max(1, self.threads // lanes)
-            self._lane_sessions = [session(path, per, **kw) for _ in range(lanes)]
+            # one-thread sessions have no pool: concurrent calls of one session run on their
+            # callers' threads, so the lanes share it (one more copy of the weights, not
+            # ``lanes``); with more threads each lane needs its own pool
+            count = 1 if per == 1 else lanes
+            shared = [session(path, per, **kw) for _ in range(count)]
+            self._lane_sessions = [shared[i % count] for i in range(lanes)]
             self._pool = ThreadPoolExecutor(lanes, thread_name_prefix="cxr-ort-lane")
 
     def _calls(self, sess, calls: Sequence[slice], outputs, feeds) -> list[list[np.ndarray]]:

@@ -106,24 +106,39 @@ def test_lanes_give_the_one_call_result(decoder_path, rows):
 
 
 def test_lanes_run_at_the_same_time(decoder_path, monkeypatch):
-    """The lanes' calls overlap: each lane's session is entered before either returns."""
+    """The lanes' calls overlap: both are inside onnxruntime before either returns. With
+    one thread per lane they share one session (concurrent calls of one session)."""
     net = CpuNetwork(decoder_path, 2, lanes=2)
+    sessions = {id(s): s for s in net._lane_sessions}
+    assert len(sessions) == 1 and net.session not in net._lane_sessions
     inside, both = [], threading.Barrier(2, timeout=30)
-    for sess in net._lane_sessions:
-        real = sess.run
+    (sess,) = sessions.values()
+    real = sess.run
 
-        def run(outputs, feeds, real=real):
-            inside.append(threading.get_ident())
-            both.wait()  # would time out (BrokenBarrierError) if the calls ran one by one
-            return real(outputs, feeds)
+    def run(outputs, feeds):
+        inside.append(threading.get_ident())
+        both.wait()  # would time out (BrokenBarrierError) if the calls ran one by one
+        return real(outputs, feeds)
 
-        monkeypatch.setattr(sess, "run", run)
+    monkeypatch.setattr(sess, "run", run)
     try:
         out = net.run(None, _decoder_feeds(2, 16))[0]
     finally:
         net.close()
     assert out.shape == (2, 1, 64, 64)
     assert len(set(inside)) == 2
+
+
+def test_lanes_with_several_threads_get_a_session_each(decoder_path):
+    net = CpuNetwork(decoder_path, 4, lanes=2)
+    try:
+        assert len({id(s) for s in net._lane_sessions}) == 2
+        feeds = _decoder_feeds(2, 16)
+        np.testing.assert_allclose(
+            net.run(None, feeds)[0], CpuNetwork(decoder_path, 4).run(None, feeds)[0], atol=1e-6
+        )
+    finally:
+        net.close()
 
 
 def test_a_failing_call_raises_to_the_caller(decoder_path):
