@@ -122,16 +122,23 @@ class InProcess:
     """The served pipeline in this process: ``OnnxPipeline`` on the repository's graphs, with
     the request's sampling options and seed, network calls of at most the served
     ``max_batch_pixels``, a batch spread over the lanes the served models use with
-    ``threads`` (their ``cpu_lanes``, or ``CXR_ORT_LANES``)."""
+    ``threads`` (their ``cpu_lanes``, or ``CXR_ORT_LANES``; ``lanes`` sets it instead)."""
 
-    def __init__(self, repository: Path, params: Mapping[str, Any], threads: int, spinning: bool):
+    def __init__(
+        self,
+        repository: Path,
+        params: Mapping[str, Any],
+        threads: int,
+        spinning: bool,
+        lanes: int | None = None,
+    ):
         # torch: only the benchmark needs it
         from cxr_sr.train.pipeline import OnnxPipeline, find_graph
 
         for name in NETWORKS:  # a missing graph is the error to report, before the configs
             find_graph(repository, name)
         self.max_pixels = _config_int(repository / NETWORKS[-1], "max_batch_pixels")
-        self.lanes = lane_count(served_lanes(repository), threads)
+        self.lanes = lanes or lane_count(served_lanes(repository), threads)
         self.pipe = OnnxPipeline(
             repository,
             threads=threads,
