@@ -5,12 +5,12 @@ two cannot drift.
 A call of one row runs in one session with all the configured intra-op threads. A call of
 several rows (a dynamic batch: concurrent clients) is spread over the cores instead: with
 ``lanes`` = 2, the rows are split into two halves that run at the same time with half the
-threads each, and a row left over (an odd batch) runs afterwards with all
-of them. On 2 cores the pair beats the batch: onnxruntime's two threads on one call give it
-only ~1.5x of one thread (the GroupNorms, element-wise ops and layout changes between the
-convolutions parallelise poorly), two calls of one thread give 2x. Measured side by side in
-one process, demo networks, LR 64, encoder + UNet + decoder, ms per image (2026-11-26, 2 Xeon
-cores): batch 2 138 -> 105, batch 3 126 -> 110, batch 4 128 -> 102; LR 128 batch 2 548 -> 439.
+threads each, and a row left over (an odd batch) runs afterwards with all of them. On 2
+cores the pair beats the batch: onnxruntime's two threads on one call give it only ~1.5x of
+one thread (the GroupNorms, element-wise ops and layout changes between the convolutions
+parallelise poorly), two calls of one thread give 2x. ``python -m benchmarks.lanes``, demo
+networks, encoder + UNet + decoder in one process, ms per image (2026-11-26, 2 Xeon cores):
+LR 64 batch 2 134 -> 105, batch 3 133 -> 110, batch 4 135 -> 106; LR 128 batch 2 482 -> 425.
 
 Memory stays bounded as before: a batch is only split when ``lanes`` rows fit in the call
 budget ``max_pixels`` (each lane then takes at most ``max_pixels // lanes`` pixels per call),
