@@ -69,7 +69,7 @@ from cxr_sr import sample
 from cxr_sr.builders.specs import ENSEMBLE, NETWORKS
 from cxr_sr.imaging import SCALE
 from cxr_sr.noise import legacy_block, noise_keys
-from cxr_sr.ort_cpu import LANES_ENV, lane_count
+from cxr_sr.ort_cpu import lane_count, lane_setting
 from cxr_sr.sampling import latent_origin
 from cxr_sr.serving import add_arguments, namespace_parameters, parse_parameters, row_chunks
 
@@ -190,11 +190,10 @@ def _config_int(model_dir: Path, key: str) -> int | None:
 
 
 def served_lanes(repository: Path) -> str:
-    """The lanes setting the served network models read: ``CXR_ORT_LANES``, else the
-    decoder's ``cpu_lanes`` parameter, else ``auto`` (``model_repository/onnx_python``)."""
+    """The lanes setting the served network models read (``cxr_sr.ort_cpu.lane_setting`` of
+    the decoder's ``cpu_lanes`` parameter)."""
     params = _config(repository / NETWORKS[-1]).parameters
-    configured = params["cpu_lanes"].string_value if "cpu_lanes" in params else "auto"
-    return os.environ.get(LANES_ENV) or configured
+    return lane_setting(params["cpu_lanes"].string_value if "cpu_lanes" in params else None)
 
 
 def served_thread_settings(repository: Path) -> dict[str, dict[str, str]]:

@@ -46,6 +46,12 @@ def usable_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+def lane_setting(configured: str | None) -> str:
+    """The lanes setting a network model uses: ``CXR_ORT_LANES`` where it is set, else its
+    config parameter ``cpu_lanes`` (``configured``), else ``auto``."""
+    return os.environ.get(LANES_ENV) or configured or "auto"
+
+
 def lane_count(setting: str | int, threads: int) -> int:
     """How many lanes a network spreads a batch over: ``auto`` = 2 when it has at least 2
     intra-op ``threads`` (0: one per usable core), else 1; or an integer in [1, 64]."""

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from cxr_sr.ort_cpu import CpuNetwork, lane_count, lane_plan
+from cxr_sr.ort_cpu import CpuNetwork, lane_count, lane_plan, lane_setting
 
 
 def _rows(slices) -> list[int]:
@@ -71,6 +71,16 @@ def test_lane_count_settings(monkeypatch):
 
 
 LATENT_CHANNELS = 4  # the tiny checkpoint's (conftest)
+
+
+def test_lane_setting_prefers_the_environment(monkeypatch):
+    monkeypatch.delenv("CXR_ORT_LANES", raising=False)
+    assert lane_setting(None) == "auto"
+    assert lane_setting("1") == "1"
+    monkeypatch.setenv("CXR_ORT_LANES", "3")
+    assert lane_setting("1") == "3" and lane_setting(None) == "3"
+    monkeypatch.setenv("CXR_ORT_LANES", "")  # empty: as if unset
+    assert lane_setting("1") == "1"
 
 
 def _decoder_feeds(rows: int, side: int, seed: int = 0) -> dict[str, np.ndarray]:

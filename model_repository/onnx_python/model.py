@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from cxr_sr.ort_cpu import LANES_ENV, CpuNetwork, lane_count
+from cxr_sr.ort_cpu import CpuNetwork, lane_count, lane_setting
 from cxr_sr.serving import InputChecks, model_parameters, parse_flag
 
 
@@ -34,7 +34,7 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads", os.environ.get("CXR_ORT_THREADS", "0")))
         # a batch of several rows runs as parallel calls with fewer threads each
         # (cxr_sr.ort_cpu; README, "Served vs in-process"); a bad setting fails the load
-        lanes = lane_count(os.environ.get(LANES_ENV) or params.get("cpu_lanes", "auto"), threads)
+        lanes = lane_count(lane_setting(params.get("cpu_lanes")), threads)
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.network = CpuNetwork(
             path,
