@@ -100,18 +100,10 @@ def pipeline(repository: Path, int8: dict[str, Path], threads: int):
     """The repository's in-process pipeline with the networks of ``int8`` swapped for their
     quantized graphs."""
     from benchmarks.bench import InProcess
-    from cxr_sr.ort_cpu import CpuNetwork
 
     inproc = InProcess(repository, {}, threads=threads, spinning=False)
     for name, path in int8.items():
-        inproc.pipe.networks[name] = CpuNetwork(
-            path,
-            threads,
-            lanes=inproc.lanes,
-            max_pixels=inproc.max_pixels,
-            spinning=False,
-            mem_pattern=True,
-        )
+        inproc.pipe.use_graph(name, path)
     return inproc
 
 

@@ -174,19 +174,14 @@ class OnnxPipeline(Pipeline):
         lanes: int = 1,
         max_pixels: int | None = None,
     ):
-        from cxr_sr.ort_cpu import CpuNetwork
-
-        self.networks = {
-            name: CpuNetwork(
-                find_graph(folder, name),
-                threads,
-                lanes=lanes,
-                max_pixels=max_pixels,
-                spinning=spinning,
-                mem_pattern=True,
-            )
-            for name in NETWORKS
+        self._settings = {
+            "threads": threads,
+            "lanes": lanes,
+            "max_pixels": max_pixels,
+            "spinning": spinning,
+            "mem_pattern": True,
         }
+        self.networks = {name: self._network(find_graph(folder, name)) for name in NETWORKS}
         meta = self.sessions[NETWORKS[0]].get_modelmeta().custom_metadata_map
         if "vae_factor" not in meta:
             raise ValueError(
@@ -197,6 +192,17 @@ class OnnxPipeline(Pipeline):
         self._names = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         t_input = self.sessions[NETWORKS[1]].get_inputs()[1]
         self._t_dtype = ORT_DTYPES.get(t_input.type, np.float32)
+
+    def _network(self, path: str | Path):
+        from cxr_sr.ort_cpu import CpuNetwork
+
+        return CpuNetwork(path, **self._settings)
+
+    def use_graph(self, name: str, path: str | Path) -> None:
+        """Run network ``name`` from the graph at ``path`` (same inputs and outputs, e.g. a
+        quantized variant) with this pipeline's settings."""
+        old, self.networks[name] = self.networks[name], self._network(path)
+        old.close()
 
     @property
     def sessions(self) -> dict:
