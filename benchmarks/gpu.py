@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,8 @@ from cxr_sr.noise import legacy_block, noise_keys
 from cxr_sr.train.checkpoint import load
 
 HOST_COPY_WARNING = "arrived in host memory"
+# the sampler's warning names the tensor: "... on the GPU (input z_lr); copying it ..."
+HOST_COPY_NAME = re.compile(HOST_COPY_WARNING + r".*?\((.+?)\); copying")
 
 
 def _sync(device: torch.device) -> None:
@@ -282,6 +285,7 @@ def serve_variant(args, reference: InProcess, name: str, tmp: Path) -> dict[str,
         result["triton"] = server_version(server.grpc_url)
     text = log.read_text(errors="replace") if log.is_file() else ""
     result["gpu_resident_loop"] = HOST_COPY_WARNING not in text
+    result["host_memory_tensors"] = sorted(set(HOST_COPY_NAME.findall(text)))
     return result
 
 
@@ -405,7 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         stages = v.get("stage_max_abs")
         print(
-            f"{v['variant']}: GPU-resident loop {v['gpu_resident_loop']}; served vs in-process "
+            f"{v['variant']}: GPU-resident loop {v['gpu_resident_loop']}"
+            + (
+                f" (in host memory: {', '.join(v['host_memory_tensors'])})"
+                if v.get("host_memory_tensors")
+                else ""
+            )
+            + "; served vs in-process "
             f"max |diff| {v['served_vs_in_process_max_abs']:.2e}; served twice "
             f"{v['served_repeat_max_abs']:.2e}"
             + ("" if not stages else "; per stage: ")

@@ -5,6 +5,7 @@ TensorRT plan exists), served by the real tritonserver on the CPU here and held 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -421,3 +422,22 @@ def test_warm_ups_run_every_bucket_once_largest_first(
     sampler._warm(64)
     assert seen == {n: [4, 2, 1] for n in ("vae_encoder", "unet", "vae_decoder")}
     assert "networks warmed at LR 64 for batches [4, 2, 1]" in logged[-1]
+
+
+def test_gpu_benchmark_names_the_tensors_that_reached_the_loop_in_host_memory():
+    """benchmarks.gpu reads the sampler's warning back from the server log: which input or
+    output arrived in host memory (the warning is written by the sampler's model.py)."""
+    from benchmarks import gpu
+
+    source = (
+        Path(__file__).parents[1] / "model_repository" / "sampler" / "1" / "model.py"
+    ).read_text()
+    assert "arrived in host memory although the loop runs on" in source
+    log = (
+        "W1126 model.py:330] sampler: a tensor arrived in host memory although the loop runs on "
+        "the GPU (input z_lr); copying it (this warning once per name)\n"
+        "W1126 model.py:330] sampler: a tensor arrived in host memory although the loop runs on "
+        "the GPU (unet output model_output); copying it (this warning once per name)\n"
+    )
+    assert gpu.HOST_COPY_NAME.findall(log) == ["input z_lr", "unet output model_output"]
+    assert gpu.HOST_COPY_NAME.findall("I1126 sampler loaded\n") == []

@@ -217,7 +217,8 @@ class TritonPythonModel:
             response = request.exec()
             if response.has_error():
                 raise UNetError(f"unet failed: {response.error().message()}")
-            outs.append(a.array(pb_utils.get_output_tensor_by_name(response, self.out_name)))
+            output = pb_utils.get_output_tensor_by_name(response, self.out_name)
+            outs.append(a.array(output, f"{self.unet} output {self.out_name}"))
         return a.cat(outs)
 
     def execute(self, requests):
@@ -227,7 +228,10 @@ class TritonPythonModel:
             tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
             # fused: the client's LR is checked where it arrived (host memory) and moves to
             # the loop's device once per group, below
-            x = self.arrays.view(tensor) if self.fused else self.arrays.array(tensor)
+            if self.fused:
+                x = self.arrays.view(tensor)
+            else:
+                x = self.arrays.array(tensor, f"input {self.input_name}")
             try:
                 options, seed, origin = parse_parameters(
                     request.parameters(),
@@ -310,18 +314,20 @@ class _Arrays:
                 torch.cuda.set_device(self.device)
                 memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_GPU, index)
                 self.request_memory = {"preferred_memory": memory}
-        self.host_copies = 0  # tensors that came from Triton in host memory (torch-cuda: 0)
+        # per input/output name: tensors that came from Triton in host memory (torch-cuda: none)
+        self.host_copies = {}
 
-    def array(self, tensor):
-        """A Triton tensor as this loop's array, on the loop's device, owned by the loop."""
+    def array(self, tensor, name):
+        """A Triton tensor as this loop's array, on the loop's device, owned by the loop
+        (``name``: which input or output it is, for the host-memory warning)."""
         if self.torch is None:
             return tensor.as_numpy()
         if tensor.is_cpu() and self.device.type == "cuda":
-            self.host_copies += 1
-            if self.host_copies == 1:
+            self.host_copies[name] = self.host_copies.get(name, 0) + 1
+            if self.host_copies[name] == 1:
                 pb_utils.Logger.log_warn(
-                    "sampler: a tensor arrived in host memory although the loop runs on "
-                    "the GPU; copying it (once per tensor from now on)"
+                    f"sampler: a tensor arrived in host memory although the loop runs on "
+                    f"the GPU ({name}); copying it (this warning once per name)"
                 )
         return self.to_loop(self.view(tensor), copy=True)
 
