@@ -277,6 +277,8 @@ def serve_variant(args, reference: InProcess, name: str, tmp: Path) -> dict[str,
                 "p50_ms": r.p50_ms,
                 "p99_ms": r.p99_ms,
                 "failed_requests": r.failed_requests,
+                "stable": r.stable,
+                "request_count": r.request_count,  # None: a time window
                 "error": r.error,
                 "models": r.models,  # per model: mean batch formed, queue/compute ms
             }
@@ -287,6 +289,14 @@ def serve_variant(args, reference: InProcess, name: str, tmp: Path) -> dict[str,
     result["gpu_resident_loop"] = HOST_COPY_WARNING not in text
     result["host_memory_tensors"] = sorted(set(HOST_COPY_NAME.findall(text)))
     return result
+
+
+def _window(row: dict[str, Any]) -> str:
+    """How perf_analyzer measured a level: a settled time window, or a fixed request count
+    (after an unsettled search: "unstable")."""
+    if row.get("request_count") is None:
+        return "time"
+    return f"{row['request_count']} requests" + ("" if row.get("stable", True) else ", unstable")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -388,7 +398,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if perf_rows:
         print(
             table(
-                ["variant", "concurrency", "LR", "images/s", "p50 ms", "p99 ms", "failed"],
+                [
+                    "variant",
+                    "concurrency",
+                    "LR",
+                    "images/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "failed",
+                    "window",
+                ],
                 [
                     [
                         r["variant"],
@@ -398,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "-" if r["p50_ms"] is None else f"{r['p50_ms']:.2f}",
                         "-" if r["p99_ms"] is None else f"{r['p99_ms']:.2f}",
                         r["failed_requests"],
+                        _window(r),
                     ]
                     for r in perf_rows
                 ],

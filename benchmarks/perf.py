@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -250,6 +251,7 @@ class PerfResult:
     ``lr_side``: the side of the square LR inputs (None: the 64x64 reference-protocol set).
     ``models``: what each model of the server did during the level (:func:`model_activity`:
     the batches its dynamic batcher formed, queue and compute ms per request).
+    ``request_count``: the requests of a fixed-count measurement (None: a time window).
     """
 
     concurrency: int
@@ -266,6 +268,7 @@ class PerfResult:
     error: str | None = None
     lr_side: int | None = None
     models: dict[str, dict[str, float]] | None = None
+    request_count: int | None = None  # fixed-count measurement: the requests in its window
 
     @property
     def output_mp_per_s(self) -> float | None:
@@ -371,16 +374,23 @@ def run_level(
     machine) or no request finished within a window (exit code 3: large images at high
     concurrency), the level is measured again over a fixed request count (two per client,
     at least 8) and marked unstable.
+
+    A fixed-count window lasts at least one second in perf_analyzer 2.51: requests that all
+    finish sooner are divided by that second (measured here: 8 and 64 requests at LR 16 on
+    the CPU read 7.99 and 63.95 img/s; on an H100, 32 requests read 32 img/s where the
+    latencies said ~800). Where a count window sat at that floor and the latencies say the
+    server was faster (:func:`count_window_floored`), the count is raised
+    (:func:`larger_count`) and the level measured again, up to :data:`COUNT_RETRIES` times;
+    ``request_count`` in the result is the count that was measured.
     """
     csv_path = workdir / f"perf_c{concurrency}.csv"
     before = model_statistics(url)
-    attempts = [settings]
-    if settings.request_count == 0:
-        fallback = max(8, 2 * concurrency)
-        attempts.append(replace(settings, request_count=fallback))
+    attempt = settings
+    fell_back = False
     log = ""
-    done: subprocess.CompletedProcess | None = None
-    for attempt in attempts:
+    row: dict[str, float] | None = None
+    raised = 0
+    while True:
         csv_path.unlink(missing_ok=True)
         cmd = perf_command(
             binary,
@@ -398,23 +408,66 @@ def run_level(
         except subprocess.TimeoutExpired:
             return _failed(concurrency, -1, f"perf_analyzer ran past {timeout_s:.0f} s"), log
         log += done.stdout + done.stderr
-        if done.returncode not in (UNSTABLE_EXIT, NO_REQUESTS_EXIT):
-            break
+        unsettled = done.returncode in (UNSTABLE_EXIT, NO_REQUESTS_EXIT)
+        if unsettled and attempt.request_count == 0:
+            fell_back = True
+            attempt = replace(settings, request_count=max(8, 2 * concurrency))
+            continue
+        row = parse_csv(csv_path)[0] if done.returncode == 0 and csv_path.is_file() else None
+        if (
+            row is not None
+            and raised < COUNT_RETRIES
+            and count_window_floored(row, attempt.request_count)
+        ):
+            raised += 1
+            count = larger_count(row, attempt.request_count, attempt.measurement_ms)
+            log += f"\n[perf] count window at its 1 s floor: measuring again over {count}\n"
+            attempt = replace(attempt, request_count=count)
+            continue
+        break
     after = model_statistics(url)
     failed = None
     if before is not None and after is not None and model in after:
         failed = after[model]["failed"] - before.get(model, {}).get("failed", 0)
     activity = model_activity(before, after)
-    if done.returncode != 0 or not csv_path.is_file():
+    if row is None:
         lines = [line for line in log.splitlines() if line.strip()]
         reason = next((x for x in lines if "error" in x.lower()), lines[-1] if lines else "")
         result = _failed(concurrency, done.returncode, reason, failed)
     else:
-        stable = attempt.request_count == settings.request_count
-        row = parse_csv(csv_path)[0]
-        result = PerfResult.from_row(row, failed=failed, stable=stable, returncode=0)
+        result = PerfResult.from_row(row, failed=failed, stable=not fell_back, returncode=0)
+        result.request_count = attempt.request_count or None
     result.models = activity
     return result, log
+
+
+# perf_analyzer 2.51's fixed-count window lasts at least this long (see run_level)
+COUNT_WINDOW_FLOOR_S = 1.0
+COUNT_RETRIES = 3  # raised counts per level at most
+MAX_REQUEST_COUNT = 200_000
+
+
+def count_window_floored(row: Mapping[str, float], count: int) -> bool:
+    """Whether a fixed-count measurement of ``count`` requests (a perf_analyzer CSV row) was
+    divided by the window's 1 s floor rather than by the time the requests took: the window
+    was within 10% of the floor and the latencies (concurrency / p50) say requests finished
+    at least 1.5x faster than the reported throughput."""
+    throughput = row.get("Inferences/Second", 0.0)
+    p50_s = row.get("p50 latency", 0.0) * 1e-6
+    if count <= 0 or throughput <= 0 or p50_s <= 0:
+        return False
+    window_s = count / throughput
+    by_latency = row.get("Concurrency", 1.0) / p50_s
+    return window_s <= 1.1 * COUNT_WINDOW_FLOOR_S and by_latency >= 1.5 * throughput
+
+
+def larger_count(row: Mapping[str, float], count: int, measurement_ms: int) -> int:
+    """The request count for a window of about ``measurement_ms`` (at least 2 s) at the rate
+    the latencies give (concurrency / p50), at least 4x ``count``, at most
+    :data:`MAX_REQUEST_COUNT`."""
+    by_latency = row.get("Concurrency", 1.0) / (row["p50 latency"] * 1e-6)
+    target = math.ceil(by_latency * max(2.0, measurement_ms / 1000))
+    return min(MAX_REQUEST_COUNT, max(4 * count, target))
 
 
 def _failed(concurrency: int, code: int, reason: str, failed: int | None = None) -> PerfResult:

@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 
 from benchmarks.perf import (
+    MAX_REQUEST_COUNT,
     PerfSettings,
+    count_window_floored,
     failed_count,
+    larger_count,
     locate_perf_analyzer,
     missing_libraries,
     parse_csv,
@@ -120,6 +123,55 @@ def test_run_level_reports_the_batches_each_model_formed(
     for name, m in models.items():
         assert 1 <= m["mean_batch"] <= 4, (name, m)
         assert m["queue_ms"] >= 0 and m["compute_infer_ms"] > 0, (name, m)
+
+
+def test_a_count_window_at_its_one_second_floor_is_measured_again(
+    server, perf_analyzer, input_data, tmp_path
+):
+    """Two requests on the tiny repository finish well inside a second; perf_analyzer still
+    divides them by one second (2 img/s). The level is measured again over a count the
+    latencies call for, and the throughput is what those requests took."""
+    binary, env = perf_analyzer
+    result, log = run_level(
+        binary,
+        env,
+        model="cxr_sr",
+        url=server.grpc_url,
+        concurrency=2,
+        input_data=input_data,
+        workdir=tmp_path,
+        settings=PerfSettings(parameters={"steps": 1}, measurement_ms=1000, request_count=2),
+        timeout_s=300,
+    )
+    assert result.error is None and result.stable, log[-3000:]
+    assert "1 s floor" in log
+    assert result.request_count > 2
+    assert result.throughput > 3.0  # 2 requests / 1 s read 2.0
+    assert result.request_count / result.throughput > 0.9  # this window was not floored
+
+
+def _row(count_per_s: float, p50_ms: float, concurrency: int) -> dict[str, float]:
+    return {
+        "Concurrency": concurrency,
+        "Inferences/Second": count_per_s,
+        "p50 latency": p50_ms * 1e3,
+    }
+
+
+def test_count_window_floor_is_told_from_latencies():
+    # an H100 level: 32 requests read 32 img/s while 16 clients waited ~20 ms each
+    assert count_window_floored(_row(31.98, 19.6, 16), 32)
+    assert larger_count(_row(31.98, 19.6, 16), 32, 1500) == 1633  # 816 img/s x 2 s
+    # the CPU: 32 requests over 3.8 s, as the latencies say: a true window
+    assert not count_window_floored(_row(8.47, 118, 1), 32)
+    # a window of one second that the latencies agree with
+    assert not count_window_floored(_row(8.0, 480, 4), 8)
+    # no count (a time window), or nothing measured
+    assert not count_window_floored(_row(31.98, 19.6, 16), 0)
+    assert not count_window_floored(_row(0.0, 19.6, 16), 32)
+    # at least 4x the last count; never past the cap
+    assert larger_count(_row(8.0, 400, 4), 8, 1000) == 32
+    assert larger_count(_row(1e6, 0.001, 64), 32, 5000) == MAX_REQUEST_COUNT
 
 
 def test_shared_memory_settings_reach_the_command(tmp_path):
