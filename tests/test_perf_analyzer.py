@@ -50,6 +50,26 @@ def input_data(tmp_path_factory):
     return write_input_data(tmp_path_factory.mktemp("perf") / "lr.json", lr)
 
 
+def _level(
+    server, perf_analyzer, input_data, workdir, concurrency, settings=None, timeout_s=300, **kw
+):
+    """``run_level`` against the tiny repository's ``cxr_sr`` (``kw``: ``PerfSettings`` fields
+    over 1 step, where ``settings`` is not given)."""
+    binary, env = perf_analyzer
+    settings = settings or PerfSettings(parameters={"steps": 1}, **kw)
+    return run_level(
+        binary,
+        env,
+        model="cxr_sr",
+        url=server.grpc_url,
+        concurrency=concurrency,
+        input_data=input_data,
+        workdir=workdir,
+        settings=settings,
+        timeout_s=timeout_s,
+    )
+
+
 def test_perf_analyzer_reports_throughput_without_errors(
     server, perf_analyzer, input_data, tmp_path
 ):
@@ -80,19 +100,8 @@ def test_perf_analyzer_reports_throughput_without_errors(
 
 def test_run_level_counts_rejected_requests(server, perf_analyzer, tmp_path):
     """Out-of-range inputs are rejected (400): the level fails and the failures are counted."""
-    binary, env = perf_analyzer
     bad = write_input_data(tmp_path / "bad.json", np.full((1, 1, 64, 64), 7.0, np.float32))
-    result, log = run_level(
-        binary,
-        env,
-        model="cxr_sr",
-        url=server.grpc_url,
-        concurrency=1,
-        input_data=bad,
-        workdir=tmp_path,
-        settings=PerfSettings(parameters={"steps": 1}, request_count=2),
-        timeout_s=120,
-    )
+    result, log = _level(server, perf_analyzer, bad, tmp_path, 1, request_count=2, timeout_s=120)
     assert result.error and result.returncode != 0 and result.throughput is None
     assert result.failed_requests and result.failed_requests > 0
     assert "LR" in log
@@ -103,18 +112,7 @@ def test_run_level_reports_the_batches_each_model_formed(
 ):
     """The server's statistics around a level: every model of the chain served the level's
     requests, in batches no larger than the repository's max batch (4)."""
-    binary, env = perf_analyzer
-    result, log = run_level(
-        binary,
-        env,
-        model="cxr_sr",
-        url=server.grpc_url,
-        concurrency=4,
-        input_data=input_data,
-        workdir=tmp_path,
-        settings=PerfSettings(parameters={"steps": 1}, request_count=8),
-        timeout_s=300,
-    )
+    result, log = _level(server, perf_analyzer, input_data, tmp_path, 4, request_count=8)
     assert result.error is None, log[-3000:]
     models = result.models
     assert {"cxr_sr", "vae_encoder", "sampler", "unet", "vae_decoder"} <= set(models), models
@@ -131,17 +129,8 @@ def test_a_count_window_at_its_one_second_floor_is_measured_again(
     """Two requests on the tiny repository finish well inside a second; perf_analyzer still
     divides them by one second (2 img/s). The level is measured again over a count the
     latencies call for, and the throughput is what those requests took."""
-    binary, env = perf_analyzer
-    result, log = run_level(
-        binary,
-        env,
-        model="cxr_sr",
-        url=server.grpc_url,
-        concurrency=2,
-        input_data=input_data,
-        workdir=tmp_path,
-        settings=PerfSettings(parameters={"steps": 1}, measurement_ms=1000, request_count=2),
-        timeout_s=300,
+    result, log = _level(
+        server, perf_analyzer, input_data, tmp_path, 2, measurement_ms=1000, request_count=2
     )
     assert result.error is None and result.stable, log[-3000:]
     assert "1 s floor" in log
@@ -199,21 +188,10 @@ def test_shared_memory_settings_reach_the_command(tmp_path):
 
 def test_run_level_through_shared_memory(server, perf_analyzer, input_data, tmp_path):
     """The same level with inputs and outputs in system shared memory: served, no failures."""
-    binary, env = perf_analyzer
     settings = PerfSettings(
         parameters={"steps": 1}, request_count=8, shared_memory="system", output_bytes=4 * 256 * 256
     )
-    result, log = run_level(
-        binary,
-        env,
-        model="cxr_sr",
-        url=server.grpc_url,
-        concurrency=2,
-        input_data=input_data,
-        workdir=tmp_path,
-        settings=settings,
-        timeout_s=300,
-    )
+    result, log = _level(server, perf_analyzer, input_data, tmp_path, 2, settings)
     assert result.error is None, log[-3000:]
     assert result.throughput > 0 and result.failed_requests == 0
     assert result.models["sampler"]["requests"] >= 8
