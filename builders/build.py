@@ -480,9 +480,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "network processes' memory. On an H100 2 fused torch instances with CUDA graphs "
         "overlap one's Python work with the other's kernels: ~900 -> 1,011-1,286 images/s at "
         "16-64 clients. "
-        "But the inference probe reaches one instance per call: with 2, a killed sampler stub "
-        "left the probe passing while the requests routed to its instance fail, so the "
-        "default is 1; scale out with replicas (docker/k8s/) where that matters",
+        "The inference probe reaches one instance per call: with 2, a killed sampler stub "
+        "left it passing while the requests routed to that instance failed; the serve "
+        "wrapper's watchdog also counts the stub processes and catches that, a bare exec "
+        "probe (builders.probe) does not",
     )
     limits = p.add_argument_group(
         "limits", "what one client can ask of the server (published in the ensemble's config)"

@@ -9,7 +9,10 @@ context manager (used by the demo, the tests and the benchmarks).
 
 Health: a watchdog sends one small real inference through ``cxr_sr`` every
 ``--probe-interval`` seconds (:mod:`cxr_sr.builders.probe`); Triton's own ready endpoints stay
-200 after a Python stub has died. After ``--probe-failures`` failures in a row it restarts
+200 after a Python stub has died. Before each probe it also counts the server's Python stub
+processes per model against the count it had when ready (:func:`stub_census`): with several
+instances of a model the probe reaches one of them, and a dead stub of another would fail
+only the requests routed to it. After ``--probe-failures`` failures in a row it restarts
 tritonserver (model control stays ``none``: the whole server is the unit), or with
 ``--on-failure exit`` stops it and exits 1 so that a supervisor restarts the process.
 
@@ -279,6 +282,8 @@ class TritonServer:
         self.grpc_state_pool = int(grpc_state_pool)
         self.binary = Path(binary) if binary else None
         self.process: subprocess.Popen | None = None
+        # Python stubs per model when the server became ready (:func:`stub_census`)
+        self.stubs: collections.Counter = collections.Counter()
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._log: Path | None = None  # where this start's log goes (log_file or a temp file)
 
@@ -426,6 +431,7 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
+                        self.stubs = stub_census(self.process.pid)
                         return
             except OSError:
                 pass
@@ -508,8 +514,60 @@ class Watchdog(threading.Thread):
         self._halt.set()
 
 
+STUB = "triton_python_backend_stub"  # the Python backend's per-instance process
+
+
+def stub_census(pid: int, proc: Path = Path("/proc")) -> collections.Counter:
+    """Living Python stub processes under the process ``pid`` (tritonserver), per model: one
+    per model instance. A stub is named by its model from its command line
+    (``<repository>/<model>/<version>/model.py ...``); zombies do not count. Read from
+    ``/proc`` (Linux, where Triton runs), so it works in the bare NGC runtime image too."""
+    parents: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    children = collections.defaultdict(list)
+    for child, parent in parents.items():
+        children[parent].append(child)
+    census: collections.Counter = collections.Counter()
+    todo = list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            cmd = (proc / str(p) / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(cmd) > 1 and Path(os.fsdecode(cmd[0])).name.startswith(STUB):
+            census[Path(os.fsdecode(cmd[1])).parent.parent.name] += 1
+    return census
+
+
+def missing_stubs(expected: collections.Counter, now: collections.Counter) -> str | None:
+    """Which models have fewer living stubs than ``expected`` (None: none)."""
+    gone = [f"{m} ({n - now[m]} of {n})" for m, n in sorted(expected.items()) if now[m] < n]
+    return None if not gone else "Python stub process gone: " + ", ".join(gone)
+
+
 def server_probe(server: TritonServer, timeout_s: float) -> Callable[[], str | None]:
+    """The watchdog's check: every Python stub the ready server had is still alive, then one
+    real inference (:func:`cxr_sr.builders.probe.probe`). The census catches what the
+    inference cannot: with several instances of a model, the probe's request reaches one of
+    them, and a dead stub of another fails only the requests routed to it. The expected count
+    is the census taken when the server became ready (:attr:`TritonServer.stubs`)."""
+
     def check() -> str | None:
+        gone = missing_stubs(server.stubs, stub_census(server.process.pid))
+        if gone:
+            return gone
         result = probe(server.http_url, timeout_s)
         return None if result.ok else result.detail
 

@@ -22,7 +22,13 @@ import pytest
 
 from benchmarks.soak import server_processes
 from cxr_sr.builders.probe import probe
-from cxr_sr.builders.serve import TritonServer, Watchdog, free_port
+from cxr_sr.builders.serve import (
+    TritonServer,
+    Watchdog,
+    free_port,
+    missing_stubs,
+    stub_census,
+)
 from cxr_sr.client.triton import SRClient, SRServerError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,9 +213,56 @@ def test_on_failure_exit_stops_the_server_and_exits_1(built_repository):
     finally:
         _end(wrapper)
     assert code == 1
-    assert "probes in a row failed" in output and "not healthy" in output
+    # the stub census names the model before the inference probe would say "not healthy"
+    assert "probes in a row failed: Python stub process gone: sampler (1 of 1)" in output
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in everything)
     assert not _ready(url)
+
+
+@pytest.mark.integration
+def test_stub_census_counts_one_stub_per_python_model_instance(server, built_repository):
+    repo, _ = built_repository
+    python_models = {
+        d.name for d in repo.iterdir() if 'backend: "python"' in (d / "config.pbtxt").read_text()
+    }
+    census = stub_census(server.process.pid)
+    assert dict(census) == dict.fromkeys(python_models, 1), census
+    assert missing_stubs(census, stub_census(server.process.pid)) is None
+    assert stub_census(free_port() + 4_000_000) == {}  # no such process: nothing under it
+
+
+def test_missing_stubs_names_each_model_short_of_its_count():
+    from collections import Counter
+
+    expected = Counter({"sampler": 2, "unet": 2, "vae_decoder": 1})
+    assert missing_stubs(expected, Counter(expected)) is None
+    assert missing_stubs(expected, Counter({"sampler": 1, "unet": 2})) == (
+        "Python stub process gone: sampler (1 of 2), vae_decoder (1 of 1)"
+    )
+
+
+@pytest.mark.integration
+def test_a_dead_stub_of_two_instances_stops_the_server(checkpoint, built_repository, tmp_path):
+    """With two instances of every model the probe's request reaches one of them, and a dead
+    stub of the other fails only the requests routed there; the stub census catches it."""
+    from cxr_sr.builders import build
+
+    _, onnx = built_repository
+    repo = tmp_path / "repo_x2"
+    args = ["--checkpoint", str(checkpoint), "--out", str(repo), "--onnx-dir", str(onnx)]
+    assert build.main([*args, "--max-batch", "4", "--max-side", "128", "--instances", "2"]) == 0
+    wrapper, url = _serve(repo, "--on-failure", "exit")
+    try:
+        server = _tritonserver(wrapper)
+        assert stub_census(server.pid)["sampler"] == 2
+        assert probe(url, 30).ok
+        _stub(server.pid).kill()
+        code = wrapper.wait(60)
+        output = wrapper.stdout.read()
+    finally:
+        _end(wrapper)
+    assert code == 1, output
+    assert "Python stub process gone: sampler (1 of 2)" in output
 
 
 def test_watchdog_trips_after_consecutive_failures_only():
