@@ -63,10 +63,9 @@ from benchmarks.perf import (
     perf_command,
     write_input_data,
 )
-from cxr_sr.builders.serve import TritonServer
+from cxr_sr.builders.serve import STUB, TritonServer
 
 MODEL = "cxr_sr"
-STUB = "triton_python_backend_stub"
 WINDOWS = 3  # perf_analyzer measures at least 3 windows before it can call a run stable
 
 

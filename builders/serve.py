@@ -523,6 +523,8 @@ def stub_census(pid: int, proc: Path = Path("/proc")) -> collections.Counter:
     (``<repository>/<model>/<version>/model.py ...``); zombies do not count. Read from
     ``/proc`` (Linux, where Triton runs), so it works in the bare NGC runtime image too."""
     parents: dict[int, int] = {}
+    if not proc.is_dir():  # not Linux: nothing to count, nothing reported missing
+        return collections.Counter()
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue

@@ -231,6 +231,30 @@ def test_stub_census_counts_one_stub_per_python_model_instance(server, built_rep
     assert stub_census(free_port() + 4_000_000) == {}  # no such process: nothing under it
 
 
+def test_stub_census_reads_the_process_tree_below_the_server(tmp_path):
+    """A fake /proc: stubs anywhere below the server count once each, by model; zombies,
+    other servers' stubs and other processes do not; a comm with spaces and parentheses
+    does not derail the parse; no /proc at all counts nothing."""
+
+    def proc(pid, ppid, cmd, comm="triton_python_b", state="S"):
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "stat").write_text(f"{pid} ({comm}) {state} {ppid} {pid} 0 0 -1 4228108\n")
+        (d / "cmdline").write_bytes(b"\0".join(x.encode() for x in cmd) + b"\0")
+
+    stub = "/opt/tritonserver/backends/python/triton_python_backend_stub"
+    proc(100, 1, ["tritonserver", "--model-repository=/repo"], comm="tritonserver")
+    proc(101, 100, [stub, "/repo/sampler/1/model.py", "shm", "1048576"])
+    proc(102, 100, [stub, "/repo/sampler/1/model.py", "shm"], state="Z")  # dead, unreaped
+    proc(103, 100, ["/bin/sh", "-c", "x"], comm="sh (odd) name")
+    proc(104, 103, [stub, "/repo/unet/1/model.py", "shm"])  # below a child
+    proc(200, 1, [stub, "/other/vae_decoder/1/model.py", "shm"])  # another parent
+    (tmp_path / "self").mkdir()  # not a pid
+    assert stub_census(100, tmp_path) == {"sampler": 1, "unet": 1}
+    assert stub_census(999, tmp_path) == {}
+    assert stub_census(100, tmp_path / "absent") == {}
+
+
 def test_missing_stubs_names_each_model_short_of_its_count():
     from collections import Counter
 
