@@ -447,17 +447,23 @@ COUNT_RETRIES = 3  # raised counts per level at most
 MAX_REQUEST_COUNT = 200_000
 
 
+def _rate_by_latency(row: Mapping[str, float]) -> float | None:
+    """Requests per second that the level's clients could complete at its median latency
+    (concurrency / p50); None without a latency."""
+    p50_s = row.get("p50 latency", 0.0) * 1e-6
+    return row.get("Concurrency", 1.0) / p50_s if p50_s > 0 else None
+
+
 def count_window_floored(row: Mapping[str, float], count: int) -> bool:
     """Whether a fixed-count measurement of ``count`` requests (a perf_analyzer CSV row) was
     divided by the window's 1 s floor rather than by the time the requests took: the window
     was within 10% of the floor and the latencies (concurrency / p50) say requests finished
     at least 1.5x faster than the reported throughput."""
     throughput = row.get("Inferences/Second", 0.0)
-    p50_s = row.get("p50 latency", 0.0) * 1e-6
-    if count <= 0 or throughput <= 0 or p50_s <= 0:
+    by_latency = _rate_by_latency(row)
+    if count <= 0 or throughput <= 0 or by_latency is None:
         return False
     window_s = count / throughput
-    by_latency = row.get("Concurrency", 1.0) / p50_s
     return window_s <= 1.1 * COUNT_WINDOW_FLOOR_S and by_latency >= 1.5 * throughput
 
 
@@ -465,8 +471,7 @@ def larger_count(row: Mapping[str, float], count: int, measurement_ms: int) -> i
     """The request count for a window of about ``measurement_ms`` (at least 2 s) at the rate
     the latencies give (concurrency / p50), at least 4x ``count``, at most
     :data:`MAX_REQUEST_COUNT`."""
-    by_latency = row.get("Concurrency", 1.0) / (row["p50 latency"] * 1e-6)
-    target = math.ceil(by_latency * max(2.0, measurement_ms / 1000))
+    target = math.ceil((_rate_by_latency(row) or 0.0) * max(2.0, measurement_ms / 1000))
     return min(MAX_REQUEST_COUNT, max(4 * count, target))
 
 
