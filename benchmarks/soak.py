@@ -63,7 +63,7 @@ from benchmarks.perf import (
     perf_command,
     write_input_data,
 )
-from cxr_sr.builders.serve import STUB, TritonServer
+from cxr_sr.builders.serve import TritonServer, stub_model
 
 MODEL = "cxr_sr"
 WINDOWS = 3  # perf_analyzer measures at least 3 windows before it can call a run stable
@@ -71,18 +71,17 @@ WINDOWS = 3  # perf_analyzer measures at least 3 windows before it can call a ru
 
 def server_processes(pid: int) -> dict[str, psutil.Process]:
     """tritonserver (``pid``) and its Python stubs, keyed ``tritonserver`` and
-    ``<model>`` (``<model>#2``, ... for further instances). A stub is named by its model
-    from its command line (``<repository>/<model>/<version>/model.py ...``)."""
+    ``<model>`` (``<model>#2``, ... for further instances), each stub named by its model
+    (``cxr_sr.builders.serve.stub_model``)."""
     root = psutil.Process(pid)
     found = {"tritonserver": root}
     for child in root.children(recursive=True):
         try:
-            cmd = child.cmdline()
+            name = stub_model(child.cmdline())
         except psutil.Error:
             continue
-        if not cmd or not Path(cmd[0]).name.startswith(STUB) or len(cmd) < 2:
+        if name is None:
             continue
-        name = Path(cmd[1]).parent.parent.name
         key, n = name, 1
         while key in found:
             n += 1

@@ -517,10 +517,18 @@ class Watchdog(threading.Thread):
 STUB = "triton_python_backend_stub"  # the Python backend's per-instance process
 
 
+def stub_model(cmdline: list[str]) -> str | None:
+    """The model a Python stub process serves, from its command line
+    (``triton_python_backend_stub <repository>/<model>/<version>/model.py ...``); None for
+    any other process."""
+    if len(cmdline) < 2 or not Path(cmdline[0]).name.startswith(STUB):
+        return None
+    return Path(cmdline[1]).parent.parent.name
+
+
 def stub_census(pid: int, proc: Path = Path("/proc")) -> collections.Counter:
     """Living Python stub processes under the process ``pid`` (tritonserver), per model: one
-    per model instance. A stub is named by its model from its command line
-    (``<repository>/<model>/<version>/model.py ...``); zombies do not count. Read from
+    per model instance, named by :func:`stub_model`; zombies do not count. Read from
     ``/proc`` (Linux, where Triton runs), so it works in the bare NGC runtime image too."""
     parents: dict[int, int] = {}
     if not proc.is_dir():  # not Linux: nothing to count, nothing reported missing
@@ -548,8 +556,9 @@ def stub_census(pid: int, proc: Path = Path("/proc")) -> collections.Counter:
             cmd = (proc / str(p) / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(cmd) > 1 and Path(os.fsdecode(cmd[0])).name.startswith(STUB):
-            census[Path(os.fsdecode(cmd[1])).parent.parent.name] += 1
+        model = stub_model([os.fsdecode(part) for part in cmd])
+        if model is not None:
+            census[model] += 1
     return census
 
 

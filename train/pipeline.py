@@ -182,15 +182,15 @@ class OnnxPipeline(Pipeline):
             "mem_pattern": True,
         }
         self.networks = {name: self._network(find_graph(folder, name)) for name in NETWORKS}
-        meta = self.sessions[NETWORKS[0]].get_modelmeta().custom_metadata_map
+        meta = self.networks[NETWORKS[0]].session.get_modelmeta().custom_metadata_map
         if "vae_factor" not in meta:
             raise ValueError(
                 f"{folder}: the ONNX graphs predate any-size serving (no vae_factor in their "
                 "metadata); rebuild them with `python -m cxr_sr.builders.build`"
             )
         self.vae_factor = int(meta["vae_factor"])
-        self._names = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
-        t_input = self.sessions[NETWORKS[1]].get_inputs()[1]
+        self._names = {n: net.input_names for n, net in self.networks.items()}
+        t_input = self.networks[NETWORKS[1]].session.get_inputs()[1]
         self._t_dtype = ORT_DTYPES.get(t_input.type, np.float32)
 
     def _network(self, path: str | Path):
