@@ -35,14 +35,15 @@ from cxr_sr.builders import quantize as Q
 from cxr_sr.builders import specs as S
 from cxr_sr.builders import trt
 from cxr_sr.builders.triton_config import (
+    CPU_LAYOUTS,
     DEFAULT_LIMITS,
     PRECISIONS,
-    QUEUE_DELAY_US,
     TARGETS,
     TORCH_DEVICES,
     TORCH_IO,
     TORCH_LAYOUTS,
     ServingLimits,
+    default_queue_delay_us,
     ensemble_config,
     network_config,
     sampler_config,
@@ -247,17 +248,25 @@ def assemble(
     int8_unet: bool = False,
     torch_layout: str = "models",
     cuda_graphs: bool = False,
-    queue_delay_us: int = QUEUE_DELAY_US,
+    queue_delay_us: int | None = None,
+    cpu_layout: str = "chain",
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
     checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used;
     ``int8_unet``: the cpu target serves ``onnx["unet.int8"]``; ``torch_layout`` fused: the
-    sampler holds the networks and ``cxr_sr`` has it as its only step)."""
+    sampler holds the networks and ``cxr_sr`` has it as its only step; ``cpu_layout`` chain:
+    the sampler takes LR and calls the three networks through BLS, and ``cxr_sr`` has it as its
+    only step)."""
     from cxr_sr import Schedule
 
     if torch_layout not in TORCH_LAYOUTS:
         raise ValueError(f"torch_layout must be one of {TORCH_LAYOUTS}, got {torch_layout!r}")
+    if cpu_layout not in CPU_LAYOUTS:
+        raise ValueError(f"cpu_layout must be one of {CPU_LAYOUTS}, got {cpu_layout!r}")
     fused = target == "torch" and torch_layout == "fused"
+    chain = target == "cpu" and cpu_layout == "chain"
+    if queue_delay_us is None:
+        queue_delay_us = default_queue_delay_us(target, cpu_layout)
     meta = json.loads((checkpoint / "cxr_sr.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     for stale in S.NETWORKS if fused else ():  # a rebuild into a models-layout folder
@@ -290,7 +299,8 @@ def assemble(
             specs[name],
             target,
             instances=instances,
-            queue_delay_us=queue_delay_us,
+            # chain: the sampler is these models' only caller and sends whole batches
+            queue_delay_us=0 if chain else queue_delay_us,
             limits=limits,
             torch_device=torch_device,
             precision=precision,
@@ -322,6 +332,7 @@ def assemble(
         limits=limits,
         loop_device=loop,
         fused=specs if fused else None,
+        chain=specs if chain else None,
         precision=precision,
         cuda_graphs=cuda_graphs,
     )
@@ -329,7 +340,9 @@ def assemble(
 
     (out / S.ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)
     identity = model_identity(checkpoint).parameters()
-    write_config(ensemble_config(specs, identity, limits, fused=fused), out / S.ENSEMBLE)
+    write_config(
+        ensemble_config(specs, identity, limits, sampler_only=fused or chain), out / S.ENSEMBLE
+    )
     return out
 
 
@@ -417,11 +430,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--queue-delay-us",
         type=int,
-        default=QUEUE_DELAY_US,
-        help="how long the dynamic batcher of vae_encoder, sampler and vae_decoder holds a "
-        "request to fill a batch when fewer than half --max-batch are queued (unet: 0, its "
-        "batches come whole from the sampler). A lone request waits this long: 0 for the "
-        "lowest batch-1 latency, more for fuller batches under load (default: %(default)s)",
+        default=None,
+        help="how long a dynamic batcher that clients' requests reach holds a request to fill "
+        "a batch when fewer than half --max-batch are queued: the sampler's in the cpu "
+        "target's chain layout (default 1000), otherwise vae_encoder's, the sampler's and "
+        "vae_decoder's (default 2000); the models the sampler calls wait 0, its batches come "
+        "whole. A lone request waits this long at each such model: 0 for the lowest batch-1 "
+        "latency, more for fuller batches when clients send at once",
+    )
+    p.add_argument(
+        "--cpu-layout",
+        choices=CPU_LAYOUTS,
+        default="chain",
+        help="--target cpu: chain = the sampler takes the client's LR and calls vae_encoder, "
+        "unet (per step) and vae_decoder through BLS, so a batch forms once and goes through "
+        "the networks whole, one after the other; models = the cxr_sr ensemble chains "
+        "vae_encoder, the sampler and vae_decoder, each batching (and waiting "
+        "--queue-delay-us) on its own (README, Served vs in-process; default: %(default)s)",
     )
     p.add_argument(
         "--torch-layout",
@@ -564,6 +589,8 @@ def main(argv=None) -> int:
     if args.calibration_images and not args.int8_unet:
         print("error: --calibration-images needs --int8-unet", file=sys.stderr)
         return 2
+    if args.queue_delay_us is None:
+        args.queue_delay_us = default_queue_delay_us(args.target, args.cpu_layout)
     if not 0 <= args.queue_delay_us <= 1_000_000:
         print(
             f"error: --queue-delay-us must be in [0, 1000000], got {args.queue_delay_us}",
@@ -574,6 +601,9 @@ def main(argv=None) -> int:
         lane_count(args.cpu_lanes, 1)
     except ValueError as err:
         print(f"error: --cpu-lanes: {err}", file=sys.stderr)
+        return 2
+    if args.cpu_layout != "chain" and args.target != "cpu":
+        print("error: --cpu-layout is for --target cpu", file=sys.stderr)
         return 2
     if args.torch_layout != "models" and args.target != "torch":
         print("error: --torch-layout is for --target torch", file=sys.stderr)
@@ -629,6 +659,7 @@ def main(argv=None) -> int:
         torch_layout=args.torch_layout,
         cuda_graphs=args.cuda_graphs,
         queue_delay_us=args.queue_delay_us,
+        cpu_layout=args.cpu_layout,
     )
     print(f"[repository] {args.target} target written to {out}")
     return 0

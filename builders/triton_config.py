@@ -32,6 +32,10 @@ TORCH_IO = ("dlpack", "host")
 # the torch target's models: models = vae_encoder, sampler (BLS over unet), vae_decoder as
 # separate models; fused = the sampler holds the three networks (one Python hop per request)
 TORCH_LAYOUTS = ("models", "fused")
+# the cpu target's layouts: chain = the sampler takes LR and calls all three networks through
+# BLS (one batching point); models = the ensemble chains encoder, sampler and decoder
+CPU_LAYOUTS = ("chain", "models")
+CHAINED = ("vae_encoder", "vae_decoder")  # what a chain sampler calls besides unet
 
 
 def _dtype(name: str) -> int:
@@ -86,6 +90,16 @@ DEFAULT_LIMITS = ServingLimits()
 # 0: its only caller, the sampler, sends each step's whole batch in one call, so waiting there
 # would add ~2 ms to every step and merge nothing
 QUEUE_DELAY_US = 2000
+# the cpu target's chain layout batches at one point, the sampler, instead of three: 1 ms
+# there (2 cores, README "Served vs in-process": a lone LR 64 request ~3% slower than with
+# no wait; four clients sending at once still land in one batch at LR 64-256)
+CPU_CHAIN_QUEUE_DELAY_US = 1000
+
+
+def default_queue_delay_us(target: str, cpu_layout: str = "chain") -> int:
+    """The batching delay a build uses when none is given."""
+    chain = target == "cpu" and cpu_layout == "chain"
+    return CPU_CHAIN_QUEUE_DELAY_US if chain else QUEUE_DELAY_US
 
 
 def _batching(
@@ -202,6 +216,7 @@ def sampler_config(
     limits: ServingLimits = DEFAULT_LIMITS,
     loop_device: str = "numpy",
     fused: dict[str, NetworkSpec] | None = None,
+    chain: dict[str, NetworkSpec] | None = None,
     precision: str = "fp16",
     cuda_graphs: bool = False,
 ) -> mc.ModelConfig:
@@ -214,20 +229,28 @@ def sampler_config(
 
     ``fused`` (the torch target's fused layout; all three network specs): the sampler holds
     the networks itself and takes ``LR`` to ``SR``, with the encoder's input checks;
-    ``precision`` and ``cuda_graphs`` apply to its networks on CUDA (KIND_GPU instances)."""
+    ``precision`` and ``cuda_graphs`` apply to its networks on CUDA (KIND_GPU instances).
+
+    ``chain`` (the cpu target's chain layout; all three network specs): ``LR`` to ``SR`` with
+    the encoder's input checks, calling ``vae_encoder`` and ``vae_decoder`` through BLS as it
+    calls ``unet``, so the batch forms here once (``queue_delay_us``) and those models wait
+    for nothing (:func:`network_config` ``queue_delay_us`` 0)."""
+    if fused is not None and chain is not None:
+        raise ValueError("the sampler is fused or a chain, not both")
     z_lr = next(t for t in unet.inputs if t.name == "z_lr")
     config = mc.ModelConfig(name=SAMPLER, backend="python")
-    if fused is None:
+    networks = fused or chain
+    if networks is None:
         config.input.extend(_io(mc.ModelInput, (z_lr,)))
         config.output.extend(_io(mc.ModelOutput, (TensorSpec("z", z_lr.shape, grid=z_lr.grid),)))
     else:
-        if loop_device == "numpy" or precision not in PRECISIONS:
+        if fused is not None and (loop_device == "numpy" or precision not in PRECISIONS):
             raise ValueError(
                 "the fused layout runs torch networks: loop_device must be torch-*, precision "
                 f"one of {PRECISIONS}; got {loop_device!r}, {precision!r}"
             )
-        config.input.extend(_io(mc.ModelInput, fused["vae_encoder"].inputs))
-        config.output.extend(_io(mc.ModelOutput, fused["vae_decoder"].outputs))
+        config.input.extend(_io(mc.ModelInput, networks["vae_encoder"].inputs))
+        config.output.extend(_io(mc.ModelOutput, networks["vae_decoder"].outputs))
     _batching(config, unet.max_batch, queue_delay_us, limits)
     group = config.instance_group.add()
     group.count = instances
@@ -247,16 +270,19 @@ def sampler_config(
     }
     if loop_device != "numpy":
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    if networks is not None:  # LR -> SR: what vae_encoder checks, checked here
+        g = networks["vae_encoder"].geometry
+        params.update(lr_multiple=str(g.multiple), **_lr_checks(g))
+    if chain is not None:
+        stages = {n: [chain[n].input_names, chain[n].output_names[0]] for n in CHAINED}
+        params.update(layout="chain", chain_models=json.dumps(stages))
     if fused is not None:
-        g = fused["vae_encoder"].geometry
         params.update(
             layout="fused",
             precision=precision,
             cuda_graphs=str(bool(cuda_graphs)).lower(),
-            lr_multiple=str(g.multiple),
             batch_buckets="auto",  # CUDA: pad dynamic batches to powers of two
             warmup_side=str(g.opt_side),  # CUDA: every bucket runs once before ready
-            **_lr_checks(g),  # what vae_encoder checks, checked here
             stage_batch_pixels=json.dumps(
                 {n: s.batch_pixels(gpu=on_gpu) for n, s in fused.items()}
             ),
@@ -272,10 +298,11 @@ def ensemble_config(
     specs: dict[str, NetworkSpec],
     identity: dict[str, str] | None = None,
     limits: ServingLimits = DEFAULT_LIMITS,
-    fused: bool = False,
+    sampler_only: bool = False,
 ) -> mc.ModelConfig:
-    """``cxr_sr``: LR -> vae_encoder -> sampler -> vae_decoder -> SR (``fused``: LR -> sampler
-    -> SR, the sampler holding the networks). ``identity``: the model's name, version and
+    """``cxr_sr``: LR -> vae_encoder -> sampler -> vae_decoder -> SR (``sampler_only``: LR ->
+    sampler -> SR, the sampler holding the networks or calling them: the fused and chain
+    layouts). ``identity``: the model's name, version and
     weights hash as config parameters (``cxr_sr.client.triton.ModelIdentity.parameters``),
     for clients to read."""
     enc, dec = specs["vae_encoder"], specs["vae_decoder"]
@@ -292,7 +319,7 @@ def ensemble_config(
         (SAMPLER, {"z_lr": "z_lr"}, {"z": "z"}),
         (dec.name, {"z": "z", "LR": "LR"}, {"SR": "SR"}),
     ]
-    if fused:
+    if sampler_only:
         steps = [(SAMPLER, {"LR": "LR"}, {"SR": "SR"})]
     for model, inputs, outputs in steps:
         step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)

@@ -174,12 +174,13 @@ def test_sampling_loop_stops_when_its_grpc_client_is_gone(server):
     steps of an ensemble, so this calls ``sampler`` itself."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     config = client.get_model_config("sampler", as_json=True)["config"]
-    channels = int(config["input"][0]["dims"][0])
-    z_lr = np.zeros((1, channels, 64, 64), np.float32)
+    # the chain layout's sampler takes the LR, the models layout's the LR's latent
+    name, channels = config["input"][0]["name"], int(config["input"][0]["dims"][0])
+    x = np.full((1, channels, 64, 64), 0.5, np.float32)
 
     def timed(steps: int) -> float:
         t0 = time.monotonic()
-        client.infer("sampler", [_input(z_lr, "z_lr")], parameters={"steps": steps})
+        client.infer("sampler", [_input(x, name)], parameters={"steps": steps})
         return time.monotonic() - t0
 
     # a step's time is the difference of two calls (warm; the fastest of three each: a stall
@@ -194,7 +195,7 @@ def test_sampling_loop_stops_when_its_grpc_client_is_gone(server):
     with pytest.raises(InferenceServerException, match="Deadline"):
         client.infer(
             "sampler",
-            [_input(z_lr, "z_lr")],
+            [_input(x, name)],
             parameters={"steps": 50},
             client_timeout=max(0.2, fixed + 8 * per_step),
         )

@@ -32,7 +32,14 @@ itself (``builders.graphs.TorchStage``, from ``checkpoint/`` next to this file):
 output ``SR``, and ``cxr_sr`` has this model as its only step, so a request crosses one
 process boundary instead of five plus two per step. On CUDA the networks may replay as CUDA
 graphs (``cuda_graphs`` "true"). The LR is checked here as ``vae_encoder`` checks it
-(``input_ranges``, ``input_sides``, ``max_request_pixels``).
+(``input_ranges``, ``input_sides``, ``max_request_pixels``). ``chain`` (the cpu target's
+default, ``builders.build --cpu-layout``) takes ``LR`` to ``SR`` too, with the same checks,
+and calls ``vae_encoder``, ``unet`` (per step) and ``vae_decoder`` through BLS (config
+parameter ``chain_models``: each model's input and output names): the dynamic batch forms
+once, here, and goes through the three networks whole, one after the other. In the
+``models`` layout each network's batcher forms its own batches and waits for them (the
+batching delay, three times per request), and when a batch splits, two requests' stages run
+at once and their thread pools contend for the same cores.
 
 Requests with the same options and latent size are sampled in one loop, so the UNet sees the
 whole dynamic batch each step (Triton only batches requests of equal shapes anyway). Every
@@ -60,7 +67,7 @@ from cxr_sr.serving import (
 )
 
 
-class UNetError(RuntimeError):
+class StageError(RuntimeError):
     pass
 
 
@@ -92,10 +99,18 @@ class TritonPythonModel:
             params.get("loop_device", "numpy"), args.get("model_instance_device_id")
         )
         noise_threads()  # a bad CXR_NOISE_THREADS fails the load, not every request
-        self.fused = params.get("layout", "models") == "fused"
+        layout = params.get("layout", "models")
+        if layout not in ("models", "chain", "fused"):
+            raise ValueError(f"layout must be models, chain or fused, got {layout!r}")
+        self.fused = layout == "fused"
+        self.chain = json.loads(params["chain_models"]) if layout == "chain" else None
+        self.takes_lr = layout != "models"  # LR -> SR, checked here as vae_encoder checks it
+        if self.takes_lr:
+            self.checks = InputChecks.from_parameters(params)
+            self.lr_multiple = int(params.get("lr_multiple", "1"))
         if self.fused:
             self._load_networks(here, params)
-        self.input_name, self.result_name = ("LR", "SR") if self.fused else ("z_lr", "z")
+        self.input_name, self.result_name = ("LR", "SR") if self.takes_lr else ("z_lr", "z")
         # what the host-memory warning calls the tensors the loop receives
         self.labels = (f"input {self.input_name}", f"{self.unet} output {self.out_name}")
 
@@ -119,8 +134,6 @@ class TritonPythonModel:
             stage = graphs.TorchStage(ckpt.vae, ckpt.denoiser, name, device, half)
             self.networks[name] = graphs.GraphedStage(stage) if graphed else stage
         self.graphs = graphs
-        self.checks = InputChecks.from_parameters(params)
-        self.lr_multiple = int(params.get("lr_multiple", "1"))
         self.stage_pixels = json.loads(params.get("stage_batch_pixels", "{}"))
         warm_side = int(params.get("warmup_side", "0"))
         if on_gpu and warm_side:
@@ -177,8 +190,17 @@ class TritonPythonModel:
         lr_h, lr_w = h * self.vae_factor // SCALE, w * self.vae_factor // SCALE
         return self._pixel_problem(n, lr_h, lr_w)
 
+    def _stage(self, name, *inputs):
+        """``vae_encoder`` or ``vae_decoder`` over a group: in this process (fused) or
+        through BLS (chain)."""
+        if self.fused:
+            return self._local(name, *inputs)
+        names, output = self.chain[name]
+        return self._call(name, dict(zip(names, inputs, strict=True)), output, None)
+
     def _check_lr(self, lr):
-        """``layout`` fused: None, or why this LR is refused (what ``vae_encoder`` checks)."""
+        """``layout`` fused or chain: None, or why this LR is refused (what ``vae_encoder``
+        checks)."""
         problem = self.checks.problem({"LR": lr}, _numpy)
         if problem:
             return problem
@@ -202,25 +224,29 @@ class TritonPythonModel:
         and ``max_batch_pixels`` latent pixels (one image at the largest sizes)."""
         if self.fused:
             return self._local("unet", x_t, t.reshape(-1, 1), z_lr)
+        inputs = {self.x_name: x_t, self.t_name: t.reshape(-1, 1), self.cond_name: z_lr}
+        return self._call(self.unet, inputs, self.out_name, self.max_pixels, self.labels[1])
+
+    def _call(self, model, inputs, output, max_pixels, label=None):
+        """``model`` through BLS over a batch ``inputs`` (name -> array, equal rows), in
+        requests of at most this model's max batch and ``max_pixels`` pixels per request
+        (None: the callee splits by its own budget); returns ``output`` for all rows."""
         outs = []
-        pixels = int(np.prod(x_t.shape[2:]))
+        first = next(iter(inputs.values()))
+        pixels = int(np.prod(first.shape[2:]))
         a = self.arrays
-        for s in row_chunks(len(x_t), pixels, self.max_pixels, self.max_batch):
+        for s in row_chunks(len(first), pixels, max_pixels, self.max_batch):
             request = pb_utils.InferenceRequest(
-                model_name=self.unet,
-                requested_output_names=[self.out_name],
-                inputs=[
-                    a.tensor(self.x_name, x_t[s]),
-                    a.tensor(self.t_name, t[s].reshape(-1, 1)),
-                    a.tensor(self.cond_name, z_lr[s]),
-                ],
+                model_name=model,
+                requested_output_names=[output],
+                inputs=[a.tensor(name, x[s]) for name, x in inputs.items()],
                 **a.request_memory,
             )
             response = request.exec()
             if response.has_error():
-                raise UNetError(f"unet failed: {response.error().message()}")
-            output = pb_utils.get_output_tensor_by_name(response, self.out_name)
-            outs.append(a.array(output, self.labels[1]))
+                raise StageError(f"{model} failed: {response.error().message()}")
+            tensor = pb_utils.get_output_tensor_by_name(response, output)
+            outs.append(a.array(tensor, label or f"{model} output {output}"))
         return a.cat(outs)
 
     def execute(self, requests):
@@ -243,7 +269,7 @@ class TritonPythonModel:
                     max_steps=self.max_steps,
                 )
                 origin = latent_origin(origin, self.vae_factor)
-                if self.fused:
+                if self.takes_lr:
                     problem = self._check_lr(x)
                 else:
                     problem = self._check_latent(x) or self._check_pixels(x)
@@ -273,9 +299,9 @@ class TritonPythonModel:
                 return self._denoise(x_t, t, z)
 
             try:
-                z_lr = self._local("vae_encoder", x) if self.fused else x
+                z_lr = self._stage("vae_encoder", x) if self.takes_lr else x
                 z = sample(denoise, z_lr, self.schedule, options, keys)
-                out = self._local("vae_decoder", z, x) if self.fused else z
+                out = self._stage("vae_decoder", z, x) if self.takes_lr else z
             except CancelledError as err:
                 for i, _, _ in items:
                     responses[i] = _error(str(err), pb_utils.TritonError.CANCELLED)
