@@ -269,6 +269,20 @@ class PerfResult:
     lr_side: int | None = None
     models: dict[str, dict[str, float]] | None = None
     request_count: int | None = None  # fixed-count measurement: the requests in its window
+    model: str | None = None  # the load-tested model (the one ``models`` are counted against)
+
+    @property
+    def queue_ms(self) -> float | None:
+        """ms a request of the load-tested model waited in the queues of the models it went
+        through, from the server's statistics (``models``): each other model's queue time
+        over the level, per request of this one. perf_analyzer's own figure for an ensemble is
+        the ensemble's queue, which is always ~0 (``server_queue_ms``); None without
+        statistics."""
+        if not self.models or self.model not in self.models:
+            return None
+        others = (m for name, m in self.models.items() if name != self.model)
+        waited = sum(m["queue_ms"] * m["requests"] for m in others)
+        return waited / self.models[self.model]["requests"]
 
     @property
     def output_mp_per_s(self) -> float | None:
@@ -438,6 +452,7 @@ def run_level(
         result = PerfResult.from_row(row, failed=failed, stable=not fell_back, returncode=0)
         result.request_count = attempt.request_count or None
     result.models = activity
+    result.model = model
     return result, log
 
 
@@ -571,7 +586,7 @@ def result_rows(results: Sequence[PerfResult]) -> list[list[Any]]:
             r.p50_ms,
             r.p95_ms,
             r.p99_ms,
-            r.server_queue_ms,
+            r.server_queue_ms if r.queue_ms is None else r.queue_ms,
             r.server_compute_ms,
             r.failed_requests,
             "yes" if r.stable else "no",
@@ -590,6 +605,7 @@ CSV_FIELDS = (
     "p95_ms",
     "p99_ms",
     "server_queue_ms",
+    "queue_ms",
     "server_compute_ms",
     "failed_requests",
     "stable",
@@ -607,6 +623,7 @@ def write_csv(path: str | Path, results: Sequence[PerfResult]) -> Path:
         writer.writeheader()
         for r in results:
             row = {**asdict(r), "output_mp_per_s": r.output_mp_per_s, "lr_side": r.lr_side or 64}
+            row["queue_ms"] = r.queue_ms
             writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_FIELDS})
     return path
 

@@ -8,11 +8,13 @@ import pytest
 
 from benchmarks.perf import (
     CSV_FIELDS,
+    HEADERS,
     PerfResult,
     _failed,
     _summary,
     model_activity,
     plot,
+    result_rows,
     write_csv,
 )
 
@@ -92,3 +94,10 @@ def test_model_activity_is_the_difference_of_two_snapshots():
     result = _result(64, 64, 100.0, 300.0)
     result.models = activity
     assert "mean batch: sampler 32.0, cxr_sr 1.0" in _summary(result)
+    # the queue a cxr_sr request saw: the sampler's, not perf_analyzer's ensemble figure
+    assert result.queue_ms is None  # which model was load-tested is not known
+    result.model = "cxr_sr"
+    assert result.queue_ms == pytest.approx(10.0)
+    activity["vae_encoder"] = {**activity["cxr_sr"], "queue_ms": 2.0}  # 64 requests, 2 ms
+    assert result.queue_ms == pytest.approx(12.0)
+    assert result_rows([result])[0][HEADERS.index("queue ms")] == pytest.approx(12.0)
