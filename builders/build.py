@@ -249,7 +249,7 @@ def assemble(
     torch_layout: str = "models",
     cuda_graphs: bool = False,
     queue_delay_us: int | None = None,
-    cpu_layout: str = "chain",
+    cpu_layout: str = "models",
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
     checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used;
@@ -441,12 +441,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--cpu-layout",
         choices=CPU_LAYOUTS,
-        default="chain",
-        help="--target cpu: chain = the sampler takes the client's LR and calls vae_encoder, "
-        "unet (per step) and vae_decoder through BLS, so a batch forms once and goes through "
-        "the networks whole, one after the other; models = the cxr_sr ensemble chains "
-        "vae_encoder, the sampler and vae_decoder, each batching (and waiting "
-        "--queue-delay-us) on its own (README, Served vs in-process; default: %(default)s)",
+        default="models",
+        help="--target cpu: models = the cxr_sr ensemble chains vae_encoder, the sampler and "
+        "vae_decoder, each batching (and waiting --queue-delay-us) on its own; chain = the "
+        "sampler takes the client's LR and calls vae_encoder, unet (per step) and vae_decoder "
+        "through BLS, so a batch forms once and a lone request waits once (lower batch-1 "
+        "latency), but under sustained load some requests stalled ~0.5 s (README, Served vs "
+        "in-process; default: %(default)s)",
     )
     p.add_argument(
         "--torch-layout",
@@ -602,7 +603,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: --cpu-lanes: {err}", file=sys.stderr)
         return 2
-    if args.cpu_layout != "chain" and args.target != "cpu":
+    if args.cpu_layout != "models" and args.target != "cpu":
         print("error: --cpu-layout is for --target cpu", file=sys.stderr)
         return 2
     if args.torch_layout != "models" and args.target != "torch":

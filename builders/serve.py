@@ -59,13 +59,6 @@ EXIT_TIMEOUT_S = 5  # tritonserver --exit-timeout-secs (its default is 30)
 # had carried an LR 256 image (+18-36 MiB in `make soak`, 4 MiB per SR output); with 0 each
 # state is freed with its request (+0.1-1.7%, same throughput: README, "Soak")
 GRPC_STATE_POOL = 0
-# the Python backend's shared-memory region per stub process at start (its default: 1 MiB,
-# grown 1 MiB at a time). The cpu target's chain sampler moves every SR through its region
-# (1 MiB per batch of four LR 64 images); with the 1 MiB start a request stalled now and then
-# for ~0.5 s (perf_analyzer at 4 clients: p99 0.6-0.85 s in about half the 4 s windows, 0.34-0.40
-# s in 6 of 6 with 16 or 64 MiB). Pages are only used as tensors need them; /dev/shm must hold
-# the regions (Docker: docker-compose.yml sets shm_size, Kubernetes mounts a memory volume)
-PYTHON_SHM_MIB = 16
 KILL_GRACE_S = 3.0  # after the exit timeout, before SIGKILL of the process group
 MMAP_THRESHOLD = 1 << 20  # bytes: glibc malloc serves larger blocks with mmap (see below)
 # jemalloc for tritonserver and its stubs where it is installed (Debian's libjemalloc2), with
@@ -259,7 +252,6 @@ class TritonServer:
         exit_timeout_s: int = EXIT_TIMEOUT_S,
         binary: str | Path | None = None,
         grpc_state_pool: int = GRPC_STATE_POOL,
-        python_shm_mib: int = PYTHON_SHM_MIB,
     ):
         self.repository = Path(repository).resolve()
         if not (self.repository / "cxr_sr" / "config.pbtxt").is_file():
@@ -288,9 +280,6 @@ class TritonServer:
         if grpc_state_pool < 0:
             raise ValueError(f"grpc_state_pool must be >= 0, got {grpc_state_pool}")
         self.grpc_state_pool = int(grpc_state_pool)
-        if python_shm_mib < 1:
-            raise ValueError(f"python_shm_mib must be >= 1, got {python_shm_mib}")
-        self.python_shm_mib = int(python_shm_mib)
         self.binary = Path(binary) if binary else None
         self.process: subprocess.Popen | None = None
         # Python stubs per model when the server became ready (:func:`stub_census`)
@@ -338,7 +327,6 @@ class TritonServer:
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--grpc-infer-allocation-pool-size={self.grpc_state_pool}",
-            f"--backend-config=python,shm-default-byte-size={self.python_shm_mib * 2**20}",
             f"--log-verbose={self.log_verbose}",
         ]
         if self._admin_key:
@@ -691,15 +679,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "image sizes, at an allocation per request (default: %(default)s)",
     )
     p.add_argument(
-        "--python-shm-mib",
-        type=int,
-        default=PYTHON_SHM_MIB,
-        help="shared memory each Python-backend stub maps at start, MiB (the backend's own "
-        "default is 1, grown 1 MiB at a time; on the cpu target a request then stalled now "
-        "and then for ~0.5 s under load). /dev/shm must hold one region per stub "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
         "--probe-interval",
         type=float,
         default=10.0,
@@ -765,7 +744,6 @@ def server_from_args(args: argparse.Namespace) -> TritonServer:
         grpc_tls=tls,
         exit_timeout_s=args.exit_timeout_secs,
         grpc_state_pool=args.grpc_state_pool,
-        python_shm_mib=args.python_shm_mib,
         binary=args.tritonserver,
         extra_args=args.tritonserver_args,
     )

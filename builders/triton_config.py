@@ -34,7 +34,7 @@ TORCH_IO = ("dlpack", "host")
 TORCH_LAYOUTS = ("models", "fused")
 # the cpu target's layouts: chain = the sampler takes LR and calls all three networks through
 # BLS (one batching point); models = the ensemble chains encoder, sampler and decoder
-CPU_LAYOUTS = ("chain", "models")
+CPU_LAYOUTS = ("models", "chain")
 CHAINED = ("vae_encoder", "vae_decoder")  # what a chain sampler calls besides unet
 
 
@@ -96,7 +96,7 @@ QUEUE_DELAY_US = 2000
 CPU_CHAIN_QUEUE_DELAY_US = 1000
 
 
-def default_queue_delay_us(target: str, cpu_layout: str = "chain") -> int:
+def default_queue_delay_us(target: str, cpu_layout: str = "models") -> int:
     """The batching delay a build uses when none is given."""
     chain = target == "cpu" and cpu_layout == "chain"
     return CPU_CHAIN_QUEUE_DELAY_US if chain else QUEUE_DELAY_US

@@ -1,6 +1,6 @@
-"""The cpu target's two layouts: ``chain`` (default: the sampler takes LR and calls the three
-networks through BLS, one batching point) and ``models`` (the ensemble chains vae_encoder,
-sampler and vae_decoder, each batching on its own). Same graphs, same SR."""
+"""The cpu target's two layouts: ``models`` (default: the ensemble chains vae_encoder, sampler
+and vae_decoder, each batching on its own) and ``chain`` (``--cpu-layout chain``: the sampler
+takes LR and calls the three networks through BLS, one batching point). Same graphs, same SR."""
 
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def models_repository(checkpoint, built_repository, tmp_path_factory):
-    """The shared repository's graphs (conftest.py) in the models layout."""
+def chain_repository(checkpoint, built_repository, tmp_path_factory):
+    """The shared repository's graphs (conftest.py) in the chain layout."""
     _, onnx_dir = built_repository
-    out = tmp_path_factory.mktemp("models") / "repo"
+    out = tmp_path_factory.mktemp("chain") / "repo"
     args = ["--checkpoint", str(checkpoint), "--onnx-dir", str(onnx_dir), "--out", str(out)]
-    args += ["--max-batch", "4", "--max-side", "128", "--cpu-layout", "models"]
+    args += ["--max-batch", "4", "--max-side", "128", "--cpu-layout", "chain"]
     assert build.main(args) == 0
     return out
 
@@ -44,10 +44,10 @@ def _delays(repo):
     }
 
 
-def test_chain_is_the_default_and_batches_once(built_repository):
+def test_chain_layout_batches_once(chain_repository):
     """The sampler takes LR to SR with the encoder's checks and names the models it calls;
     cxr_sr has it as its only step; only the sampler waits for a batch to form."""
-    repo, _ = built_repository
+    repo = chain_repository
     ens = read_config(repo / "cxr_sr" / "config.pbtxt")
     assert [s.model_name for s in ens.ensemble_scheduling.step] == ["sampler"]
     sampler = read_config(repo / "sampler" / "config.pbtxt")
@@ -70,7 +70,8 @@ def test_chain_is_the_default_and_batches_once(built_repository):
     }
 
 
-def test_models_layout_batches_at_every_stage(models_repository):
+def test_models_layout_is_the_default_and_batches_at_every_stage(built_repository):
+    models_repository, _ = built_repository
     ens = read_config(models_repository / "cxr_sr" / "config.pbtxt")
     steps = [s.model_name for s in ens.ensemble_scheduling.step]
     assert steps == ["vae_encoder", "sampler", "vae_decoder"]
@@ -83,7 +84,7 @@ def test_models_layout_batches_at_every_stage(models_repository):
 
 def test_layout_flags_are_checked(checkpoint, tmp_path, capsys):
     base = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "r"), "--max-side", "128"]
-    assert build.main([*base, "--target", "torch", "--cpu-layout", "models"]) == 2
+    assert build.main([*base, "--target", "torch", "--cpu-layout", "chain"]) == 2
     assert "--cpu-layout is for --target cpu" in capsys.readouterr().err
     specs = network_specs(4, max_batch=4)
     with pytest.raises(ValueError, match="not both"):
@@ -94,7 +95,7 @@ def test_layout_flags_are_checked(checkpoint, tmp_path, capsys):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_chain_serves_what_the_models_layout_serves(server, models_repository):
+def test_chain_serves_what_the_models_layout_serves(server, chain_repository):
     """Same requests, same seeds, both layouts: the same SR to float rounding, for a batch of
     3 at an odd size and for requests sent at once (batched by the sampler, not by three
     batchers); a bad LR among them gets its own 400 from the chain sampler and the rest are
@@ -129,15 +130,15 @@ def test_chain_serves_what_the_models_layout_serves(server, models_repository):
         return out
 
     with SRClient(server.http_url) as c:
-        chain = c.super_resolve(lr, steps=STEPS, seed=5)
-    chain_once = at_once(server.http_url)
+        models = c.super_resolve(lr, steps=STEPS, seed=5)
+    models_once = at_once(server.http_url)
+    assert isinstance(models_once[-1], InferenceServerException)
+    log = chain_repository.parent / "triton.log"
+    with TritonServer(chain_repository, log_file=log) as chain, SRClient(chain.http_url) as c:
+        np.testing.assert_allclose(c.super_resolve(lr, steps=STEPS, seed=5), models, atol=1e-6)
+        chain_once = at_once(chain.http_url)
     error = chain_once[-1]
     assert isinstance(error, InferenceServerException) and error.status() == "400"
     assert "intensities" in error.message()
-    log = models_repository.parent / "triton.log"
-    with TritonServer(models_repository, log_file=log) as models, SRClient(models.http_url) as c:
-        np.testing.assert_allclose(c.super_resolve(lr, steps=STEPS, seed=5), chain, atol=1e-6)
-        models_once = at_once(models.http_url)
     for a, b in zip(chain_once[:-1], models_once[:-1], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    assert isinstance(models_once[-1], InferenceServerException)

@@ -203,14 +203,3 @@ def test_grpc_over_tls(built_repository, tmp_path):
         plain = grpcclient.InferenceServerClient(server.grpc_url)
         with pytest.raises(InferenceServerException):
             plain.is_server_live(client_timeout=5)
-
-
-def test_command_starts_python_stubs_with_a_16_mib_region(fake_repository):
-    """The Python backend's shared-memory region per stub starts at 16 MiB, not 1 (growing
-    it under load stalled requests), through the wrapper's flag too."""
-    flag = "--backend-config=python,shm-default-byte-size"
-    assert f"{flag}={16 * 2**20}" in TritonServer(fake_repository).command(Path("/b"))
-    args = serve.parse_args(["--repository", str(fake_repository), "--python-shm-mib", "64"])
-    assert f"{flag}={64 * 2**20}" in serve.server_from_args(args).command(Path("/b"))
-    with pytest.raises(ValueError, match="python_shm_mib"):
-        TritonServer(fake_repository, python_shm_mib=0)

@@ -32,8 +32,8 @@ itself (``builders.graphs.TorchStage``, from ``checkpoint/`` next to this file):
 output ``SR``, and ``cxr_sr`` has this model as its only step, so a request crosses one
 process boundary instead of five plus two per step. On CUDA the networks may replay as CUDA
 graphs (``cuda_graphs`` "true"). The LR is checked here as ``vae_encoder`` checks it
-(``input_ranges``, ``input_sides``, ``max_request_pixels``). ``chain`` (the cpu target's
-default, ``builders.build --cpu-layout``) takes ``LR`` to ``SR`` too, with the same checks,
+(``input_ranges``, ``input_sides``, ``max_request_pixels``). ``chain`` (opt-in on the cpu target,
+``builders.build --cpu-layout chain``) takes ``LR`` to ``SR`` too, with the same checks,
 and calls ``vae_encoder``, ``unet`` (per step) and ``vae_decoder`` through BLS (config
 parameter ``chain_models``: each model's input and output names): the dynamic batch forms
 once, here, and goes through the three networks whole, one after the other. In the
