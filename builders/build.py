@@ -299,8 +299,8 @@ def assemble(
             specs[name],
             target,
             instances=instances,
-            # chain: the sampler is these models' only caller and sends whole batches
-            queue_delay_us=0 if chain else queue_delay_us,
+            queue_delay_us=queue_delay_us,
+            chained=chain,
             limits=limits,
             torch_device=torch_device,
             precision=precision,
@@ -590,9 +590,7 @@ def main(argv=None) -> int:
     if args.calibration_images and not args.int8_unet:
         print("error: --calibration-images needs --int8-unet", file=sys.stderr)
         return 2
-    if args.queue_delay_us is None:
-        args.queue_delay_us = default_queue_delay_us(args.target, args.cpu_layout)
-    if not 0 <= args.queue_delay_us <= 1_000_000:
+    if args.queue_delay_us is not None and not 0 <= args.queue_delay_us <= 1_000_000:
         print(
             f"error: --queue-delay-us must be in [0, 1000000], got {args.queue_delay_us}",
             file=sys.stderr,

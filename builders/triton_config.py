@@ -139,18 +139,21 @@ def network_config(
     torch_io: str = "dlpack",
     ort_arena: bool = True,
     cpu_lanes: str = "auto",
+    chained: bool = False,
 ) -> mc.ModelConfig:
     """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;
     Python+PyTorch on ``torch`` (``torch_device`` cuda: KIND_GPU instances, one per GPU id
     Triton assigns; auto or cpu: KIND_CPU instances that pick their device themselves).
     ``queue_delay_us``: the batcher's wait for the models clients' requests reach; the UNet's
-    is always 0 (its batches come whole from the sampler)."""
+    is always 0 (its batches come whole from the sampler), and so is every network's when
+    ``chained`` (the cpu target's chain layout: the sampler calls them all)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     config = mc.ModelConfig(name=spec.name)
     config.input.extend(_io(mc.ModelInput, spec.inputs))
     config.output.extend(_io(mc.ModelOutput, spec.outputs))
-    _batching(config, spec.max_batch, 0 if spec.name == "unet" else queue_delay_us, limits)
+    from_sampler = chained or spec.name == "unet"  # whole batches, nothing to wait for
+    _batching(config, spec.max_batch, 0 if from_sampler else queue_delay_us, limits)
     group = config.instance_group.add()
     group.count = instances
     params = dict(parameters or {})

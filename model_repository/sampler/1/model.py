@@ -349,9 +349,7 @@ class _Arrays:
         """A Triton tensor as this loop's array, on the loop's device, owned by the loop
         (``name``: which input or output it is, for the host-memory warning)."""
         if self.torch is None:
-            # a copy, not a view of the request's or a BLS response's shared memory: what the
-            # loop keeps (in the chain layout, the decoder's SR) outlives neither
-            return np.array(tensor.as_numpy())
+            return tensor.as_numpy()
         if tensor.is_cpu() and self.device.type == "cuda":
             self.host_copies[name] = self.host_copies.get(name, 0) + 1
             if self.host_copies[name] == 1:
