@@ -105,6 +105,30 @@ def test_client_does_not_import_heavy_packages() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_sr_client_import_leaves_the_study_stack_unloaded() -> None:
+    """`from cxr_sr.client import SRClient` loads no DICOM-network or DICOM-writing library;
+    every exported name still resolves on first use, and an unknown one is an AttributeError."""
+    code = (
+        "import sys\n"
+        "from cxr_sr.client import SRClient\n"
+        "study = ('highdicom', 'pynetdicom', 'dicomweb_client')\n"
+        "bad = [m for m in study if m in sys.modules]\n"
+        "assert not bad, f'imported {bad}'\n"
+        "import cxr_sr.client as c\n"
+        "missing = [n for n in c.__all__ if getattr(c, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert 'highdicom' in sys.modules\n"
+        "assert set(dir(c)) >= set(c.__all__)\n"
+        "try:\n"
+        "    c.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no AttributeError')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 # --- server unreachable -----------------------------------------------------------------
 
 
