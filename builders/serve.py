@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import importlib.util
 import ipaddress
 import os
 import re
@@ -110,11 +111,12 @@ def load_failures(log: str) -> dict[str, str]:
 
 
 def pytriton_root() -> Path:
-    try:
-        import pytriton
-    except ImportError:
-        raise RuntimeError("nvidia-pytriton is not installed: pip install -e '.[serve]'") from None
-    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+    """The ``tritonserver`` folder inside the nvidia-pytriton wheel, found without importing
+    pytriton (its ``__init__`` loads pytriton's own client stack: pyzmq, sh, ...)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed: pip install -e '.[serve]'")
+    return Path(next(iter(spec.submodule_search_locations))).resolve() / "tritonserver"
 
 
 def _die_with_parent() -> None:
