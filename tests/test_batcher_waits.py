@@ -1,0 +1,119 @@
+"""benchmarks.batcher_waits: reading Triton's trace file, batches, idle waits; and a real
+traced load against the tiny repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.batcher_waits import analyse, idle_ns, main, model_batches, read_trace
+
+MS = 1_000_000
+
+
+def _request(trace_id: int, model: str, queue: float, start: float, end: float) -> list[dict]:
+    """One request's entries as Triton writes them: the model, then one entry per stamp."""
+    stamps = {"REQUEST_START": queue, "QUEUE_START": queue, "COMPUTE_START": start,
+              "COMPUTE_END": end, "REQUEST_END": end}  # fmt: skip
+    return [{"id": trace_id, "model_name": model, "model_version": 1, "parent_id": 0}] + [
+        {"id": trace_id, "timestamps": [{"name": name, "ns": int(ms * MS)}]}
+        for name, ms in stamps.items()
+    ]
+
+
+def _write(path: Path, requests: list[tuple[str, float, float, float]]) -> Path:
+    entries = []
+    for i, (model, queue, start, end) in enumerate(requests, start=1):
+        entries += _request(i, model, queue, start, end)
+    path.write_text(json.dumps(entries))
+    return path
+
+
+# a sampler batch of 2 runs 0-200 ms; a request queued at 150 ms (while it ran) starts at
+# 700 ms: 500 ms of its wait with the sampler idle. A request queued at 800 ms starts at
+# 801 ms. The encoder's one request waited 1 ms.
+TRACE = [
+    ("sampler", 0.0, 0.5, 200.0),
+    ("sampler", 0.2, 0.5, 200.0),
+    ("sampler", 150.0, 700.0, 800.0),
+    ("sampler", 800.0, 801.0, 900.0),
+    ("vae_encoder", 10.0, 11.0, 20.0),
+]
+
+
+def test_trace_entries_become_spans_and_batches(tmp_path):
+    spans = read_trace(_write(tmp_path / "trace.json", TRACE))
+    assert len(spans) == 5
+    assert {s.model for s in spans.values()} == {"sampler", "vae_encoder"}
+    batches = model_batches(spans, "sampler")
+    assert [len(b.queued) for b in batches] == [2, 1, 1]
+    assert batches[0].start == int(0.5 * MS) and batches[0].end == 200 * MS
+
+
+def test_idle_time_excludes_the_busy_intervals():
+    busy = [(0, 200), (700, 800)]
+    assert idle_ns(150, 700, busy) == 500
+    assert idle_ns(0, 200, busy) == 0
+    assert idle_ns(100, 900, busy) == 500 + 100
+    assert idle_ns(300, 400, busy) == 100
+    assert idle_ns(300, 400, []) == 100
+
+
+def test_a_request_left_queued_at_an_idle_model_is_reported(tmp_path):
+    report = analyse(read_trace(_write(tmp_path / "trace.json", TRACE)), min_idle_ms=50)
+    sampler = report["sampler"]
+    assert sampler["batches"] == 3 and sampler["requests"] == 4
+    assert sampler["queue_ms"]["max"] == pytest.approx(550.0)
+    [wait] = sampler["idle_waits"]
+    assert wait["idle_ms"] == pytest.approx(500.0) and wait["queued_ms"] == pytest.approx(550.0)
+    assert wait["batch"] == 1 and wait["at_ms"] == pytest.approx(150.0)
+    assert report["vae_encoder"]["idle_waits"] == []
+    # a threshold above the wait reports nothing
+    assert (
+        analyse(read_trace(tmp_path / "trace.json"), min_idle_ms=600)["sampler"]["idle_waits"] == []
+    )
+
+
+def test_main_reads_a_trace_and_writes_the_report(tmp_path, capsys):
+    trace = _write(tmp_path / "trace.json", TRACE)
+    out = tmp_path / "waits.json"
+    assert main(["--trace", str(trace), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "sampler: batch of 1" in printed and "500.0 ms of it with sampler idle" in printed
+    payload = json.loads(out.read_text())
+    assert payload["models"]["sampler"]["idle_waits"][0]["idle_ms"] == pytest.approx(500.0)
+    assert payload["perf"] == []
+
+
+def test_a_file_that_is_not_a_trace_is_an_error(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"not": "a trace"}))
+    assert main(["--trace", str(bad), "--out", str(tmp_path / "x.json")]) == 1
+    assert "not a Triton trace file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--trace", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.integration
+def test_a_traced_load_on_a_real_server(built_repository, tmp_path):
+    """Triton writes the trace; every client request passes each step of the ensemble once
+    (the UNet, which the sampler calls through BLS, is traced only where a caller passes its
+    request's trace on, which the sampler does not)."""
+    repo, _ = built_repository
+    out = tmp_path / "waits.json"
+    args = ["--repository", str(repo), "--concurrency", "2", "--windows", "1",
+            "--measurement-ms", "1000", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    payload = json.loads(out.read_text())
+    [window] = payload["perf"]
+    assert window["failed_requests"] == 0 and window["images_per_s"] > 0
+    models = payload["models"]
+    assert {"vae_encoder", "sampler", "vae_decoder"} <= set(models)
+    served = models["sampler"]["requests"]
+    assert served > 0
+    assert models["vae_encoder"]["requests"] == served == models["vae_decoder"]["requests"]
+    for model in ("vae_encoder", "sampler", "vae_decoder"):
+        r = models[model]
+        assert 1 <= r["mean_batch"] <= 4 and r["batches"] * r["mean_batch"] == pytest.approx(served)
