@@ -47,6 +47,7 @@ from cxr_sr.builders.triton_config import (
     ensemble_config,
     network_config,
     sampler_config,
+    step_queue_delay_us,
     write_config,
 )
 from cxr_sr.client.triton import ModelIdentity
@@ -267,6 +268,8 @@ def assemble(
     chain = target == "cpu" and cpu_layout == "chain"
     if queue_delay_us is None:
         queue_delay_us = default_queue_delay_us(target, cpu_layout)
+    # models layout: vae_encoder gets clients' requests, the sampler and vae_decoder a step's
+    step_delay_us = step_queue_delay_us(target, queue_delay_us)
     meta = json.loads((checkpoint / "cxr_sr.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     for stale in S.NETWORKS if fused else ():  # a rebuild into a models-layout folder
@@ -299,7 +302,7 @@ def assemble(
             specs[name],
             target,
             instances=instances,
-            queue_delay_us=queue_delay_us,
+            queue_delay_us=step_delay_us if name == "vae_decoder" else queue_delay_us,
             chained=chain,
             limits=limits,
             torch_device=torch_device,
@@ -328,7 +331,7 @@ def assemble(
     config = sampler_config(
         specs["unet"],
         instances=instances,
-        queue_delay_us=queue_delay_us,
+        queue_delay_us=queue_delay_us if fused or chain else step_delay_us,
         limits=limits,
         loop_device=loop,
         fused=specs if fused else None,
@@ -432,11 +435,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=None,
         help="how long a dynamic batcher that clients' requests reach holds a request to fill "
-        "a batch when fewer than half --max-batch are queued: the sampler's in the cpu "
-        "target's chain layout (default 1000), otherwise vae_encoder's, the sampler's and "
-        "vae_decoder's (default 2000); the models the sampler calls wait 0, its batches come "
-        "whole. A lone request waits this long at each such model: 0 for the lowest batch-1 "
-        "latency, more for fuller batches when clients send at once",
+        "a batch when fewer than half --max-batch are queued: vae_encoder's (default 2000), "
+        "or the sampler's where it takes the client's LR itself (the torch target's fused "
+        "layout, default 2000; the cpu target's chain layout, default 1000). In the models "
+        "layout the sampler and vae_decoder, fed "
+        "by the step before, wait as long on the GPU targets and at most 500 on the cpu "
+        "target; the models the sampler calls wait 0, its batches come whole. A lone request "
+        "waits at each batcher: 0 for the lowest batch-1 latency, more for fuller batches "
+        "when clients send at once",
     )
     p.add_argument(
         "--cpu-layout",
@@ -446,8 +452,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "vae_decoder, each batching (and waiting --queue-delay-us) on its own; chain = the "
         "sampler takes the client's LR and calls vae_encoder, unet (per step) and vae_decoder "
         "through BLS, so a batch forms once and a lone request waits once (lower batch-1 "
-        "latency), but under sustained load some requests stalled ~0.5 s (README, Served vs "
-        "in-process; default: %(default)s)",
+        "latency), but under sustained load some requests waited ~0.5 s in Triton's batcher "
+        "(README, Served vs in-process; default: %(default)s)",
     )
     p.add_argument(
         "--torch-layout",

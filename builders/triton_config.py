@@ -96,10 +96,25 @@ QUEUE_DELAY_US = 2000
 CPU_CHAIN_QUEUE_DELAY_US = 1000
 
 
+# the cpu target's models layout: the steps after vae_encoder (sampler, vae_decoder) get their
+# requests from the step before, a batch's requests within a fraction of a millisecond of each
+# other, so they wait 500 us, not the 2 ms clients' requests get at vae_encoder (README
+# "Served vs in-process": a lone LR 64 request 1.12-1.14x the in-process time instead of
+# 1.15-1.18 on a fast CPU; four clients' batches stayed whole at LR 64-256)
+CPU_STEP_QUEUE_DELAY_US = 500
+
+
 def default_queue_delay_us(target: str, cpu_layout: str = "models") -> int:
     """The batching delay a build uses when none is given."""
     chain = target == "cpu" and cpu_layout == "chain"
     return CPU_CHAIN_QUEUE_DELAY_US if chain else QUEUE_DELAY_US
+
+
+def step_queue_delay_us(target: str, queue_delay_us: int) -> int:
+    """The batching delay of the models an ensemble step feeds (the sampler and vae_decoder of
+    the models layout), given the delay where clients' requests arrive: at most
+    :data:`CPU_STEP_QUEUE_DELAY_US` on the cpu target, the same delay on the GPU targets."""
+    return min(queue_delay_us, CPU_STEP_QUEUE_DELAY_US) if target == "cpu" else queue_delay_us
 
 
 def _batching(

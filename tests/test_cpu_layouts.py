@@ -15,6 +15,7 @@ from cxr_sr.builders.serve import TritonServer
 from cxr_sr.builders.specs import NETWORKS, network_specs
 from cxr_sr.builders.triton_config import (
     CPU_CHAIN_QUEUE_DELAY_US,
+    CPU_STEP_QUEUE_DELAY_US,
     QUEUE_DELAY_US,
     read_config,
     sampler_config,
@@ -78,8 +79,25 @@ def test_models_layout_is_the_default_and_batches_at_every_stage(built_repositor
     sampler = read_config(models_repository / "sampler" / "config.pbtxt")
     assert [t.name for t in sampler.input] == ["z_lr"]
     assert "layout" not in sampler.parameters and "chain_models" not in sampler.parameters
-    delays = _delays(models_repository)
-    assert delays == {n: 0 if n == "unet" else QUEUE_DELAY_US for n in delays}
+    # clients' requests wait 2 ms at vae_encoder, its batch's 500 us at the steps after it
+    assert _delays(models_repository) == {
+        "vae_encoder": QUEUE_DELAY_US,
+        "unet": 0,
+        "sampler": CPU_STEP_QUEUE_DELAY_US,
+        "vae_decoder": CPU_STEP_QUEUE_DELAY_US,
+    }
+
+
+@pytest.mark.parametrize("given, step", [(300, 300), (5000, CPU_STEP_QUEUE_DELAY_US), (0, 0)])
+def test_steps_after_the_encoder_wait_at_most_the_step_delay(
+    checkpoint, built_repository, tmp_path, given, step
+):
+    _, onnx_dir = built_repository
+    out = tmp_path / "repo"
+    args = ["--checkpoint", str(checkpoint), "--onnx-dir", str(onnx_dir), "--out", str(out),
+            "--max-batch", "4", "--max-side", "128", "--queue-delay-us", str(given)]  # fmt: skip
+    assert build.main(args) == 0
+    assert _delays(out) == {"vae_encoder": given, "unet": 0, "sampler": step, "vae_decoder": step}
 
 
 def test_layout_flags_are_checked(checkpoint, tmp_path, capsys):
