@@ -11,7 +11,8 @@ against ``cxr_sr`` (``--windows`` windows at ``--concurrency``, real LR crops of
 ``--trace`` reads a trace file recorded elsewhere (``cxr-sr-serve ... -- --trace-config
 triton,file=trace.json --trace-config rate=1 --trace-config level=TIMESTAMPS``).
 
-For every model in the trace it reports the batches it executed (the requests that share a
+For every model in the trace (the sampler's BLS calls join their batch's first request's
+trace, so the UNet is there too) it reports the batches it executed (the requests that share a
 ``COMPUTE_START``), how long requests waited in its queue, and **idle waits**: queue time
 during which no batch of that model was executing. A dynamic batcher with a free instance
 dispatches within its ``max_queue_delay_microseconds``, so an idle wait far beyond that is a

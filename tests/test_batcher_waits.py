@@ -98,9 +98,9 @@ def test_a_file_that_is_not_a_trace_is_an_error(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_a_traced_load_on_a_real_server(built_repository, tmp_path):
-    """Triton writes the trace; every client request passes each step of the ensemble once
-    (the UNet, which the sampler calls through BLS, is traced only where a caller passes its
-    request's trace on, which the sampler does not)."""
+    """Triton writes the trace; every client request passes each step of the ensemble once,
+    and the sampler's BLS calls to the UNet join its requests' traces (one call per step
+    for each batch the sampler ran)."""
     repo, _ = built_repository
     out = tmp_path / "waits.json"
     args = ["--repository", str(repo), "--concurrency", "2", "--windows", "1",
@@ -110,10 +110,12 @@ def test_a_traced_load_on_a_real_server(built_repository, tmp_path):
     [window] = payload["perf"]
     assert window["failed_requests"] == 0 and window["images_per_s"] > 0
     models = payload["models"]
-    assert {"vae_encoder", "sampler", "vae_decoder"} <= set(models)
+    assert {"vae_encoder", "sampler", "unet", "vae_decoder"} <= set(models)
     served = models["sampler"]["requests"]
     assert served > 0
     assert models["vae_encoder"]["requests"] == served == models["vae_decoder"]["requests"]
     for model in ("vae_encoder", "sampler", "vae_decoder"):
         r = models[model]
         assert 1 <= r["mean_batch"] <= 4 and r["batches"] * r["mean_batch"] == pytest.approx(served)
+    # 1 step (the tiny checkpoint's default): one UNet request per sampler batch
+    assert models["unet"]["requests"] == models["sampler"]["batches"]

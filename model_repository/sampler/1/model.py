@@ -86,6 +86,7 @@ class TritonPythonModel:
         self.x_name, self.t_name, self.cond_name = params["unet_inputs"].split(",")
         self.out_name = params["unet_output"]
         self.max_batch = int(config["max_batch_size"])
+        self._trace = None  # the trace the current group's BLS calls join (execute)
         ignored = params.get("ignored_parameters", "").split(",")
         self.ignored = tuple(k.strip() for k in ignored if k.strip())
         self.vae_factor = int(params.get("vae_factor", "4"))
@@ -235,12 +236,14 @@ class TritonPythonModel:
         first = next(iter(inputs.values()))
         pixels = int(np.prod(first.shape[2:]))
         a = self.arrays
+        traced = {} if self._trace is None else {"trace": self._trace}
         for s in row_chunks(len(first), pixels, max_pixels, self.max_batch):
             request = pb_utils.InferenceRequest(
                 model_name=model,
                 requested_output_names=[output],
                 inputs=[a.tensor(name, x[s]) for name, x in inputs.items()],
                 **a.request_memory,
+                **traced,
             )
             response = request.exec()
             if response.has_error():
@@ -292,6 +295,9 @@ class TritonPythonModel:
                 self.noise_block,
             )
             clients = [requests[i] for i, _, _ in items]
+            # the BLS calls of this group join its first client's trace (Triton's request
+            # tracing then shows the UNet steps, and in the chain the VAE calls, under it)
+            self._trace = _trace_of(clients[0])
 
             def denoise(x_t, t, z, clients=clients):
                 if all(r.is_cancelled() for r in clients):  # asked before every step
@@ -387,6 +393,13 @@ class _Arrays:
         if len(parts) == 1:
             return parts[0]
         return np.concatenate(parts) if self.torch is None else self.torch.cat(parts)
+
+
+def _trace_of(request):
+    """The request's trace context, for the BLS requests it leads to (Python backend 24.04
+    and later; None where the backend has none)."""
+    trace = getattr(request, "trace", None)
+    return trace() if callable(trace) else None
 
 
 def _numpy(x):
