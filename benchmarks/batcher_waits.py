@@ -24,7 +24,8 @@ model that is still busy (the cpu target's ``chain`` layout, whose sampler answe
 clients itself), that timer shows as waits of ~500 ms.
 
 Writes ``outputs/batcher_waits.json`` (per model: counts, queue-time percentiles, each idle
-wait longer than ``--min-idle-ms`` with its time, queue time and batch size).
+wait longer than ``--min-idle-ms`` with its time, queue time and batch size) and where a
+client's request spends its time (median per step: queue and compute; the rest).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -116,6 +118,44 @@ def idle_ns(begin: int, end: int, busy: Sequence[tuple[int, int]]) -> int:
         if cursor >= end:
             return idle
     return idle + max(0, end - cursor)
+
+
+def request_breakdown(spans: Mapping[int, Span]) -> dict[str, Any] | None:
+    """Where a client's request spends its time, median over the traced requests of an
+    ensemble (a span whose steps name it as parent): per step, its queue and its compute time
+    (ms), and the rest (``other_ms``: handing tensors between steps, the ensemble, the
+    response) up to the request's end. Only clients' requests count (spans without a parent);
+    a step's own BLS calls are part of its compute; the last step's compute ends a little
+    after the ensemble answered (Triton sends the response first), so ``other_ms`` can be a
+    fraction of a millisecond below 0. None when the trace holds no ensemble request."""
+    steps: dict[int, list[Span]] = collections.defaultdict(list)
+    for span in spans.values():
+        if span.parent is not None and {"QUEUE_START", "COMPUTE_START", "COMPUTE_END"} <= set(
+            span.ns
+        ):
+            steps[span.parent].append(span)
+    parts: dict[str, list[float]] = collections.defaultdict(list)
+    for parent, children in steps.items():
+        top = spans.get(parent)
+        # clients' requests only (a sampler request is the parent of its BLS calls too)
+        if top is None or top.parent is not None:
+            continue
+        if not {"REQUEST_START", "REQUEST_END"} <= set(top.ns):
+            continue
+        total = (top.ns["REQUEST_END"] - top.ns["REQUEST_START"]) / 1e6
+        used = 0.0
+        for child in sorted(children, key=lambda c: c.ns["QUEUE_START"]):
+            queue = (child.ns["COMPUTE_START"] - child.ns["QUEUE_START"]) / 1e6
+            compute = (child.ns["COMPUTE_END"] - child.ns["COMPUTE_START"]) / 1e6
+            parts[f"{child.model} queue_ms"].append(queue)
+            parts[f"{child.model} compute_ms"].append(compute)
+            used += queue + compute
+        parts["total_ms"].append(total)
+        parts["other_ms"].append(total - used)
+    if not parts:
+        return None
+    medians = {k: round(float(np.median(v)), 2) for k, v in parts.items()}
+    return {"requests": len(parts["total_ms"]), **medians}
 
 
 def analyse(spans: Mapping[int, Span], min_idle_ms: float = 50.0) -> dict[str, dict[str, Any]]:
@@ -221,6 +261,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="LR side (default: %(default)s)")
     p.add_argument("--min-idle-ms", type=float, default=50.0,
                    help="report idle waits longer than this (default: %(default)s)")  # fmt: skip
+    p.add_argument("--keep-trace", type=Path, default=None,
+                   help="with --repository: also copy Triton's trace file here")  # fmt: skip
     p.add_argument("--verbose", action="store_true", help="print perf_analyzer's output")
     p.add_argument("--out", type=Path, default=Path("outputs/batcher_waits.json"),
                    help="JSON report (default: %(default)s)")  # fmt: skip
@@ -242,12 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if trace is None:
             trace = Path(tmp) / "trace.json"
             perf = traced_load(args, trace)
+            if args.keep_trace is not None and trace.is_file():
+                args.keep_trace.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(trace, args.keep_trace)
         try:
             spans = read_trace(trace)
         except (OSError, ValueError, KeyError) as err:
             print(f"error: cannot read the trace {trace}: {err}", file=sys.stderr)
             return 1
     report = analyse(spans, args.min_idle_ms)
+    breakdown = request_breakdown(spans)
     device, versions = device_info(), software_versions(args.triton)
     print(describe(device, versions))
     if perf:
@@ -259,6 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in r["idle_waits"]:
             print(f"  {model}: batch of {w['batch']} at {w['at_ms']} ms queued "
                   f"{w['queued_ms']} ms, {w['idle_ms']} ms of it with {model} idle")  # fmt: skip
+    if breakdown:
+        print(f"a request's time, median of {breakdown['requests']} (ms):")
+        print(table(["part", "ms"], [[k.removesuffix("_ms"), v] for k, v in breakdown.items()
+                                     if k != "requests"]))  # fmt: skip
     payload = {
         "benchmark": "batcher_waits",
         "source": str(args.trace) if args.trace else str(args.repository),
@@ -275,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": versions,
         "perf": perf,
         "models": report,
+        "request_breakdown": breakdown,
     }
     print(f"wrote {write_json(args.out, payload)}")
     return 0
