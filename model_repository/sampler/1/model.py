@@ -86,7 +86,6 @@ class TritonPythonModel:
         self.x_name, self.t_name, self.cond_name = params["unet_inputs"].split(",")
         self.out_name = params["unet_output"]
         self.max_batch = int(config["max_batch_size"])
-        self._trace = None  # the trace the current group's BLS calls join (execute)
         ignored = params.get("ignored_parameters", "").split(",")
         self.ignored = tuple(k.strip() for k in ignored if k.strip())
         self.vae_factor = int(params.get("vae_factor", "4"))
@@ -191,13 +190,13 @@ class TritonPythonModel:
         lr_h, lr_w = h * self.vae_factor // SCALE, w * self.vae_factor // SCALE
         return self._pixel_problem(n, lr_h, lr_w)
 
-    def _stage(self, name, *inputs):
+    def _stage(self, name, *inputs, trace=None):
         """``vae_encoder`` or ``vae_decoder`` over a group: in this process (fused) or
         through BLS (chain)."""
         if self.fused:
             return self._local(name, *inputs)
         names, output = self.chain[name]
-        return self._call(name, dict(zip(names, inputs, strict=True)), output, None)
+        return self._call(name, dict(zip(names, inputs, strict=True)), output, None, trace=trace)
 
     def _check_lr(self, lr):
         """``layout`` fused or chain: None, or why this LR is refused (what ``vae_encoder``
@@ -220,23 +219,26 @@ class TritonPythonModel:
             "request (max_request_pixels): send fewer or smaller images"
         )
 
-    def _denoise(self, x_t, t, z_lr):
+    def _denoise(self, x_t, t, z_lr, trace=None):
         """One UNet pass over the loop's batch, in requests of at most the UNet's max batch
         and ``max_batch_pixels`` latent pixels (one image at the largest sizes)."""
         if self.fused:
             return self._local("unet", x_t, t.reshape(-1, 1), z_lr)
         inputs = {self.x_name: x_t, self.t_name: t.reshape(-1, 1), self.cond_name: z_lr}
-        return self._call(self.unet, inputs, self.out_name, self.max_pixels, self.labels[1])
+        return self._call(
+            self.unet, inputs, self.out_name, self.max_pixels, self.labels[1], trace=trace
+        )
 
-    def _call(self, model, inputs, output, max_pixels, label=None):
+    def _call(self, model, inputs, output, max_pixels, label=None, trace=None):
         """``model`` through BLS over a batch ``inputs`` (name -> array, equal rows), in
         requests of at most this model's max batch and ``max_pixels`` pixels per request
-        (None: the callee splits by its own budget); returns ``output`` for all rows."""
+        (None: the callee splits by its own budget); returns ``output`` for all rows.
+        ``trace``: the trace context the BLS requests join (None: untraced)."""
         outs = []
         first = next(iter(inputs.values()))
         pixels = int(np.prod(first.shape[2:]))
         a = self.arrays
-        traced = {} if self._trace is None else {"trace": self._trace}
+        traced = {} if trace is None else {"trace": trace}
         for s in row_chunks(len(first), pixels, max_pixels, self.max_batch):
             request = pb_utils.InferenceRequest(
                 model_name=model,
@@ -297,17 +299,17 @@ class TritonPythonModel:
             clients = [requests[i] for i, _, _ in items]
             # the BLS calls of this group join its first client's trace (Triton's request
             # tracing then shows the UNet steps, and in the chain the VAE calls, under it)
-            self._trace = _trace_of(clients[0])
+            trace = _trace_of(clients[0])
 
-            def denoise(x_t, t, z, clients=clients):
+            def denoise(x_t, t, z, clients=clients, trace=trace):
                 if all(r.is_cancelled() for r in clients):  # asked before every step
                     raise CancelledError("every client of this sampling loop cancelled")
-                return self._denoise(x_t, t, z)
+                return self._denoise(x_t, t, z, trace)
 
             try:
-                z_lr = self._stage("vae_encoder", x) if self.takes_lr else x
+                z_lr = self._stage("vae_encoder", x, trace=trace) if self.takes_lr else x
                 z = sample(denoise, z_lr, self.schedule, options, keys)
-                out = self._stage("vae_decoder", z, x) if self.takes_lr else z
+                out = self._stage("vae_decoder", z, x, trace=trace) if self.takes_lr else z
             except CancelledError as err:
                 for i, _, _ in items:
                     responses[i] = _error(str(err), pb_utils.TritonError.CANCELLED)
