@@ -268,8 +268,6 @@ def assemble(
     chain = target == "cpu" and cpu_layout == "chain"
     if queue_delay_us is None:
         queue_delay_us = default_queue_delay_us(target, cpu_layout)
-    # models layout: vae_encoder gets clients' requests, the sampler and vae_decoder a step's
-    step_delay_us = step_queue_delay_us(target, queue_delay_us)
     meta = json.loads((checkpoint / "cxr_sr.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     for stale in S.NETWORKS if fused else ():  # a rebuild into a models-layout folder
@@ -302,7 +300,7 @@ def assemble(
             specs[name],
             target,
             instances=instances,
-            queue_delay_us=step_delay_us if name == "vae_decoder" else queue_delay_us,
+            queue_delay_us=queue_delay_us,
             chained=chain,
             limits=limits,
             torch_device=torch_device,
@@ -328,10 +326,12 @@ def assemble(
         _install_tree(checkpoint, sampler / "checkpoint")
     else:  # a rebuild into a fused-layout folder
         shutil.rmtree(sampler / "checkpoint", ignore_errors=True)
+    # the sampler takes clients' requests when fused or chained, else the encoder step's
+    step = not (fused or chain)
     config = sampler_config(
         specs["unet"],
         instances=instances,
-        queue_delay_us=queue_delay_us if fused or chain else step_delay_us,
+        queue_delay_us=step_queue_delay_us(target, queue_delay_us) if step else queue_delay_us,
         limits=limits,
         loop_device=loop,
         fused=specs if fused else None,

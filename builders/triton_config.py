@@ -161,14 +161,19 @@ def network_config(
     Triton assigns; auto or cpu: KIND_CPU instances that pick their device themselves).
     ``queue_delay_us``: the batcher's wait for the models clients' requests reach; the UNet's
     is always 0 (its batches come whole from the sampler), and so is every network's when
-    ``chained`` (the cpu target's chain layout: the sampler calls them all)."""
+    ``chained`` (the cpu target's chain layout: the sampler calls them all); ``vae_decoder``,
+    fed by the sampler step, waits :func:`step_queue_delay_us` of it."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     config = mc.ModelConfig(name=spec.name)
     config.input.extend(_io(mc.ModelInput, spec.inputs))
     config.output.extend(_io(mc.ModelOutput, spec.outputs))
     from_sampler = chained or spec.name == "unet"  # whole batches, nothing to wait for
-    _batching(config, spec.max_batch, 0 if from_sampler else queue_delay_us, limits)
+    if from_sampler:
+        queue_delay_us = 0
+    elif spec.name == "vae_decoder":  # a step's batch, arriving together
+        queue_delay_us = step_queue_delay_us(target, queue_delay_us)
+    _batching(config, spec.max_batch, queue_delay_us, limits)
     group = config.instance_group.add()
     group.count = instances
     params = dict(parameters or {})
@@ -229,7 +234,6 @@ def sampler_config(
     *,
     instances: int = 1,
     queue_delay_us: int = QUEUE_DELAY_US,
-    gpu: bool = False,
     env_path: str | None = None,
     limits: ServingLimits = DEFAULT_LIMITS,
     loop_device: str = "numpy",
