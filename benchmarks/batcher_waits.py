@@ -55,6 +55,7 @@ from benchmarks.common import (
 )
 
 TRACE_ARGS = ("rate=1", "level=TIMESTAMPS", "count=-1", "triton,log-frequency=0")
+EXECUTED = frozenset({"QUEUE_START", "COMPUTE_START", "COMPUTE_END"})  # a model ran it
 
 
 @dataclass
@@ -64,6 +65,11 @@ class Span:
     model: str | None = None
     parent: int | None = None
     ns: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def executed(self) -> bool:
+        """Whether a model queued and ran this request (an ensemble's own span has neither)."""
+        return self.ns.keys() >= EXECUTED
 
 
 @dataclass
@@ -96,7 +102,7 @@ def model_batches(spans: Mapping[int, Span], model: str) -> list[Batch]:
     """The batches ``model`` executed, in order (requests sharing a COMPUTE_START)."""
     grouped: dict[int, list[Span]] = collections.defaultdict(list)
     for span in spans.values():
-        if span.model == model and {"QUEUE_START", "COMPUTE_START", "COMPUTE_END"} <= set(span.ns):
+        if span.model == model and span.executed:
             grouped[span.ns["COMPUTE_START"]].append(span)
     return [
         Batch(start, max(s.ns["COMPUTE_END"] for s in group), [s.ns["QUEUE_START"] for s in group])
@@ -130,9 +136,7 @@ def request_breakdown(spans: Mapping[int, Span]) -> dict[str, Any] | None:
     fraction of a millisecond below 0. None when the trace holds no ensemble request."""
     steps: dict[int, list[Span]] = collections.defaultdict(list)
     for span in spans.values():
-        if span.parent is not None and {"QUEUE_START", "COMPUTE_START", "COMPUTE_END"} <= set(
-            span.ns
-        ):
+        if span.parent is not None and span.executed:
             steps[span.parent].append(span)
     parts: dict[str, list[float]] = collections.defaultdict(list)
     for parent, children in steps.items():
