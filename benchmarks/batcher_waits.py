@@ -218,9 +218,10 @@ def report_table(report: Mapping[str, Mapping[str, Any]], min_idle_ms: float) ->
     return table(headers, rows)
 
 
-def traced_load(args: argparse.Namespace, trace: Path) -> list[dict[str, Any]]:
+def traced_load(args: argparse.Namespace, trace: Path) -> tuple[list[dict[str, Any]], str | None]:
     """Serve ``args.repository`` with tracing into ``trace``, run the perf_analyzer windows,
-    stop the server (Triton writes the trace file then). The perf results as dicts."""
+    stop the server (Triton writes the trace file then). The perf results as dicts, and the
+    server's Triton version."""
     from benchmarks.perf import PerfSettings, sweep
     from cxr_sr.builders.serve import TritonServer
 
@@ -229,7 +230,7 @@ def traced_load(args: argparse.Namespace, trace: Path) -> list[dict[str, Any]]:
         extra += ["--trace-config", setting]
     settings = PerfSettings(measurement_ms=args.measurement_ms, max_trials=1)
     with TritonServer(args.repository, extra_args=extra) as server:
-        args.triton = server_version(server.grpc_url)
+        triton = server_version(server.grpc_url)
         results = sweep(
             server.grpc_url,
             [args.concurrency] * args.windows,
@@ -237,7 +238,7 @@ def traced_load(args: argparse.Namespace, trace: Path) -> list[dict[str, Any]]:
             sizes=[args.size],
             verbose=args.verbose,
         )
-    return [
+    windows = [
         {
             "window": i,
             "images_per_s": r.throughput,
@@ -248,6 +249,7 @@ def traced_load(args: argparse.Namespace, trace: Path) -> list[dict[str, Any]]:
         }
         for i, r in enumerate(results)
     ]
+    return windows, triton
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -281,13 +283,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    args.triton = None
+    triton = None
     perf: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cxr-trace-") as tmp:
         trace = args.trace
         if trace is None:
             trace = Path(tmp) / "trace.json"
-            perf = traced_load(args, trace)
+            perf, triton = traced_load(args, trace)
             if args.keep_trace is not None and trace.is_file():
                 args.keep_trace.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(trace, args.keep_trace)
@@ -298,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     report = analyse(spans, args.min_idle_ms)
     breakdown = request_breakdown(spans)
-    device, versions = device_info(), software_versions(args.triton)
+    device, versions = device_info(), software_versions(triton)
     print(describe(device, versions))
     if perf:
         print(table(["window", "images/s", "p50 ms", "p99 ms", "failed"],
