@@ -15,14 +15,15 @@ of ``--concurrency`` (1, 4), the same work two ways, on the same real LR crops (
   takes (the decoder's ``max_batch_pixels``), as the server's dynamic batcher would.
 
 The in-process side is the best single process, not a handicapped one: before the server
-starts, a calibration times every candidate thread setting (intra-op threads 1 and all usable
-cores, idle threads spinning or not) on one input of the smallest size (at most LR 128),
-interleaved, and keeps the fastest
-(on a busy machine one thread can beat two). The served network models then get the same
-intra-op thread count (``--served-threads match``, through ``CXR_ORT_THREADS``), so the
-ratio measures what serving adds, not a thread setting; their idle threads never spin (the
-repository's ``intra_op_spinning``: three pools spinning on shared cores made serving ~1.5x
-slower).
+starts, a calibration times every candidate thread setting (one intra-op thread, and all
+usable cores with each of ``cxr_sr.ort_cpu.SPIN_MODES``: idle threads sleeping, busy-waiting
+only inside a call, or always) on one input of the smallest size (at most LR 128),
+interleaved, and keeps the fastest (on a busy machine one thread can beat two). The served
+network models then get the same intra-op thread count (``--served-threads match``, through
+``CXR_ORT_THREADS``), so the ratio measures what serving adds, not a thread setting; their
+idle threads do what the repository's ``intra_op_spinning`` says (the builder's default:
+busy-wait only inside a call; three pools spinning between calls on shared cores made
+serving ~1.5x slower).
 
 Rounds alternate served / in-process, so load from other processes hits both alike: after
 ``--warmup``, at least ``--rounds`` of each, then more until a case's timed rounds took
@@ -69,7 +70,7 @@ from cxr_sr import sample
 from cxr_sr.builders.specs import ENSEMBLE, NETWORKS
 from cxr_sr.imaging import SCALE
 from cxr_sr.noise import legacy_block, noise_keys
-from cxr_sr.ort_cpu import lane_count, lane_setting
+from cxr_sr.ort_cpu import SPIN_MODES, lane_count, lane_setting, spin_mode, spin_setting
 from cxr_sr.sampling import latent_origin
 from cxr_sr.serving import add_arguments, namespace_parameters, parse_parameters, row_chunks
 
@@ -129,7 +130,7 @@ class InProcess:
         repository: Path,
         params: Mapping[str, Any],
         threads: int,
-        spinning: bool,
+        spinning: str | bool,
         lanes: int | None = None,
     ):
         # torch: only the benchmark needs it
@@ -148,7 +149,7 @@ class InProcess:
         )
         self.schedule, defaults = repository_sampling(repository)
         self.settings = parse_parameters(dict(params), defaults, self.schedule.num_train_timesteps)
-        self.threads, self.spinning = threads, spinning
+        self.threads, self.spinning = threads, spin_mode(spinning)
 
     def _one_call(self, lr: np.ndarray) -> np.ndarray:
         """The server's work for ``len(lr)`` batch-1 requests with these settings, sampled
@@ -174,10 +175,7 @@ class InProcess:
 
     @property
     def label(self) -> str:
-        return (
-            f"threads={self.threads or 'all'} spinning={'on' if self.spinning else 'off'} "
-            f"lanes={self.lanes}"
-        )
+        return f"threads={self.threads or 'all'} spinning={self.spinning} lanes={self.lanes}"
 
 
 def _config(model_dir: Path) -> mc.ModelConfig:
@@ -215,11 +213,9 @@ def calibrate(
 ) -> tuple[InProcess, list[dict[str, Any]]]:
     """Time every candidate in-process setting on ``lr`` (interleaved, after one warm-up
     call each); returns the fastest (by median) and every candidate's timings."""
-    candidates = [
-        InProcess(repository, params, threads, spinning)
-        for threads in sorted({1, cores})
-        for spinning in (True, False)
-    ]
+    # one thread has no pool to spin
+    settings = [(1, "off")] + [(cores, mode) for mode in SPIN_MODES if cores > 1]
+    candidates = [InProcess(repository, params, t, mode) for t, mode in settings]
     times: list[list[float]] = [[] for _ in candidates]
     for c in candidates:
         c(lr)
@@ -332,6 +328,15 @@ def run(
                 flush=True,
             )
     return {"served_sides": [low, high], "skipped_sizes": skipped, "cases": cases}
+
+
+def served_spinning(served: Mapping[str, Mapping[str, str]]) -> str:
+    """The served networks' spin mode (``CXR_ORT_SPINNING`` where set, else their configs'
+    ``intra_op_spinning``), or each network's where they differ."""
+    modes = {n: spin_setting(s.get("intra_op_spinning")) for n, s in served.items()}
+    if len(set(modes.values())) == 1:
+        return next(iter(modes.values()))
+    return ", ".join(f"{n} {m}" for n, m in modes.items())
 
 
 def served_threads(choice: str, inproc: InProcess) -> int | None:
@@ -496,8 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     served = served_thread_settings(args.repository)
     print()
     print(
-        f"{ENSEMBLE} served (intra-op threads {threads or 'as configured'}, idle threads "
-        f"not spinning) vs the same graphs in one process ({inproc.label}), "
+        f"{ENSEMBLE} served (intra-op threads {threads or 'as configured'}, spinning "
+        f"{served_spinning(served)}) vs the same graphs in one process ({inproc.label}), "
         f"{', '.join(f'{k}={v}' for k, v in params.items())}; ms per image, median of "
         f"{args.rounds}-{args.max_rounds} interleaved rounds (at least {args.min_seconds:g} s "
         f"per case) after {args.warmup} warm-up"

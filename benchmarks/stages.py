@@ -9,8 +9,8 @@ Two paths, same inputs (real LR crops of the bundled radiograph), batch 1:
   ``(full(k) - encoder - decoder) / k - unet``, and a least-squares line through
   full(k) gives the marginal cost of one more step.
 - ``offline``: onnxruntime sessions in this process on the repository's own ``model.onnx``
-  files (or ``--onnx-dir``), with the served models' thread setting (idle threads not
-  spinning; ``--spin`` for onnxruntime's default), the full pipeline being encoder ->
+  files (or ``--onnx-dir``), with the served models' default thread setting (idle threads
+  busy-wait only inside a call; ``--spinning``), the full pipeline being encoder ->
   ``cxr_sr.sample`` over the unet session -> decoder with the repository's schedule and
   sampling defaults (the loop the sampler model runs).
 
@@ -44,6 +44,7 @@ from benchmarks.common import (
     write_json,
 )
 from cxr_sr.builders.specs import ENSEMBLE, NETWORKS
+from cxr_sr.ort_cpu import SPIN_MODES
 
 
 def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
@@ -156,14 +157,15 @@ def offline_timings(
     warmup: int,
     seed: int = 0,
     threads: int = 0,
-    spinning: bool = False,
+    spinning: str | bool = "run",
 ) -> dict[str, Any]:
     """The same stages with onnxruntime sessions on ``onnx_dir/<network>.onnx``; the full
     pipeline is ``train.pipeline.OnnxPipeline`` (the one offline evaluation scores).
 
-    ``spinning=False`` (as the served models) stops idle intra-op threads from busy-waiting
-    (onnxruntime's ``session.intra_op.allow_spinning``): with three sessions on a shared
-    2-core machine the spinning pools of the idle sessions take CPU from the busy one.
+    ``spinning`` (``cxr_sr.ort_cpu.spin_mode``; ``run`` as the served models by default): idle
+    intra-op threads busy-wait only inside a call; with ``on`` (onnxruntime's default) the
+    pools of the idle sessions keep spinning and take CPU from the busy one on a shared
+    2-core machine.
     """
     from cxr_sr.train.pipeline import ORT_DTYPES, OnnxPipeline
 
@@ -260,10 +262,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="onnxruntime intra-op threads offline (0 = onnxruntime's default, as served)",
     )
     p.add_argument(
-        "--spin",
-        action="store_true",
-        help="offline sessions let idle intra-op threads spin (onnxruntime's default; the "
-        "served models do not, and three spinning sessions slow each other on few cores)",
+        "--spinning",
+        choices=SPIN_MODES,
+        default="run",
+        help="what the offline sessions' idle intra-op threads do: busy-wait only inside a call "
+        "(run, the builder's default for the served models), sleep (off), or spin between calls "
+        "too (on, onnxruntime's default: three spinning sessions slow each other on few cores)",
     )
     p.add_argument(
         "--only",
@@ -313,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.warmup,
                 args.seed,
                 args.threads,
-                spinning=args.spin,
+                spinning=args.spinning,
             )
     except (FileNotFoundError, RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -338,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "onnx_dir": str(args.onnx_dir or args.repository),
             "url": args.url,
             "batch": 1,
-            "offline_spinning": args.spin,
+            "offline_spinning": args.spinning,
             "runs": args.runs,
             "warmup": args.warmup,
             "device": device,

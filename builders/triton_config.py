@@ -154,6 +154,7 @@ def network_config(
     torch_io: str = "dlpack",
     ort_arena: bool = True,
     cpu_lanes: str = "auto",
+    cpu_spinning: str = "run",
     chained: bool = False,
 ) -> mc.ModelConfig:
     """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;
@@ -217,9 +218,9 @@ def network_config(
         # onnxruntime's memory arena on, memory patterns off (README, "Operating the server")
         params.setdefault("ort_cpu_mem_arena", str(bool(ort_arena)).lower())
         params.setdefault("ort_mem_pattern", "false")
-        # idle onnxruntime threads sleep, not spin: the three network processes share the
-        # cores (README, "Served vs in-process")
-        params.setdefault("intra_op_spinning", "false")
+        # idle onnxruntime threads busy-wait only inside a call (cxr_sr.ort_cpu.spin_mode):
+        # the three network processes share the cores (README, "Served vs in-process")
+        params.setdefault("intra_op_spinning", cpu_spinning)
         # a batch of several rows as parallel calls (cxr_sr.ort_cpu)
         params.setdefault("cpu_lanes", str(cpu_lanes))
     if env_path and config.backend == "python":

@@ -32,10 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr_sr.serving import row_chunks
+from cxr_sr.serving import parse_flag, row_chunks
 
 LANES_ENV = "CXR_ORT_LANES"  # overrides the config parameter ``cpu_lanes``
+SPINNING_ENV = "CXR_ORT_SPINNING"  # overrides the config parameter ``intra_op_spinning``
 MAX_LANES = 64
+# what idle intra-op threads do: sleep ("off"), busy-wait only while a call runs ("run":
+# onnxruntime's ``session.force_spinning_stop``), or keep busy-waiting between calls too
+# ("on": onnxruntime's default)
+SPIN_MODES = ("off", "run", "on")
 
 _arena_lock = threading.Lock()
 _arena_registered = False
@@ -44,6 +49,29 @@ _arena_registered = False
 def usable_cores() -> int:
     """The cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)))
+
+
+def spin_mode(setting: str | bool) -> str:
+    """One of :data:`SPIN_MODES` from a setting: a mode name, or a boolean (config text
+    true/false, yes/no, 1/0: ``on`` / ``off``)."""
+    if isinstance(setting, bool):
+        return "on" if setting else "off"
+    text = str(setting).strip().lower()
+    if text in SPIN_MODES:
+        return text
+    try:
+        return "on" if parse_flag(text) else "off"
+    except ValueError:
+        raise ValueError(
+            f"spinning must be one of {', '.join(SPIN_MODES)} (or true/false), got {setting!r}"
+        ) from None
+
+
+def spin_setting(configured: str | None) -> str:
+    """The spin mode a network model uses: ``CXR_ORT_SPINNING`` where it is set, else its
+    config parameter ``intra_op_spinning`` (``configured``), else ``run``; checked by
+    :func:`spin_mode` (ValueError naming the choices)."""
+    return spin_mode(os.environ.get(SPINNING_ENV) or configured or "run")
 
 
 def lane_setting(configured: str | None) -> str:
@@ -109,22 +137,27 @@ def session(
     path: str | Path,
     threads: int = 0,
     *,
-    spinning: bool = False,
+    spinning: str | bool = "off",
     arena: bool = True,
     mem_pattern: bool = False,
     shared_arena: bool = True,
 ):
     """An onnxruntime CPU session: ``threads`` intra-op threads (0: onnxruntime's default),
-    no inter-op pool (the graph runs sequentially); ``spinning=False`` lets idle intra-op
-    threads sleep, which matters when several sessions share the cores; ``arena``: a memory
-    arena, the process's shared one when ``shared_arena``; ``mem_pattern``: onnxruntime's
-    per-shape memory planning."""
+    no inter-op pool (the graph runs sequentially); ``spinning`` (:func:`spin_mode`): whether
+    idle intra-op threads busy-wait, which matters when several sessions share the cores;
+    ``arena``: a memory arena, the process's shared one when ``shared_arena``;
+    ``mem_pattern``: onnxruntime's per-shape memory planning."""
     import onnxruntime as ort
 
+    mode = spin_mode(spinning)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "0" if mode == "off" else "1"
+    )
+    if mode == "run":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.enable_cpu_mem_arena = arena
     options.enable_mem_pattern = mem_pattern
     if arena and shared_arena:
@@ -146,7 +179,7 @@ class CpuNetwork:
         *,
         lanes: int = 1,
         max_pixels: int | None = None,
-        spinning: bool = False,
+        spinning: str | bool = "off",
         arena: bool = True,
         mem_pattern: bool = False,
     ):

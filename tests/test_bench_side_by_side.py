@@ -47,10 +47,10 @@ def test_side_by_side_cases_do_the_same_work(server, built_repository):
     best = min(candidates, key=lambda r: r["median_ms"])
     assert (inproc.threads, inproc.spinning) == (best["threads"], best["spinning"])
     assert {(r["threads"], r["spinning"]) for r in candidates} == {
-        (1, True),
-        (1, False),
-        (2, True),
-        (2, False),
+        (1, "off"),  # one thread has no pool to spin
+        (2, "off"),
+        (2, "run"),
+        (2, "on"),
     }
     assert bench.served_threads("match", inproc) == inproc.threads
     assert bench.served_threads("default", inproc) is None
@@ -77,7 +77,8 @@ def test_side_by_side_cases_do_the_same_work(server, built_repository):
         timed_s = (sum(c["served_round_ms"]) + sum(c["inprocess_round_ms"])) / 1e3
         assert timed_s >= 0.3 or c["rounds"] == 4
     settings = bench.served_thread_settings(repo)
-    assert settings["unet"]["intra_op_spinning"] == "false"  # what the builder writes
+    assert settings["unet"]["intra_op_spinning"] == "run"  # what the builder writes
+    assert bench.served_spinning(settings) == "run"
     assert settings["unet"]["cpu_lanes"] == "auto"
     json.dumps(report)
 

@@ -7,7 +7,15 @@ import threading
 import numpy as np
 import pytest
 
-from cxr_sr.ort_cpu import CpuNetwork, lane_count, lane_plan, lane_setting
+from cxr_sr.ort_cpu import (
+    CpuNetwork,
+    lane_count,
+    lane_plan,
+    lane_setting,
+    session,
+    spin_mode,
+    spin_setting,
+)
 
 
 def _rows(slices) -> list[int]:
@@ -81,6 +89,38 @@ def test_lane_setting_prefers_the_environment(monkeypatch):
     assert lane_setting("1") == "3" and lane_setting(None) == "3"
     monkeypatch.setenv("CXR_ORT_LANES", "")  # empty: as if unset
     assert lane_setting("1") == "1"
+
+
+def test_spin_modes_read_names_and_booleans_and_name_the_choices(monkeypatch):
+    assert [spin_mode(m) for m in ("off", " RUN ", "on")] == ["off", "run", "on"]
+    assert [spin_mode(b) for b in (True, False, "true", "no", "1")] == [
+        "on",
+        "off",
+        "on",
+        "off",
+        "on",
+    ]
+    with pytest.raises(ValueError, match="one of off, run, on .* got 'spin'"):
+        spin_mode("spin")
+    monkeypatch.delenv("CXR_ORT_SPINNING", raising=False)
+    assert spin_setting(None) == "run" and spin_setting("false") == "off"
+    monkeypatch.setenv("CXR_ORT_SPINNING", "on")
+    assert spin_setting("off") == "on"
+
+
+@pytest.mark.parametrize(
+    "mode,allow,stop", [("off", "0", None), ("run", "1", "1"), ("on", "1", None)]
+)
+def test_a_spin_mode_sets_onnxruntime_spinning_and_its_stop_after_a_call(
+    decoder_path, mode, allow, stop
+):
+    options = session(decoder_path, 2, spinning=mode).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == allow
+    if stop is None:  # onnxruntime raises for an entry that was never set
+        with pytest.raises(Exception, match="force_spinning_stop"):
+            options.get_session_config_entry("session.force_spinning_stop")
+    else:
+        assert options.get_session_config_entry("session.force_spinning_stop") == stop
 
 
 def _decoder_feeds(rows: int, side: int, seed: int = 0) -> dict[str, np.ndarray]:

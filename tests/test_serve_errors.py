@@ -70,15 +70,24 @@ def test_a_bad_noise_thread_setting_fails_the_load_not_every_request(built_repos
 
 
 @pytest.mark.integration
-def test_a_bad_lane_setting_fails_the_load_not_every_request(built_repository, monkeypatch):
-    """CXR_ORT_LANES (or cpu_lanes) is read when the onnxruntime models load: a typo stops
-    the start, naming a model and the setting."""
+@pytest.mark.parametrize(
+    "variable,value,message",
+    [
+        ("CXR_ORT_LANES", "many", "cpu lanes must be 'auto' or an integer, got 'many'"),
+        ("CXR_ORT_SPINNING", "always", "spinning must be one of off, run, on"),
+    ],
+)
+def test_a_bad_onnxruntime_setting_fails_the_load_not_every_request(
+    built_repository, monkeypatch, variable, value, message
+):
+    """CXR_ORT_LANES and CXR_ORT_SPINNING (or cpu_lanes, intra_op_spinning) are read when the
+    onnxruntime models load: a typo stops the start, naming a model and the setting."""
     repo, _ = built_repository
-    monkeypatch.setenv("CXR_ORT_LANES", "many")
+    monkeypatch.setenv(variable, value)
     with pytest.raises(RuntimeError) as err:
         TritonServer(repo).start(timeout_s=120)
     assert "model 'vae_" in str(err.value) or "model 'unet'" in str(err.value)
-    assert "cpu lanes must be 'auto' or an integer, got 'many'" in str(err.value)
+    assert message in str(err.value)
 
 
 def test_tritonserver_runs_on_jemalloc_unless_told_otherwise(built_repository, monkeypatch):

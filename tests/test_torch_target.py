@@ -195,6 +195,24 @@ def test_cpu_lanes_are_a_build_choice(checkpoint, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_onnxruntime_spinning_is_a_build_choice(capsys):
+    """cpu target: intra_op_spinning is written from --cpu-spinning, run by default; a value
+    that is not a mode stops the parse, naming the choices."""
+    from cxr_sr.builders.specs import network_specs
+    from cxr_sr.builders.triton_config import network_config
+
+    unet = network_specs(4, build.S.Geometry(), 4)["unet"]
+    assert network_config(unet, "cpu").parameters["intra_op_spinning"].string_value == "run"
+    off = network_config(unet, "cpu", cpu_spinning="off")
+    assert off.parameters["intra_op_spinning"].string_value == "off"
+    assert "intra_op_spinning" not in network_config(unet, "torch").parameters
+    assert build.parse_args([]).cpu_spinning == "run"
+    assert build.parse_args(["--cpu-spinning", "on"]).cpu_spinning == "on"
+    with pytest.raises(SystemExit):
+        build.parse_args(["--cpu-spinning", "always"])
+    assert "--cpu-spinning: invalid choice: 'always'" in capsys.readouterr().err
+
+
 def test_torch_stage_fp32_is_the_exported_module(checkpoint):
     ckpt = load(checkpoint)
     lr = torch.rand(2, 1, 20, 24)

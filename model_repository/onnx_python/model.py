@@ -7,7 +7,8 @@ batches equal shapes; requests of other sizes come in other batches) are run as 
 ``cxr_sr.ort_cpu.CpuNetwork``: in calls of at most ``max_batch_pixels`` pixels (a full batch at
 64x64, one image at the largest sizes), a batch of several rows spread over ``cpu_lanes``
 parallel calls (``auto``: 2 when the model has 2 or more intra-op threads; ``CXR_ORT_LANES``
-overrides it). Inputs named in the config parameters
+overrides it); idle intra-op threads as ``intra_op_spinning`` says (``cxr_sr.ort_cpu.spin_mode``;
+``CXR_ORT_SPINNING`` overrides it). Inputs named in the config parameters
 ``input_ranges`` (JSON ``{"LR": [0, 1]}``) and ``input_sides`` (JSON ``{"LR": [16, 256]}``:
 [N, 1, H, W] with H, W in that range) are checked per request: a request with NaN,
 out-of-range values or sides gets its own INVALID_ARG error naming them, the rest are served.
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from cxr_sr.ort_cpu import CpuNetwork, lane_count, lane_setting
+from cxr_sr.ort_cpu import CpuNetwork, lane_count, lane_setting, spin_setting
 from cxr_sr.serving import InputChecks, model_parameters, parse_flag
 
 
@@ -41,11 +42,10 @@ class TritonPythonModel:
             threads,
             lanes=lanes,
             max_pixels=int(params.get("max_batch_pixels", "0")) or None,
-            # idle intra-op threads sleep instead of busy-waiting: three of these processes
-            # share the cores and a spinning pool takes CPU from the stage that has work
-            spinning=parse_flag(
-                params.get("intra_op_spinning", os.environ.get("CXR_ORT_SPINNING", "false"))
-            ),
+            # idle intra-op threads busy-wait at most while a call runs (the builder's default
+            # "run"): three of these processes share the cores, and a pool spinning between
+            # calls takes CPU from the stage that has work
+            spinning=spin_setting(params.get("intra_op_spinning")),
             # memory (README, "Operating the server"): onnxruntime's CPU arena keeps the peak
             # of the largest request it has served (bounded by the build's largest side: ~0.35
             # GB for the demo UNet, ~0.65 GB for its decoder at LR 256) and never returns it;
