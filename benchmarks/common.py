@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cxr_sr import SamplingOptions, Schedule
+from cxr_sr.host import usable_cores
 from cxr_sr.imaging import HR_SIZE, SCALE, Pair, native_pair, reference_pair
 
 
@@ -55,11 +56,10 @@ def gpu_names() -> list[str]:
 
 def device_info() -> dict[str, Any]:
     """Where this process runs: CPU model, logical cores (all and usable), GPUs, OS."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
+        "usable_cores": usable_cores(),
         "gpus": gpu_names(),
         "os": f"{platform.system()} {platform.release()}",
     }

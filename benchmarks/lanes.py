@@ -31,7 +31,7 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from cxr_sr.ort_cpu import usable_cores
+from cxr_sr.host import usable_cores
 
 TOLERANCE = 1e-5  # rows are independent of their batch: float rounding only
 

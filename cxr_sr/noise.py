@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cxr_sr.host import usable_cores
+
 SEED_LIMIT = 2**63  # seeds are int64 on the wire
 _WORD = 2**32
 _DOMAIN = 0x6E6F6973  # "nois": keeps the block streams apart from the row stream of block 0
@@ -208,7 +210,7 @@ def noise_threads() -> int:
         if value < 1:
             raise ValueError(f"CXR_NOISE_THREADS must be at least 1, got {value}")
         return value
-    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
+    return min(MAX_THREADS, usable_cores())
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr_sr.host import usable_cores
 from cxr_sr.serving import parse_flag, row_chunks
 
 LANES_ENV = "CXR_ORT_LANES"  # overrides the config parameter ``cpu_lanes``
@@ -44,11 +45,6 @@ SPIN_MODES = ("off", "run", "on")
 
 _arena_lock = threading.Lock()
 _arena_registered = False
-
-
-def usable_cores() -> int:
-    """The cores this process may run on."""
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def spin_mode(setting: str | bool) -> str:

@@ -63,6 +63,21 @@ def test_lane_plan_examples():
     assert lane_plan(1, 4096, 32768, 2) == ([], [slice(0, 1)])
 
 
+def test_usable_cores_follow_the_affinity_or_else_the_core_count(monkeypatch):
+    """One count of usable cores for the lanes, the noise pool and the benchmark reports."""
+    from cxr_sr.host import usable_cores
+    from cxr_sr.noise import noise_threads
+
+    monkeypatch.delenv("CXR_NOISE_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {2, 5, 7})
+    assert usable_cores() == 3 and noise_threads() == 3
+    monkeypatch.delattr("os.sched_getaffinity")  # platforms without it (macOS)
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    assert usable_cores() == 6
+    monkeypatch.setattr("os.cpu_count", lambda: None)  # "undetermined"
+    assert usable_cores() == 1
+
+
 def test_lane_count_settings(monkeypatch):
     assert lane_count("auto", 2) == 2
     assert lane_count("auto", 8) == 2
