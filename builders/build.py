@@ -421,8 +421,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "busy-wait between the operators of a call, sleep once it returns; off: always sleep; "
         "on: onnxruntime's default, busy-wait between calls too, which lets the three model "
         "processes take CPU from each other (CXR_ORT_SPINNING overrides it when the server "
-        "starts). On 2 cores run served one client 4-6%% faster than off (README, Served vs "
-        "in-process)",
+        "starts). On 2 cores run served one client 4-6%% faster than off and four ~1.5%% "
+        "slower (README, Served vs in-process)",
     )
     p.add_argument(
         "--cpu-lanes",
