@@ -133,7 +133,7 @@ def session(
     path: str | Path,
     threads: int = 0,
     *,
-    spinning: str | bool = "off",
+    spinning: str | bool = "run",
     arena: bool = True,
     mem_pattern: bool = False,
     shared_arena: bool = True,
@@ -175,7 +175,7 @@ class CpuNetwork:
         *,
         lanes: int = 1,
         max_pixels: int | None = None,
-        spinning: str | bool = "off",
+        spinning: str | bool = "run",
         arena: bool = True,
         mem_pattern: bool = False,
     ):
