@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     params = {"steps": args.steps, "seed": 0}
     try:
         pipes = {
-            n: InProcess(args.repository, params, threads, spinning=False, lanes=n)
+            n: InProcess(args.repository, params, threads, spinning="off", lanes=n)
             for n in (1, args.lanes)
         }
     except (FileNotFoundError, ValueError) as err:

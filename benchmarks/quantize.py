@@ -101,7 +101,7 @@ def pipeline(repository: Path, int8: dict[str, Path], threads: int):
     quantized graphs."""
     from benchmarks.bench import InProcess
 
-    inproc = InProcess(repository, {}, threads=threads, spinning=False)
+    inproc = InProcess(repository, {}, threads=threads, spinning="off")
     for name, path in int8.items():
         inproc.pipe.use_graph(name, path)
     return inproc

@@ -44,7 +44,7 @@ from benchmarks.common import (
     write_json,
 )
 from cxr_sr.builders.specs import ENSEMBLE, NETWORKS
-from cxr_sr.ort_cpu import SPIN_MODES
+from cxr_sr.ort_cpu import DEFAULT_SPIN_MODE, SPIN_MODES
 
 
 def timeit(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, float]:
@@ -157,7 +157,7 @@ def offline_timings(
     warmup: int,
     seed: int = 0,
     threads: int = 0,
-    spinning: str | bool = "run",
+    spinning: str | bool = DEFAULT_SPIN_MODE,
 ) -> dict[str, Any]:
     """The same stages with onnxruntime sessions on ``onnx_dir/<network>.onnx``; the full
     pipeline is ``train.pipeline.OnnxPipeline`` (the one offline evaluation scores).
@@ -264,7 +264,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--spinning",
         choices=SPIN_MODES,
-        default="run",
+        default=DEFAULT_SPIN_MODE,
         help="what the offline sessions' idle intra-op threads do: busy-wait only inside a call "
         "(run, the builder's default for the served models), sleep (off), or spin between calls "
         "too (on, onnxruntime's default: three spinning sessions slow each other on few cores)",

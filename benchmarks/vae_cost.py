@@ -66,7 +66,7 @@ def _session(module: torch.nn.Module, args: tuple, names: list[str], threads: in
             opset_version=17,
             dynamo=False,
         )
-    return cpu_session(path, threads, spinning=False)
+    return cpu_session(path, threads, spinning="off")
 
 
 def _median_ms(session, feeds: dict, repeats: int) -> float:

@@ -52,7 +52,7 @@ from cxr_sr.builders.triton_config import (
 )
 from cxr_sr.client.triton import ModelIdentity
 from cxr_sr.model_repository import SOURCES
-from cxr_sr.ort_cpu import SPIN_MODES, lane_count
+from cxr_sr.ort_cpu import DEFAULT_SPIN_MODE, SPIN_MODES, lane_count
 
 # 2: dynamic sides, padding encoder, cropping decoder; 3: headwise attention; 4: bicubic as a
 # convolution, fused-attention variants
@@ -246,7 +246,7 @@ def assemble(
     torch_io: str = "dlpack",
     ort_arena: bool = True,
     cpu_lanes: str = "auto",
-    cpu_spinning: str = "run",
+    cpu_spinning: str = DEFAULT_SPIN_MODE,
     int8_unet: bool = False,
     torch_layout: str = "models",
     cuda_graphs: bool = False,
@@ -416,7 +416,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--cpu-spinning",
         choices=SPIN_MODES,
-        default="run",
+        default=DEFAULT_SPIN_MODE,
         help="cpu target: what a network's idle onnxruntime threads do. run (default): "
         "busy-wait between the operators of a call, sleep once it returns; off: always sleep; "
         "on: onnxruntime's default, busy-wait between calls too, which lets the three model "

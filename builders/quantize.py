@@ -183,7 +183,7 @@ def int8_unet(
     meta = json.loads((checkpoint / "cxr_sr.json").read_text())
     schedule = Schedule.load(checkpoint / "scheduler")
     options = SamplingOptions(**meta["sampling"])
-    pipe = OnnxPipeline(onnx_dir, threads=0, spinning=False)
+    pipe = OnnxPipeline(onnx_dir, threads=0, spinning="off")
     recorded = record_inputs(pipe, lambda x: pipe.super_resolve(x, schedule, options), lr, ["unet"])
     quantize(src, dst, recorded["unet"])
     stamp.write_text(

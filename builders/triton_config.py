@@ -21,6 +21,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from cxr_sr.builders.specs import ENSEMBLE, SAMPLER, NetworkSpec, TensorSpec
+from cxr_sr.ort_cpu import DEFAULT_SPIN_MODE
 
 TARGETS = ("cpu", "gpu", "torch")
 TORCH_DEVICES = ("auto", "cuda", "cpu")  # the torch target's device; auto: CUDA where torch sees it
@@ -154,7 +155,7 @@ def network_config(
     torch_io: str = "dlpack",
     ort_arena: bool = True,
     cpu_lanes: str = "auto",
-    cpu_spinning: str = "run",
+    cpu_spinning: str = DEFAULT_SPIN_MODE,
     chained: bool = False,
 ) -> mc.ModelConfig:
     """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;

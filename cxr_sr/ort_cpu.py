@@ -42,16 +42,15 @@ MAX_LANES = 64
 # onnxruntime's ``session.force_spinning_stop``), or keep busy-waiting between calls too
 # ("on": onnxruntime's default)
 SPIN_MODES = ("off", "run", "on")
+DEFAULT_SPIN_MODE = "run"  # the builder's, and every session's unless told otherwise
 
 _arena_lock = threading.Lock()
 _arena_registered = False
 
 
 def spin_mode(setting: str | bool) -> str:
-    """One of :data:`SPIN_MODES` from a setting: a mode name, or a boolean (config text
-    true/false, yes/no, 1/0: ``on`` / ``off``)."""
-    if isinstance(setting, bool):
-        return "on" if setting else "off"
+    """One of :data:`SPIN_MODES` from a setting: a mode name, or a boolean (``True``/``False``
+    or config text true/false, yes/no, 1/0: ``on`` / ``off``)."""
     text = str(setting).strip().lower()
     if text in SPIN_MODES:
         return text
@@ -65,9 +64,9 @@ def spin_mode(setting: str | bool) -> str:
 
 def spin_setting(configured: str | None) -> str:
     """The spin mode a network model uses: ``CXR_ORT_SPINNING`` where it is set, else its
-    config parameter ``intra_op_spinning`` (``configured``), else ``run``; checked by
-    :func:`spin_mode` (ValueError naming the choices)."""
-    return spin_mode(os.environ.get(SPINNING_ENV) or configured or "run")
+    config parameter ``intra_op_spinning`` (``configured``), else :data:`DEFAULT_SPIN_MODE`;
+    checked by :func:`spin_mode` (ValueError naming the choices)."""
+    return spin_mode(os.environ.get(SPINNING_ENV) or configured or DEFAULT_SPIN_MODE)
 
 
 def lane_setting(configured: str | None) -> str:
@@ -133,7 +132,7 @@ def session(
     path: str | Path,
     threads: int = 0,
     *,
-    spinning: str | bool = "run",
+    spinning: str | bool = DEFAULT_SPIN_MODE,
     arena: bool = True,
     mem_pattern: bool = False,
     shared_arena: bool = True,
@@ -175,7 +174,7 @@ class CpuNetwork:
         *,
         lanes: int = 1,
         max_pixels: int | None = None,
-        spinning: str | bool = "run",
+        spinning: str | bool = DEFAULT_SPIN_MODE,
         arena: bool = True,
         mem_pattern: bool = False,
     ):

@@ -30,6 +30,7 @@ from cxr_sr import SamplingOptions, Schedule, sample
 from cxr_sr.builders.graphs import graphs, vae_factor
 from cxr_sr.builders.specs import NETWORKS
 from cxr_sr.noise import legacy_block, noise_keys
+from cxr_sr.ort_cpu import DEFAULT_SPIN_MODE
 from cxr_sr.sampling import latent_origin
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -147,7 +148,7 @@ def find_graph(folder: str | Path, name: str) -> Path:
     )
 
 
-def cpu_session(path: str | Path, threads: int = 0, spinning: str | bool = "run"):
+def cpu_session(path: str | Path, threads: int = 0, spinning: str | bool = DEFAULT_SPIN_MODE):
     """An onnxruntime CPU session with onnxruntime's own memory settings (its arena, memory
     patterns on). ``threads``: intra-op threads (0 = onnxruntime's default, as served);
     ``spinning`` (``cxr_sr.ort_cpu.spin_mode``): ``run`` lets idle intra-op threads busy-wait
@@ -171,7 +172,7 @@ class OnnxPipeline(Pipeline):
         self,
         folder: str | Path,
         threads: int = 0,
-        spinning: str | bool = "run",
+        spinning: str | bool = DEFAULT_SPIN_MODE,
         *,
         lanes: int = 1,
         max_pixels: int | None = None,
