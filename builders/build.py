@@ -465,8 +465,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "vae_decoder, each batching (and waiting --queue-delay-us) on its own; chain = the "
         "sampler takes the client's LR and calls vae_encoder, unet (per step) and vae_decoder "
         "through BLS, so a batch forms once and a lone request waits once (lower batch-1 "
-        "latency), but under sustained load some requests waited ~0.5 s in Triton's batcher "
-        "(README, Served vs in-process; default: %(default)s)",
+        "latency), but under sustained load with the queue limits on some requests waited "
+        "~0.5 s in Triton's batcher (none with --max-queue-size 0 --queue-timeout-s 0; "
+        "README, Served vs in-process; default: %(default)s)",
     )
     p.add_argument(
         "--torch-layout",
@@ -550,14 +551,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-queue-size",
         type=int,
         default=DEFAULT_LIMITS.max_queue_size,
-        help="requests waiting in each model's queue; more are rejected at once "
-        "(default: %(default)s)",
+        help="requests waiting in each model's queue; more are rejected at once; 0: no "
+        "limit. With this and --queue-timeout-s both 0 the models get no queue policy, which "
+        "lets Triton 2.51's batcher form the next batch while an instance is busy: no "
+        "requests held ~0.5 s under sustained load, but no rejection of a flood either "
+        "(README, Served vs in-process; default: %(default)s)",
     )
     limits.add_argument(
         "--queue-timeout-s",
         type=float,
         default=DEFAULT_LIMITS.queue_timeout_s,
-        help="a request waiting longer in a model's queue is rejected (default: %(default)s)",
+        help="a request waiting longer in a model's queue is rejected; 0: no timeout "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--engine",

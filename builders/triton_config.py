@@ -58,7 +58,8 @@ class ServingLimits:
     ``max_queue_size``: requests waiting in each model's queue; one more is rejected at once
     (UNAVAILABLE, "Exceeds maximum queue size"). ``queue_timeout_s``: a request waiting longer
     than this in a model's queue is rejected; a client may ask for less with the ``timeout``
-    request parameter (microseconds; Triton's own).
+    request parameter (microseconds; Triton's own). 0 turns either off; with both off the
+    models get no queue policy at all (:attr:`queue_policy`).
     """
 
     max_steps: int = 50
@@ -67,10 +68,23 @@ class ServingLimits:
     queue_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "max_request_pixels", "max_queue_size", "queue_timeout_s"):
+        for name in ("max_steps", "max_request_pixels"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("max_queue_size", "queue_timeout_s"):
+            value = getattr(self, name)
+            if not value >= 0:  # NaN too
+                raise ValueError(f"{name} must be positive, or 0 for none, got {value}")
+
+    @property
+    def queue_policy(self) -> bool:
+        """Whether the models get a queue policy (a queue limit or a timeout). Triton 2.51's
+        dynamic batcher forms the next batch while an instance is busy (prefetching) only for
+        a model without one; with one, a request that arrives while the model's instance is
+        still busy is not picked up until the next request arrives or the batcher's own
+        half-second timer runs out (README, "Served vs in-process")."""
+        return bool(self.max_queue_size or self.queue_timeout_s)
 
     def request_pixels(self, max_side: int) -> int:
         return self.max_request_pixels or 4 * max_side * max_side
@@ -125,6 +139,8 @@ def _batching(
     db = config.dynamic_batching
     db.preferred_batch_size.extend(sorted({max(1, max_batch // 2), max_batch}))
     db.max_queue_delay_microseconds = queue_delay_us
+    if not limits.queue_policy:
+        return  # unbounded queues, no timeout: Triton's batcher may prefetch
     policy = db.default_queue_policy
     policy.max_queue_size = limits.max_queue_size
     policy.timeout_action = mc.ModelQueuePolicy.REJECT

@@ -84,7 +84,60 @@ def test_limits_reject_nonsense_at_build_time():
         ServingLimits(max_steps=0)
     with pytest.raises(ValueError):
         ServingLimits(max_request_pixels=-1)
+    with pytest.raises(ValueError, match="max_queue_size"):
+        ServingLimits(max_queue_size=-1)
+    with pytest.raises(ValueError, match="queue_timeout_s"):
+        ServingLimits(queue_timeout_s=float("nan"))
     assert ServingLimits().request_pixels(256) == 4 * 256 * 256
+    # 0 turns a queue limit off; only with both off is there no queue policy
+    assert ServingLimits().queue_policy
+    assert ServingLimits(max_queue_size=0).queue_policy
+    assert ServingLimits(queue_timeout_s=0).queue_policy
+    assert not ServingLimits(max_queue_size=0, queue_timeout_s=0).queue_policy
+
+
+@pytest.fixture(scope="module")
+def unlimited_server(checkpoint, built_repository, tmp_path_factory):
+    """The tiny model built with ``--max-queue-size 0 --queue-timeout-s 0``."""
+    _, onnx = built_repository
+    repo = tmp_path_factory.mktemp("unlimited") / "repo"
+    args = ["--checkpoint", str(checkpoint), "--out", str(repo), "--onnx-dir", str(onnx)]
+    limits = ["--max-queue-size", "0", "--queue-timeout-s", "0"]
+    assert build.main([*args, "--max-batch", "4", "--max-side", "128", *limits]) == 0
+    with TritonServer(repo, log_file=repo.parent / "triton.log") as server:
+        yield server, repo
+
+
+def test_without_queue_limits_there_is_no_queue_policy_and_a_burst_is_served(unlimited_server):
+    """No queue policy in any model (what lets Triton's batcher prefetch); the burst that a
+    queue of 2 partly rejects is served whole, each result equal to the request sent alone."""
+    server, repo = unlimited_server
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    params = client.get_model_config("cxr_sr", as_json=True)["config"]["parameters"]
+    published = {k: v["string_value"] for k, v in params.items()}
+    assert published["max_queue_size"] == "0" and published["queue_timeout_s"] == "0"
+    for model in ("vae_encoder", "sampler", "unet", "vae_decoder"):
+        batching = read_config(repo / model / "config.pbtxt").dynamic_batching
+        assert not batching.HasField("default_queue_policy"), model
+
+    lrs = [_lr(1, 32, seed=i) for i in range(16)]
+    results: dict[int, object] = {}
+
+    def send(i: int) -> None:
+        try:
+            results[i] = _infer(server.grpc_url, lrs[i], steps=3, seed=i)
+        except InferenceServerException as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    failed = {i: r for i, r in results.items() if not isinstance(r, np.ndarray)}
+    assert len(results) == 16 and not failed, failed
+    for i in (0, 7, 15):
+        np.testing.assert_array_equal(results[i], _infer(server.grpc_url, lrs[i], steps=3, seed=i))
 
 
 def test_too_many_steps_or_pixels_get_invalid_arg_naming_the_limit(limited_server):
