@@ -133,14 +133,20 @@ def step_queue_delay_us(target: str, queue_delay_us: int) -> int:
 
 
 def _batching(
-    config: mc.ModelConfig, max_batch: int, queue_delay_us: int, limits: ServingLimits
+    config: mc.ModelConfig,
+    max_batch: int,
+    queue_delay_us: int,
+    limits: ServingLimits,
+    queue_policy: bool = True,
 ) -> None:
+    """Dynamic batching with ``limits``' queue policy (none where ``queue_policy`` is False or
+    the limits are off: then Triton's batcher may prefetch, :attr:`ServingLimits.queue_policy`)."""
     config.max_batch_size = max_batch
     db = config.dynamic_batching
     db.preferred_batch_size.extend(sorted({max(1, max_batch // 2), max_batch}))
     db.max_queue_delay_microseconds = queue_delay_us
-    if not limits.queue_policy:
-        return  # unbounded queues, no timeout: Triton's batcher may prefetch
+    if not (queue_policy and limits.queue_policy):
+        return
     policy = db.default_queue_policy
     policy.max_queue_size = limits.max_queue_size
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
@@ -180,7 +186,13 @@ def network_config(
     ``queue_delay_us``: the batcher's wait for the models clients' requests reach; the UNet's
     is always 0 (its batches come whole from the sampler), and so is every network's when
     ``chained`` (the cpu target's chain layout: the sampler calls them all); ``vae_decoder``,
-    fed by the sampler step, waits :func:`step_queue_delay_us` of it."""
+    fed by the sampler step, waits :func:`step_queue_delay_us` of it.
+
+    The models only the sampler calls (the UNet; every network when ``chained``) get no queue
+    policy, whatever ``limits`` say: the sampler sends each of them one request at a time per
+    sampler instance, so a queue limit there never refuses anything, while with a policy
+    Triton 2.51's batcher does not prefetch and a request sent just as the previous one
+    finished can wait for the batcher's half-second timer (README, "Served vs in-process")."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     config = mc.ModelConfig(name=spec.name)
@@ -191,7 +203,7 @@ def network_config(
         queue_delay_us = 0
     elif spec.name == "vae_decoder":  # a step's batch, arriving together
         queue_delay_us = step_queue_delay_us(target, queue_delay_us)
-    _batching(config, spec.max_batch, queue_delay_us, limits)
+    _batching(config, spec.max_batch, queue_delay_us, limits, queue_policy=not from_sampler)
     group = config.instance_group.add()
     group.count = instances
     params = dict(parameters or {})

@@ -45,6 +45,16 @@ def _delays(repo):
     }
 
 
+def _policies(repo):
+    """Which models have a queue policy (a queue limit, a timeout)."""
+    return {
+        name: read_config(repo / name / "config.pbtxt").dynamic_batching.HasField(
+            "default_queue_policy"
+        )
+        for name in (*NETWORKS, "sampler")
+    }
+
+
 def test_chain_layout_batches_once(chain_repository):
     """The sampler takes LR to SR with the encoder's checks and names the models it calls;
     cxr_sr has it as its only step; only the sampler waits for a batch to form."""
@@ -69,6 +79,13 @@ def test_chain_layout_batches_once(chain_repository):
         "vae_decoder": 0,
         "sampler": CPU_CHAIN_QUEUE_DELAY_US,
     }
+    # the queue limits where clients' requests wait; none where only the sampler calls
+    assert _policies(repo) == {
+        "vae_encoder": False,
+        "unet": False,
+        "vae_decoder": False,
+        "sampler": True,
+    }
 
 
 def test_models_layout_is_the_default_and_batches_at_every_stage(built_repository):
@@ -85,6 +102,12 @@ def test_models_layout_is_the_default_and_batches_at_every_stage(built_repositor
         "unet": 0,
         "sampler": CPU_STEP_QUEUE_DELAY_US,
         "vae_decoder": CPU_STEP_QUEUE_DELAY_US,
+    }
+    assert _policies(models_repository) == {
+        "vae_encoder": True,
+        "unet": False,
+        "sampler": True,
+        "vae_decoder": True,
     }
 
 
