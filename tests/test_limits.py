@@ -24,16 +24,23 @@ from cxr_sr.builders.triton_config import ServingLimits, read_config
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def limited_server(checkpoint, built_repository, tmp_path_factory):
-    """The tiny model with tight limits: 3 steps, 2048 LR pixels, queues of 2."""
+def _serve_with_limits(checkpoint, built_repository, folder, limits: list[str]):
+    """(server, repository): the tiny model built with the limit flags ``limits`` into
+    ``folder``, served until the generator is closed."""
     _, onnx = built_repository  # its ONNX cache: only the configs are written here
-    repo = tmp_path_factory.mktemp("limited") / "repo"
+    repo = folder / "repo"
     args = ["--checkpoint", str(checkpoint), "--out", str(repo), "--onnx-dir", str(onnx)]
-    limits = ["--max-steps", "3", "--max-request-pixels", "2048", "--max-queue-size", "2"]
     assert build.main([*args, "--max-batch", "4", "--max-side", "128", *limits]) == 0
     with TritonServer(repo, log_file=repo.parent / "triton.log") as server:
         yield server, repo
+
+
+@pytest.fixture(scope="module")
+def limited_server(checkpoint, built_repository, tmp_path_factory):
+    """The tiny model with tight limits: 3 steps, 2048 LR pixels, queues of 2."""
+    limits = ["--max-steps", "3", "--max-request-pixels", "2048", "--max-queue-size", "2"]
+    folder = tmp_path_factory.mktemp("limited")
+    yield from _serve_with_limits(checkpoint, built_repository, folder, limits)
 
 
 def _input(lr: np.ndarray, name: str = "LR") -> grpcclient.InferInput:
@@ -51,11 +58,35 @@ def _infer(url: str, lr: np.ndarray, **params) -> np.ndarray:
     return client.infer("cxr_sr", [_input(lr)], parameters=params).as_numpy("SR")
 
 
+def _published(url: str) -> dict[str, str]:
+    """The parameters the server's cxr_sr config publishes."""
+    client = grpcclient.InferenceServerClient(url)
+    params = client.get_model_config("cxr_sr", as_json=True)["config"]["parameters"]
+    return {k: v["string_value"] for k, v in params.items()}
+
+
+def _burst(url: str, n: int = 16) -> dict[int, np.ndarray | InferenceServerException]:
+    """``n`` requests sent at once (request i: LR crop seed i, 3 steps, seed i): i -> its SR
+    or its error."""
+    results: dict[int, np.ndarray | InferenceServerException] = {}
+
+    def send(i: int) -> None:
+        try:
+            results[i] = _infer(url, _lr(1, 32, seed=i), steps=3, seed=i)
+        except InferenceServerException as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
 def test_limits_are_published_in_the_config(limited_server):
     server, repo = limited_server
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    params = client.get_model_config("cxr_sr", as_json=True)["config"]["parameters"]
-    published = {k: v["string_value"] for k, v in params.items()}
+    published = _published(server.grpc_url)
     assert published["max_steps"] == "3" and published["max_request_pixels"] == "2048"
     assert published["max_queue_size"] == "2" and published["queue_timeout_s"] == "120"
     for model in ("vae_encoder", "sampler", "vae_decoder"):
@@ -102,45 +133,27 @@ def test_limits_reject_nonsense_at_build_time():
 @pytest.fixture(scope="module")
 def unlimited_server(checkpoint, built_repository, tmp_path_factory):
     """The tiny model built with ``--max-queue-size 0 --queue-timeout-s 0``."""
-    _, onnx = built_repository
-    repo = tmp_path_factory.mktemp("unlimited") / "repo"
-    args = ["--checkpoint", str(checkpoint), "--out", str(repo), "--onnx-dir", str(onnx)]
     limits = ["--max-queue-size", "0", "--queue-timeout-s", "0"]
-    assert build.main([*args, "--max-batch", "4", "--max-side", "128", *limits]) == 0
-    with TritonServer(repo, log_file=repo.parent / "triton.log") as server:
-        yield server, repo
+    folder = tmp_path_factory.mktemp("unlimited")
+    yield from _serve_with_limits(checkpoint, built_repository, folder, limits)
 
 
 def test_without_queue_limits_there_is_no_queue_policy_and_a_burst_is_served(unlimited_server):
     """No queue policy in any model (what lets Triton's batcher prefetch); the burst that a
     queue of 2 partly rejects is served whole, each result equal to the request sent alone."""
     server, repo = unlimited_server
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    params = client.get_model_config("cxr_sr", as_json=True)["config"]["parameters"]
-    published = {k: v["string_value"] for k, v in params.items()}
+    published = _published(server.grpc_url)
     assert published["max_queue_size"] == "0" and published["queue_timeout_s"] == "0"
     for model in ("vae_encoder", "sampler", "unet", "vae_decoder"):
         batching = read_config(repo / model / "config.pbtxt").dynamic_batching
         assert not batching.HasField("default_queue_policy"), model
 
-    lrs = [_lr(1, 32, seed=i) for i in range(16)]
-    results: dict[int, object] = {}
-
-    def send(i: int) -> None:
-        try:
-            results[i] = _infer(server.grpc_url, lrs[i], steps=3, seed=i)
-        except InferenceServerException as err:
-            results[i] = err
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = _burst(server.grpc_url)
     failed = {i: r for i, r in results.items() if not isinstance(r, np.ndarray)}
     assert len(results) == 16 and not failed, failed
     for i in (0, 7, 15):
-        np.testing.assert_array_equal(results[i], _infer(server.grpc_url, lrs[i], steps=3, seed=i))
+        alone = _infer(server.grpc_url, _lr(1, 32, seed=i), steps=3, seed=i)
+        np.testing.assert_array_equal(results[i], alone)
 
 
 def test_too_many_steps_or_pixels_get_invalid_arg_naming_the_limit(limited_server):
@@ -156,24 +169,8 @@ def test_too_many_steps_or_pixels_get_invalid_arg_naming_the_limit(limited_serve
 
 def test_a_full_queue_is_a_clear_rejection_and_the_server_goes_on(limited_server):
     server, _ = limited_server
-    outcomes: list[str] = []
-    lock = threading.Lock()
-
-    def send(i: int) -> None:
-        try:
-            _infer(server.grpc_url, _lr(1, 32, seed=i), steps=3, seed=i)
-            result = "ok"
-        except InferenceServerException as err:
-            result = err.message()
-        with lock:
-            outcomes.append(result)
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    rejected = [o for o in outcomes if o != "ok"]
+    outcomes = _burst(server.grpc_url)
+    rejected = [r.message() for r in outcomes.values() if not isinstance(r, np.ndarray)]
     assert len(outcomes) == 16
     assert rejected, "16 concurrent requests never filled a queue of 2"
     assert all("Exceeds maximum queue size" in o for o in rejected), rejected
