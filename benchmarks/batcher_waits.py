@@ -16,15 +16,15 @@ trace, so the UNet is there too) it reports the batches it executed (the request
 ``COMPUTE_START``), how long requests waited in its queue, and **idle waits**: queue time
 during which no batch of that model was executing. A dynamic batcher with a free instance
 dispatches within its ``max_queue_delay_microseconds``, so an idle wait far beyond that is a
-batcher that was not woken. For a model with a queue policy (a queue limit or a timeout, the
-builder's default), Triton 2.51's batcher does not prefetch: a new request wakes it only when
-an instance is waiting for work, so a request that arrives while the model's only instance is
-still busy is picked up when the next request comes or when the batcher thread's own timer
-runs out, half a second after it last found the queue empty. Where client requests arrive at
-a model that is still busy (the cpu target's ``chain`` layout, whose sampler answers the
-clients itself), that timer shows as waits of ~500 ms. Without a queue policy (``builders.build
---max-queue-size 0 --queue-timeout-s 0``) the batcher forms the next batch while the instance
-is busy, and these waits are gone.
+batcher that was not woken. For a model with a queue policy (a queue limit or a timeout: by
+default the models where requests are admitted), Triton 2.51's batcher does not prefetch: a
+new request wakes it only when an instance is waiting for work, so a request that arrives
+while the model's only instance is still busy is picked up when the next request comes or
+when the batcher thread's own timer runs out, half a second after it last found the queue
+empty. Where client requests arrive at a model that is still busy (the cpu target's
+``chain`` layout, whose sampler answers the clients itself), that timer shows as waits of
+~500 ms. Without a queue policy (``builders.build --max-queue-size 0 --queue-timeout-s 0``)
+the batcher forms the next batch while the instance is busy, and these waits are gone.
 
 Writes ``outputs/batcher_waits.json`` (per model: counts, queue-time percentiles, each idle
 wait longer than ``--min-idle-ms`` with its time, queue time and batch size) and where a

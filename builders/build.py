@@ -551,17 +551,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--max-queue-size",
         type=int,
         default=DEFAULT_LIMITS.max_queue_size,
-        help="requests waiting in each model's queue; more are rejected at once; 0: no "
-        "limit. With this and --queue-timeout-s both 0 the models get no queue policy, which "
-        "lets Triton 2.51's batcher form the next batch while an instance is busy: no "
-        "requests held ~0.5 s under sustained load, but no rejection of a flood either "
+        help="requests waiting in the queue of each model where requests are admitted, "
+        "before the UNet loop (vae_encoder and the sampler; the sampler alone in the chain "
+        "layout); more are rejected at once; 0: no limit. With this and --queue-timeout-s "
+        "both 0 no model gets a queue policy, which lets Triton 2.51's batcher form the "
+        "next batch while an instance is busy: no requests held ~0.5 s under sustained "
+        "load, but no rejection of a flood either "
         "(README, Served vs in-process; default: %(default)s)",
     )
     limits.add_argument(
         "--queue-timeout-s",
         type=float,
         default=DEFAULT_LIMITS.queue_timeout_s,
-        help="a request waiting longer in a model's queue is rejected; 0: no timeout "
+        help="a request waiting longer in such a queue is rejected; 0: no timeout "
         "(default: %(default)s)",
     )
     p.add_argument(

@@ -55,11 +55,12 @@ class ServingLimits:
     ``max_steps``: steps per request (the sampler answers INVALID_ARG above it).
     ``max_request_pixels``: LR pixels per request, N x H x W with sides padded to the
     encoder's multiple (INVALID_ARG above it); None: 4 images of the largest side.
-    ``max_queue_size``: requests waiting in each model's queue; one more is rejected at once
-    (UNAVAILABLE, "Exceeds maximum queue size"). ``queue_timeout_s``: a request waiting longer
-    than this in a model's queue is rejected; a client may ask for less with the ``timeout``
-    request parameter (microseconds; Triton's own). 0 turns either off; with both off the
-    models get no queue policy at all (:attr:`queue_policy`).
+    ``max_queue_size``: requests waiting in the queue of each model that admits requests
+    (``vae_encoder`` and the sampler; the sampler alone in the chain layout); one more is
+    rejected at once (UNAVAILABLE, "Exceeds maximum queue size"). ``queue_timeout_s``: a
+    request waiting longer than this in such a queue is rejected; a client may ask for less
+    with the ``timeout`` request parameter (microseconds; Triton's own). 0 turns either off;
+    with both off no model gets a queue policy (:attr:`queue_policy`).
     """
 
     max_steps: int = 50
@@ -79,11 +80,11 @@ class ServingLimits:
 
     @property
     def queue_policy(self) -> bool:
-        """Whether the models get a queue policy (a queue limit or a timeout). Triton 2.51's
-        dynamic batcher forms the next batch while an instance is busy (prefetching) only for
-        a model without one; with one, a request that arrives while the model's instance is
-        still busy is not picked up until the next request arrives or the batcher's own
-        half-second timer runs out (README, "Served vs in-process")."""
+        """Whether the models that admit requests get a queue policy (a queue limit or a
+        timeout). Triton 2.51's dynamic batcher forms the next batch while an instance is busy
+        (prefetching) only for a model without one; with one, a request that arrives while the
+        model's instance is still busy is not picked up until the next request arrives or the
+        batcher's own half-second timer runs out (README, "Served vs in-process")."""
         return bool(self.max_queue_size or self.queue_timeout_s)
 
     def request_pixels(self, max_side: int) -> int:
@@ -188,11 +189,16 @@ def network_config(
     ``chained`` (the cpu target's chain layout: the sampler calls them all); ``vae_decoder``,
     fed by the sampler step, waits :func:`step_queue_delay_us` of it.
 
-    The models only the sampler calls (the UNet; every network when ``chained``) get no queue
-    policy, whatever ``limits`` say: the sampler sends each of them one request at a time per
-    sampler instance, so a queue limit there never refuses anything, while with a policy
-    Triton 2.51's batcher does not prefetch and a request sent just as the previous one
-    finished can wait for the batcher's half-second timer (README, "Served vs in-process")."""
+    Only ``vae_encoder`` of the three gets ``limits``' queue policy, where clients' requests
+    enter (the sampler has it too, :func:`sampler_config`), and only when not ``chained``:
+    - the models only the sampler calls (the UNet; every network when ``chained``) get none,
+      whatever ``limits`` say: the sampler sends each of them one request at a time per
+      sampler instance, so a queue limit there never refuses anything, while with a policy
+      Triton 2.51's batcher does not prefetch and a request sent just as the previous one
+      finished can wait for the batcher's half-second timer (README, "Served vs in-process");
+    - ``vae_decoder`` gets none: its requests have been through the sampler's loop, and a
+      refusal there would throw that work away (README, Limits: under overload a quarter of
+      the sampler's runs were)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     config = mc.ModelConfig(name=spec.name)
@@ -203,7 +209,9 @@ def network_config(
         queue_delay_us = 0
     elif spec.name == "vae_decoder":  # a step's batch, arriving together
         queue_delay_us = step_queue_delay_us(target, queue_delay_us)
-    _batching(config, spec.max_batch, queue_delay_us, limits, queue_policy=not from_sampler)
+    # the limits refuse a request before its UNet loop, never after it
+    admits = not from_sampler and spec.name != "vae_decoder"
+    _batching(config, spec.max_batch, queue_delay_us, limits, queue_policy=admits)
     group = config.instance_group.add()
     group.count = instances
     params = dict(parameters or {})

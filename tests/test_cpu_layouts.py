@@ -107,7 +107,7 @@ def test_models_layout_is_the_default_and_batches_at_every_stage(built_repositor
         "vae_encoder": True,
         "unet": False,
         "sampler": True,
-        "vae_decoder": True,
+        "vae_decoder": False,
     }
 
 

@@ -89,13 +89,15 @@ def test_limits_are_published_in_the_config(limited_server):
     published = _published(server.grpc_url)
     assert published["max_steps"] == "3" and published["max_request_pixels"] == "2048"
     assert published["max_queue_size"] == "2" and published["queue_timeout_s"] == "120"
-    for model in ("vae_encoder", "sampler", "vae_decoder"):
+    for model in ("vae_encoder", "sampler"):
         policy = read_config(repo / model / "config.pbtxt").dynamic_batching.default_queue_policy
         assert policy.max_queue_size == 2 and policy.default_timeout_microseconds == 120_000_000
         assert policy.allow_timeout_override
-    # only the sampler calls the UNet, one request at a time: no queue policy there
-    unet = read_config(repo / "unet" / "config.pbtxt").dynamic_batching
-    assert not unet.HasField("default_queue_policy")
+    # none where a refusal would waste work done (vae_decoder) or could never happen (the UNet,
+    # which only the sampler calls, one request at a time)
+    for model in ("unet", "vae_decoder"):
+        batching = read_config(repo / model / "config.pbtxt").dynamic_batching
+        assert not batching.HasField("default_queue_policy"), model
 
 
 def test_the_client_splits_a_batch_to_fit_the_request_pixel_limit(limited_server):
