@@ -60,6 +60,7 @@ from benchmarks.common import (
     lr_crops,
     positive_ints,
     repository_sampling,
+    server_log,
     server_version,
     software_versions,
     table,
@@ -477,8 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from cxr_sr.builders.serve import TritonServer
 
-            log = args.out.with_name(args.out.stem + "_triton.log")
-            log.parent.mkdir(parents=True, exist_ok=True)
+            log = server_log(args.out)
             env_before = os.environ.get(THREADS_ENV)
             if threads is not None:
                 os.environ[THREADS_ENV] = str(threads)  # the server's models inherit it

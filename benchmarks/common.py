@@ -239,12 +239,27 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
 DEFAULT_REPOSITORY = Path("build/model_repository_cpu")  # what `make build` writes
 
 
+def server_log(report: str | Path) -> Path:
+    """Where a benchmark that starts tritonserver writes its log: next to the report
+    (``outputs/soak.json`` -> ``outputs/soak_triton.log``), the folder created."""
+    report = Path(report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    return report.with_name(report.stem + "_triton.log")
+
+
 def benchmark_parser(
-    name: str, doc: str | None, repository: str | None = None
+    name: str,
+    doc: str | None,
+    repository: str | None = None,
+    *,
+    steps: int | None = None,
+    report: str | None = None,
 ) -> argparse.ArgumentParser:
     """A benchmark's argument parser: ``python -m benchmarks.<name>``, its module docstring
     as the help text, and, given ``repository`` (what the script does with one), a
-    ``--repository`` option that defaults to the cpu build of ``make build``."""
+    ``--repository`` option that defaults to the cpu build of ``make build``; given
+    ``steps``, a ``--steps`` option (sampling steps per request) with that default; given
+    ``report`` (a path), an ``--out`` option for the report file with that default."""
     p = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{name}",
         description=doc,
@@ -256,6 +271,17 @@ def benchmark_parser(
             type=Path,
             default=DEFAULT_REPOSITORY,
             help=f"{repository} (default: %(default)s)",
+        )
+    if steps is not None:
+        p.add_argument(
+            "--steps",
+            type=int,
+            default=steps,
+            help="sampling steps per request (default: %(default)s)",
+        )
+    if report is not None:
+        p.add_argument(
+            "--out", type=Path, default=Path(report), help="report file (default: %(default)s)"
         )
     return p
 

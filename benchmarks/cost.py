@@ -41,6 +41,7 @@ from benchmarks.common import (
     device_info,
     lr_crops,
     positive_ints,
+    server_log,
     server_version,
     software_versions,
     table,
@@ -341,8 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from cxr_sr.builders.serve import TritonServer
 
-            log = args.out.with_name(args.out.stem + "_triton.log")
-            log.parent.mkdir(parents=True, exist_ok=True)
+            log = server_log(args.out)
             with TritonServer(args.repository, log_file=log) as server:
                 triton = server_version(server.grpc_url)
                 report = run(

@@ -50,6 +50,7 @@ from benchmarks.common import (
     lr_crops,
     lr_images,
     positive_ints,
+    server_log,
     server_version,
     software_versions,
     table,
@@ -321,7 +322,9 @@ STAT_TIMES = ("queue", "compute_input", "compute_infer", "compute_output")
 def model_statistics(url: str) -> dict[str, dict[str, int]] | None:
     """Every loaded model's cumulative counters from the server's statistics (gRPC), summed
     over its versions: ``requests`` (images), ``executions`` (batches the model ran),
-    ``failed`` and the ns of each of :data:`STAT_TIMES`; None when they cannot be read."""
+    ``failed``, the ns of each of :data:`STAT_TIMES` (per request: a batch's time counts once
+    for each of its requests) and ``busy_ns``, the compute time of its executions (each batch
+    once); None when they cannot be read."""
     try:
         import tritonclient.grpc as grpcclient
 
@@ -330,7 +333,7 @@ def model_statistics(url: str) -> dict[str, dict[str, int]] | None:
         return None
     out: dict[str, dict[str, int]] = {}
     for m in stats.get("model_stats", []):
-        keys = ("requests", "executions", "failed", *(f"{k}_ns" for k in STAT_TIMES))
+        keys = ("requests", "executions", "failed", *(f"{k}_ns" for k in STAT_TIMES), "busy_ns")
         c = out.setdefault(m["name"], dict.fromkeys(keys, 0))
         inference = m.get("inference_stats", {})
         c["requests"] += int(m.get("inference_count", 0))
@@ -338,6 +341,8 @@ def model_statistics(url: str) -> dict[str, dict[str, int]] | None:
         c["failed"] += int(inference.get("fail", {}).get("count", 0))
         for k in STAT_TIMES:
             c[f"{k}_ns"] += int(inference.get(k, {}).get("ns", 0))
+        for size in m.get("batch_stats", []):
+            c["busy_ns"] += int(size.get("compute_infer", {}).get("ns", 0))
     return out
 
 
@@ -779,8 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from cxr_sr.builders.serve import TritonServer
 
-            log = args.out.with_name(args.out.stem + "_triton.log")
-            log.parent.mkdir(parents=True, exist_ok=True)
+            log = server_log(args.out)
             with TritonServer(args.repository, log_file=log) as server:
                 url = server.grpc_url
                 triton = server_version(url)

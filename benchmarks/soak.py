@@ -46,6 +46,7 @@ from benchmarks.common import (
     device_info,
     lr_crops,
     positive_ints,
+    server_log,
     server_version,
     software_versions,
     table,
@@ -383,7 +384,13 @@ def memory_rows(report: dict[str, Any]) -> list[list[Any]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = benchmark_parser("soak", __doc__, "built repository to serve")
+    p = benchmark_parser(
+        "soak",
+        __doc__,
+        "built repository to serve",
+        steps=DEFAULT_PARAMETERS["steps"],
+        report="outputs/soak.json",
+    )
     p.add_argument(
         "--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)"
     )
@@ -413,12 +420,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="real LR crops per size (default: %(default)s)",
     )
     p.add_argument(
-        "--steps",
-        type=int,
-        default=DEFAULT_PARAMETERS["steps"],
-        help="sampling steps per request (default: %(default)s)",
-    )
-    p.add_argument(
         "--max-growth",
         type=float,
         default=0.10,
@@ -426,12 +427,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(default: %(default)s)",
     )
     p.add_argument("--interval-s", type=float, default=2.0, help="seconds between memory samples")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("outputs/soak.json"),
-        help="report file (default: %(default)s)",
-    )
     args = p.parse_args(argv)
     if args.concurrency < 1 or args.images_per_size < 1 or args.steps < 1:
         p.error("--concurrency, --images-per-size and --steps must be >= 1")
@@ -443,8 +438,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     parameters = {**DEFAULT_PARAMETERS, "steps": args.steps}
-    log = args.out.with_name(args.out.stem + "_triton.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
+    log = server_log(args.out)
     print(
         f"[soak] {args.repository}: concurrency {args.concurrency} for {args.duration_s:g} s, "
         f"LR sides {','.join(map(str, args.sizes))}, warm-up {args.warmup_s:g} s",

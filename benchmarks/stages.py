@@ -38,6 +38,7 @@ from benchmarks.common import (
     lr_images,
     positive_ints,
     repository_sampling,
+    server_log,
     server_version,
     software_versions,
     table,
@@ -301,8 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 from cxr_sr.builders.serve import TritonServer
 
-                log = args.out.with_name(args.out.stem + "_triton.log")
-                log.parent.mkdir(parents=True, exist_ok=True)
+                log = server_log(args.out)
                 with TritonServer(args.repository, log_file=log) as server:
                     triton = server_version(server.grpc_url)
                     results["server"] = server_timings(server.grpc_url, lr, *timing)
