@@ -82,7 +82,7 @@ perf: build install ## perf_analyzer sweep, concurrency 1-16, LR 64 and 128 -> o
 	$(BIN)/python -m benchmarks.perf --repository $(REPO) --sizes 64,128 --concurrency 1,2,4,8,16 \
 	  --measurement-ms 4000 --max-trials 5
 
-bench-more: build install ## memory by LR size, client tiling, stage timings, VAE cost, int8 vs float32, sampling noise, cpu lanes, batcher waits -> outputs/cost.json, bench_stages.json, vae_cost.json, quantize.json, noise.json, lanes.json, batcher_waits.json
+bench-more: build install ## memory by LR size, client tiling, stage timings, VAE cost, int8 vs float32, sampling noise, cpu lanes, batcher waits, overload -> outputs/cost.json, bench_stages.json, vae_cost.json, quantize.json, noise.json, lanes.json, batcher_waits.json, overload.json
 	$(BIN)/python -m benchmarks.cost --repository $(REPO) --out outputs/cost.json
 	$(BIN)/python -m benchmarks.stages --repository $(REPO)
 	$(BIN)/python -m benchmarks.vae_cost --checkpoint $(CKPT) --out outputs/vae_cost.json
@@ -90,6 +90,7 @@ bench-more: build install ## memory by LR size, client tiling, stage timings, VA
 	$(BIN)/python -m benchmarks.noise --out outputs/noise.json
 	$(BIN)/python -m benchmarks.lanes --repository $(REPO) --out outputs/lanes.json
 	$(BIN)/python -m benchmarks.batcher_waits --repository $(REPO) --out outputs/batcher_waits.json
+	$(BIN)/python -m benchmarks.overload --repository $(REPO) --out outputs/overload.json
 
 soak: build install ## perf_analyzer at concurrency 8 for 3 min, mixed LR sizes, memory of every process -> outputs/soak.json
 	$(BIN)/python -m benchmarks.soak --repository $(REPO) --out outputs/soak.json
