@@ -110,6 +110,9 @@ def flood(
                 if REFUSED in message:
                     time.sleep(backoff_s * rng.uniform(0.5, 1.5))
                 continue
+            except Exception as err:  # noqa: BLE001 - a client-side failure is an outcome too
+                outcomes.add(None, f"{type(err).__name__}: {err}")
+                continue
             outcomes.add(time.perf_counter() - sent, None)
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
