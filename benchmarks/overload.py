@@ -49,8 +49,9 @@ from benchmarks.common import (
     table,
     write_json,
 )
-from benchmarks.perf import DEFAULT_PARAMETERS, model_statistics
+from benchmarks.perf import DEFAULT_PARAMETERS, model_activity, model_statistics
 from cxr_sr.builders.serve import TritonServer
+from cxr_sr.builders.triton_config import DEFAULT_LIMITS
 
 MODEL = "cxr_sr"
 PIPELINE = ("vae_encoder", "sampler", "vae_decoder")  # in the order a request meets them
@@ -67,14 +68,17 @@ class Outcomes:
     errors: collections.Counter = field(default_factory=collections.Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, latency_s: float | None, error: str | None) -> None:
+    def add(self, latency_s: float | None, error: str | None) -> bool:
+        """Count one outcome; True when it was a queue refusal."""
         with self.lock:
             if error is None:
                 self.latencies_s.append(latency_s)
             elif REFUSED in error:
                 self.refused += 1
+                return True
             else:
                 self.errors[error[:200]] += 1
+        return False
 
 
 def flood(
@@ -105,9 +109,7 @@ def flood(
             try:
                 triton.infer(MODEL, inputs, parameters=parameters, client_timeout=600)
             except InferenceServerException as err:
-                message = str(err.message())
-                outcomes.add(None, message)
-                if REFUSED in message:
+                if outcomes.add(None, str(err.message())):
                     time.sleep(backoff_s * rng.uniform(0.5, 1.5))
                 continue
             except Exception as err:  # noqa: BLE001 - a client-side failure is an outcome too
@@ -131,24 +133,22 @@ def model_rows(
     executions, mean batch, queue ms per image, compute ms per image (the model's busy time,
     each batch once, over the images it ran: an image's share of its batch) and
     ``discarded_compute_s``, the share of that busy time the discarded images took."""
+    activity = model_activity(before, after) or {}
+    idle = {"requests": 0, "executions": 0, "mean_batch": None, "queue_ms": None, "busy_ms": None}
     rows = {}
     for name in PIPELINE:
         if name not in before or name not in after:
             continue
-        a, b = after[name], before[name]
-        images = a["requests"] - b["requests"]
-        runs = a["executions"] - b["executions"]
-        discarded = max(0, images - served)
-        busy_ms = (a["busy_ns"] - b["busy_ns"]) / 1e6
-        compute_ms = busy_ms / images if images else None
+        done = activity.get(name, idle)  # a model that ran nothing is left out of activity
+        discarded = max(0, done["requests"] - served)
         rows[name] = {
-            "images": images,
+            "images": done["requests"],
             "discarded": discarded,
-            "executions": runs,
-            "mean_batch": images / runs if runs else None,
-            "queue_ms": (a["queue_ns"] - b["queue_ns"]) / images / 1e6 if images else None,
-            "compute_ms": compute_ms,
-            "discarded_compute_s": discarded * (compute_ms or 0.0) / 1e3,
+            "executions": done["executions"],
+            "mean_batch": done["mean_batch"],
+            "queue_ms": done["queue_ms"],
+            "compute_ms": done["busy_ms"],
+            "discarded_compute_s": discarded * (done["busy_ms"] or 0.0) / 1e3,
         }
     return rows
 
@@ -223,8 +223,8 @@ def overload(
     log: Path | None = None,
 ) -> dict[str, Any]:
     """Serve ``repository``, warm it, flood it (:func:`flood`) and summarise (:func:`summarise`);
-    ``clients`` None: :data:`CLIENTS_PER_QUEUE_SLOT` per published queue slot (64 without
-    one)."""
+    ``clients`` None: :data:`CLIENTS_PER_QUEUE_SLOT` per published queue slot (the builder's
+    default size without one)."""
     lr = lr_crops(size, images)
     with TritonServer(repository, log_file=log) as server:
         url = server.grpc_url
@@ -232,7 +232,7 @@ def overload(
         for x in lr[:2]:  # warm every model at this size
             triton.infer(MODEL, grpc_inputs({"LR": x[None]}), parameters=parameters)
         queue = published_queue_size(url)
-        clients = clients or CLIENTS_PER_QUEUE_SLOT * (queue or 64)
+        clients = clients or CLIENTS_PER_QUEUE_SLOT * (queue or DEFAULT_LIMITS.max_queue_size)
         before = model_statistics(url)
         outcomes, elapsed = flood(url, lr, parameters, clients, duration_s, backoff_s)
         after = settled_statistics(url)

@@ -356,9 +356,11 @@ def model_activity(
     before: Mapping[str, Mapping[str, int]] | None, after: Mapping[str, Mapping[str, int]] | None
 ) -> dict[str, dict[str, float]] | None:
     """What each model did between two :func:`model_statistics` snapshots: ``requests``,
-    ``mean_batch`` (images per execution: what the dynamic batcher formed) and, per request,
-    ms queued and in compute (input, infer, output: a batch's time counts once for each of
-    its requests). Models that served nothing are left out; None when a snapshot is."""
+    ``executions``, ``mean_batch`` (images per execution: what the dynamic batcher formed)
+    and, per request, ms queued and in compute (input, infer, output: a batch's time counts
+    once for each of its requests) and ``busy_ms``, the request's share of the model's busy
+    time (each batch once). Models that served nothing are left out; None when a snapshot
+    is."""
     if before is None or after is None:
         return None
     activity = {}
@@ -368,9 +370,9 @@ def model_activity(
         if n <= 0:
             continue
         runs = a["executions"] - b.get("executions", 0)
-        row = {"requests": n, "mean_batch": n / runs if runs > 0 else None}
-        for k in STAT_TIMES:
-            row[f"{k}_ms"] = (a[f"{k}_ns"] - b.get(f"{k}_ns", 0)) / n / 1e6
+        row = {"requests": n, "executions": runs, "mean_batch": n / runs if runs > 0 else None}
+        for k in (*STAT_TIMES, "busy"):
+            row[f"{k}_ms"] = (a.get(f"{k}_ns", 0) - b.get(f"{k}_ns", 0)) / n / 1e6
         activity[name] = row
     return activity
 
