@@ -55,6 +55,7 @@ def build_engine(
             "TensorRT is not importable here. Build GPU engines inside an NGC container "
             "(e.g. nvcr.io/nvidia/tritonserver:24.10-py3, TensorRT 10.5), see docker/README.md."
         )
+    import tensorrt
     from polygraphy.backend.trt import (
         CreateConfig,
         Profile,
@@ -66,9 +67,10 @@ def build_engine(
     profile = Profile()
     for name, lo, opt, hi in profile_shapes(spec):
         profile.add(name, min=lo, opt=opt, max=hi)
-    config = CreateConfig(
-        fp16=fp16, profiles=[profile], memory_pool_limits={"WORKSPACE": int(workspace_gib * 2**30)}
-    )
+    # polygraphy hands each key to IBuilderConfig.set_memory_pool_limit, which takes the enum
+    # member only (a "WORKSPACE" string is a TypeError there).
+    workspace = {tensorrt.MemoryPoolType.WORKSPACE: int(workspace_gib * 2**30)}
+    config = CreateConfig(fp16=fp16, profiles=[profile], memory_pool_limits=workspace)
     engine = engine_from_network(network_from_onnx_path(str(onnx_path)), config=config)
     plan_path = Path(plan_path)
     plan_path.parent.mkdir(parents=True, exist_ok=True)

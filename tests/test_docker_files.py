@@ -8,16 +8,19 @@ NGC images are the release whose Triton is the embedded server's (24.10 <-> 2.51
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cxr_sr.builders import trt
+from cxr_sr.builders.specs import Geometry, network_specs
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 EMBEDDED_TRITON = "2.51"  # tritonserver in nvidia-pytriton 0.7.0 (docs/design.md)
@@ -137,6 +140,56 @@ def test_check_plan_version_match_and_mismatch(tmp_path):
         trt.check_plan_version(plan, "10.6.0")
     with pytest.raises(RuntimeError, match="none is installed"):
         trt.check_plan_version(plan, None)
+
+
+def _unet_spec():
+    geometry = Geometry(vae_factor=8, multiple=8, min_side=16, max_side=256)
+    return network_specs(4, geometry, max_batch=8)["unet"]
+
+
+def test_build_engine_without_tensorrt_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    with pytest.raises(RuntimeError, match="TensorRT is not importable here.*NGC container"):
+        trt.build_engine(tmp_path / "unet.onnx", _unet_spec(), tmp_path / "model.plan")
+    assert not (tmp_path / "model.plan.json").exists()
+
+
+def test_build_engine_hands_polygraphy_the_spec_profile(tmp_path, monkeypatch):
+    """The glue between the spec and polygraphy, with TensorRT's own calls replaced (the
+    engine build itself needs TensorRT and a GPU: docker/README.md). The workspace limit must
+    be keyed by ``tensorrt.MemoryPoolType.WORKSPACE``: TensorRT's ``set_memory_pool_limit``,
+    which polygraphy calls with each key, refuses anything else."""
+    from polygraphy.backend import trt as poly
+
+    class MemoryPoolType(enum.Enum):
+        WORKSPACE = 0
+
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "10.5.0.18"
+    fake.MemoryPoolType = MemoryPoolType
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    calls = {}
+    monkeypatch.setattr(poly, "network_from_onnx_path", lambda path: ("network", path))
+    monkeypatch.setattr(
+        poly, "engine_from_network", lambda net, config: calls.update(net=net, config=config)
+    )
+    monkeypatch.setattr(poly, "save_engine", lambda engine, path: Path(path).write_bytes(b"x"))
+
+    spec = _unet_spec()
+    plan = trt.build_engine(tmp_path / "unet.onnx", spec, tmp_path / "1" / "model.plan")
+
+    assert plan == tmp_path / "1" / "model.plan" and plan.read_bytes() == b"x"
+    assert calls["net"] == ("network", str(tmp_path / "unet.onnx"))
+    config = calls["config"]
+    assert config.fp16 is True
+    assert config.memory_pool_limits == {MemoryPoolType.WORKSPACE: 4 * 2**30}
+    (profile,) = config.profiles
+    assert {name: tuple(shapes) for name, shapes in profile.items()} == spec.profile()
+    assert json.loads((tmp_path / "1" / "model.plan.json").read_text()) == {
+        "tensorrt": "10.5.0.18",
+        "fp16": True,
+    }
+    trt.check_plan_version(plan, "10.5.1")  # the meta it wrote is what the entrypoint checks
 
 
 def test_check_plan_version_without_meta(tmp_path):
