@@ -37,6 +37,7 @@ from cxr_sr.builders import trt
 from cxr_sr.builders.triton_config import (
     CPU_LAYOUTS,
     DEFAULT_LIMITS,
+    GPU_LOOPS,
     PRECISIONS,
     TARGETS,
     TORCH_DEVICES,
@@ -252,17 +253,20 @@ def assemble(
     cuda_graphs: bool = False,
     queue_delay_us: int | None = None,
     cpu_layout: str = "models",
+    gpu_loop: str = "torch",
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
     checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used;
     ``int8_unet``: the cpu target serves ``onnx["unet.int8"]``; ``torch_layout`` fused: the
     sampler holds the networks and ``cxr_sr`` has it as its only step; ``cpu_layout`` chain:
     the sampler takes LR and calls the three networks through BLS, and ``cxr_sr`` has it as its
-    only step)."""
+    only step; ``gpu_loop`` torch: the gpu target's sampler keeps its latents on the GPU)."""
     from cxr_sr import Schedule
 
     if torch_layout not in TORCH_LAYOUTS:
         raise ValueError(f"torch_layout must be one of {TORCH_LAYOUTS}, got {torch_layout!r}")
+    if gpu_loop not in GPU_LOOPS:
+        raise ValueError(f"gpu_loop must be one of {GPU_LOOPS}, got {gpu_loop!r}")
     if cpu_layout not in CPU_LAYOUTS:
         raise ValueError(f"cpu_layout must be one of {CPU_LAYOUTS}, got {cpu_layout!r}")
     fused = target == "torch" and torch_layout == "fused"
@@ -324,6 +328,8 @@ def assemble(
     if target == "torch":
         on_host = torch_io == "host" and not fused  # fused: nothing crosses processes
         loop = "torch-cpu" if on_host else f"torch-{torch_device}"
+    elif target == "gpu" and gpu_loop == "torch":  # the TensorRT UNet's outputs stay on the GPU
+        loop = "torch-cuda"
     if fused:
         _install_tree(checkpoint, sampler / "checkpoint")
     else:  # a rebuild into a fused-layout folder
@@ -468,6 +474,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "latency), but under sustained load with the queue limits on some requests waited "
         "~0.5 s in Triton's batcher (none with --max-queue-size 0 --queue-timeout-s 0; "
         "README, Served vs in-process; default: %(default)s)",
+    )
+    p.add_argument(
+        "--gpu-loop",
+        choices=GPU_LOOPS,
+        default="torch",
+        help="--target gpu: where the sampler's timestep loop keeps the latents. torch "
+        "(default): on the GPU between steps, as torch CUDA tensors exchanged with the TensorRT "
+        "UNet through DLPack, its outputs asked for in GPU memory, so no step copies to the "
+        "host (the runtime needs torch: docker/Dockerfile installs the [gpu] extra); numpy: "
+        "copied to the host and back at every step, for a runtime without torch",
     )
     p.add_argument(
         "--torch-layout",
@@ -630,6 +646,9 @@ def main(argv=None) -> int:
     if args.cpu_layout != "models" and args.target != "cpu":
         print("error: --cpu-layout is for --target cpu", file=sys.stderr)
         return 2
+    if args.gpu_loop != "torch" and args.target != "gpu":
+        print("error: --gpu-loop is for --target gpu", file=sys.stderr)
+        return 2
     if args.torch_layout != "models" and args.target != "torch":
         print("error: --torch-layout is for --target torch", file=sys.stderr)
         return 2
@@ -686,6 +705,7 @@ def main(argv=None) -> int:
         cuda_graphs=args.cuda_graphs,
         queue_delay_us=args.queue_delay_us,
         cpu_layout=args.cpu_layout,
+        gpu_loop=args.gpu_loop,
     )
     print(f"[repository] {args.target} target written to {out}")
     return 0

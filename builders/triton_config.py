@@ -36,6 +36,10 @@ TORCH_LAYOUTS = ("models", "fused")
 # the cpu target's layouts: chain = the sampler takes LR and calls all three networks through
 # BLS (one batching point); models = the ensemble chains encoder, sampler and decoder
 CPU_LAYOUTS = ("models", "chain")
+# the gpu target's sampler loop: torch = latents on the GPU between steps (torch CUDA tensors
+# through DLPack, the TensorRT UNet's outputs asked for in GPU memory); numpy = on the host,
+# copied there at every step (a runtime without torch)
+GPU_LOOPS = ("torch", "numpy")
 CHAINED = ("vae_encoder", "vae_decoder")  # what a chain sampler calls besides unet
 
 
@@ -282,10 +286,11 @@ def sampler_config(
 ) -> mc.ModelConfig:
     """The BLS sampler: z_lr -> z, calling ``unet`` once per step.
 
-    ``loop_device`` (the sampler's ``model.py`` has the details): ``numpy`` on the host (cpu
-    and gpu targets); ``torch-cuda`` keeps the latents on the GPU (DLPack, UNet outputs
-    requested in GPU memory: no host copy per step); ``torch-cpu``; ``torch-auto`` (the torch
-    target: CUDA where torch sees a GPU).
+    ``loop_device`` (the sampler's ``model.py`` has the details): ``numpy`` on the host (the
+    cpu target; the gpu target's ``--gpu-loop numpy``); ``torch-cuda`` keeps the latents on
+    the GPU (DLPack, UNet outputs requested in GPU memory: no host copy per step; the gpu
+    target's default); ``torch-cpu``; ``torch-auto`` (the torch target: CUDA where torch sees
+    a GPU).
 
     ``fused`` (the torch target's fused layout; all three network specs): the sampler holds
     the networks itself and takes ``LR`` to ``SR``, with the encoder's input checks;

@@ -41,6 +41,24 @@ def built(checkpoint, built_repository, tmp_path_factory):
     return {"cpu": cpu, "gpu": gpu, "onnx": onnx_dir}, args
 
 
+def test_gpu_loop_numpy_and_its_target_check(built, tmp_path, capsys):
+    """``--gpu-loop numpy``: the gpu target's sampler on the host, for a runtime without torch;
+    the option is refused on the other targets."""
+    root, args = built
+    out = tmp_path / "gpu_numpy"
+    gpu = [*args, "--target", "gpu", "--engine", "skip", "--gpu-loop", "numpy"]
+    assert build.main([*gpu, "--out", str(out)]) == 0
+    params = read_config(out / "sampler" / "config.pbtxt").parameters
+    assert params["loop_device"].string_value == "numpy"
+    assert "FORCE_CPU_ONLY_INPUT_TENSORS" not in params
+    assert read_config(out / "unet" / "config.pbtxt") == read_config(
+        root["gpu"] / "unet" / "config.pbtxt"
+    )
+    bad = [*args, "--out", str(tmp_path / "cpu"), "--gpu-loop", "numpy"]
+    assert build.main(bad) == 2
+    assert "--gpu-loop is for --target gpu" in capsys.readouterr().err
+
+
 def test_onnx_io_matches_spec(built):
     root, _ = built
     specs = network_specs(4, max_batch=4)  # 4 latent channels in the shared tiny VAE
@@ -254,6 +272,12 @@ def test_cpu_and_gpu_configs(built):
         assert [g.count for g in cpu.instance_group] == [1]
     assert [g.count for g in sampler.instance_group] == [1]
     assert not (root["gpu"] / "unet" / "1" / "model.plan").exists()  # --engine skip
+    # the gpu target's loop keeps the latents on the GPU (--gpu-loop torch, the default)
+    loop = read_config(root["gpu"] / "sampler" / "config.pbtxt").parameters
+    assert loop["loop_device"].string_value == "torch-cuda"
+    assert loop["FORCE_CPU_ONLY_INPUT_TENSORS"].string_value == "no"  # GPU inputs as they are
+    assert loop["max_batch_pixels"].string_value == str(4 * 64 * 64)  # GPU bound: a full batch
+    assert sampler.parameters["loop_device"].string_value == "numpy"  # the cpu target's
     assert (root["gpu"] / "vae_decoder" / "1" / "model.onnx").is_file()
     assert read_config(root["cpu"] / "cxr_sr" / "config.pbtxt") == read_config(
         root["gpu"] / "cxr_sr" / "config.pbtxt"

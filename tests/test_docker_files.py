@@ -68,6 +68,26 @@ def test_dockerfile_serves_the_embedded_triton(images):
     assert {rel for _, rel, _ in images} == {"24.10"}
 
 
+def test_runtime_has_torch_for_the_default_gpu_loop():
+    """The gpu target's sampler keeps its latents on the GPU as torch tensors by default, so
+    the runtime stage installs the ``[torch]`` extra, whose pin is the project's one torch."""
+    import tomllib
+
+    from cxr_sr.builders.build import parse_args
+
+    assert parse_args(["--checkpoint", "x", "--target", "gpu"]).gpu_loop == "torch"
+    runtime = (DOCKER / "Dockerfile").read_text().split(" AS runtime", 1)[1]
+    assert (
+        'pip install ".[torch]"' in runtime
+        and "import cxr_sr, cxr_sr.builders.trt, torch" in runtime
+    )
+    extras = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    (pin,) = extras["torch"]
+    assert pin.startswith("torch==") and "cxr-sr[torch]" in extras["train"]
+    assert not any(d.startswith("torch") for d in extras["train"])  # one pin, not two
+
+
 @pytest.mark.integration
 def test_dockerfile_tag_matches_the_running_embedded_server(server, images):
     """The version the embedded server reports is the one the NGC tag carries."""

@@ -397,6 +397,16 @@ def sampler_model(tmp_path, monkeypatch):
     return model
 
 
+def test_sampler_without_torch_names_the_fix(sampler_model, monkeypatch):
+    """A repository whose loop runs on torch, loaded by a server without torch, fails its
+    load with what to install or how to rebuild, not a bare ModuleNotFoundError."""
+    arrays = type(sampler_model.arrays)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(RuntimeError, match=r"needs torch.*cxr-sr\[torch\].*--gpu-loop numpy"):
+        arrays("torch-cuda")
+    assert arrays("numpy").torch is None  # the host loop needs none
+
+
 def test_sampler_rejects_only_the_bad_request_of_a_batch(sampler_model):
     z = np.random.default_rng(0).standard_normal((3, 4, 8, 8)).astype(np.float32)
     requests = [

@@ -18,10 +18,11 @@ still there (``request.is_cancelled()``): when every request of a loop was cance
 stops and answers CANCELLED.
 
 Where the loop's arrays live (config parameter ``loop_device``, written by ``builders.build``):
-``numpy`` (the cpu target) keeps them on the host; ``torch-cuda`` (the torch target on a GPU)
-keeps the latents on the GPU from the encoder's output to the decoder's input: inputs arrive
-in GPU memory (``FORCE_CPU_ONLY_INPUT_TENSORS`` "no"), tensors go to and come from ``unet``
-through DLPack with the UNet's outputs requested in GPU memory, so no step copies to the host;
+``numpy`` (the cpu target; the gpu target built with ``--gpu-loop numpy``) keeps them on the
+host; ``torch-cuda`` (the torch target on a GPU, and the gpu target) keeps the latents on the
+GPU from the encoder's output to the decoder's input: inputs arrive in GPU memory
+(``FORCE_CPU_ONLY_INPUT_TENSORS`` "no"), tensors go to and come from ``unet`` through DLPack
+with the UNet's outputs requested in GPU memory, so no step copies to the host;
 ``torch-cpu`` runs the same torch path on the CPU (the torch target without a GPU);
 ``torch-auto`` is ``torch-cuda`` where torch sees a GPU, else ``torch-cpu``.
 
@@ -339,7 +340,14 @@ class _Arrays:
         self.torch = None
         self.request_memory = {}
         if device != "numpy":
-            import torch  # only the torch target's sampler needs it
+            try:
+                import torch  # only the torch loops need it
+            except ImportError:
+                raise RuntimeError(
+                    f"loop_device {device!r} needs torch in the server's Python (pip install "
+                    "'cxr-sr[torch]'); a gpu-target repository built with --gpu-loop numpy "
+                    "loops on the host without it"
+                ) from None
 
             self.torch = torch
             if device == "torch-auto":
