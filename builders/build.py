@@ -482,7 +482,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="--target gpu: where the sampler's timestep loop keeps the latents. torch "
         "(default): on the GPU between steps, as torch CUDA tensors exchanged with the TensorRT "
         "UNet through DLPack, its outputs asked for in GPU memory, so no step copies to the "
-        "host (the runtime needs torch: docker/Dockerfile installs the [gpu] extra); numpy: "
+        "host (the runtime needs torch: docker/Dockerfile installs the [torch] extra); numpy: "
         "copied to the host and back at every step, for a runtime without torch",
     )
     p.add_argument(
