@@ -27,8 +27,10 @@ empty. Where client requests arrive at a model that is still busy (the cpu targe
 the batcher forms the next batch while the instance is busy, and these waits are gone.
 
 Writes ``outputs/batcher_waits.json`` (per model: counts, queue-time percentiles, each idle
-wait longer than ``--min-idle-ms`` with its time, queue time and batch size) and where a
-client's request spends its time (median per step: queue and compute; the rest).
+wait longer than ``--min-idle-ms`` with its time, queue time and batch size) where a
+client's request spends its time (median per step: queue and compute; the rest), and how many
+batches of a network started while another network was executing (0 with the cpu target's
+rate limiter, which runs one network at a time).
 """
 
 from __future__ import annotations
@@ -111,6 +113,22 @@ def model_batches(spans: Mapping[int, Span], model: str) -> list[Batch]:
         Batch(start, max(s.ns["COMPUTE_END"] for s in group), [s.ns["QUEUE_START"] for s in group])
         for start, group in sorted(grouped.items())
     ]
+
+
+NETWORKS = ("vae_encoder", "unet", "vae_decoder")  # the models that run onnxruntime
+
+
+def overlapping_batches(spans: Mapping[int, Span], models: Sequence[str] = NETWORKS) -> int:
+    """How many batches of ``models`` started while a batch of another of them was still
+    executing: 0 when the networks run one at a time (the cpu target's rate limiter,
+    ``builders.build --cpu-rate-limit``)."""
+    batches = sorted((b.start, b.end, m) for m in models for b in model_batches(spans, m))
+    count, running = 0, []  # (end, model) of the batches still executing
+    for start, end, model in batches:
+        running = [(e, m) for e, m in running if e > start]
+        count += any(m != model for _, m in running)
+        running.append((end, model))
+    return count
 
 
 def idle_ns(begin: int, end: int, busy: Sequence[tuple[int, int]]) -> int:
@@ -303,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     report = analyse(spans, args.min_idle_ms)
     breakdown = request_breakdown(spans)
+    overlapping = overlapping_batches(spans)
     device, versions = device_info(), software_versions(triton)
     print(describe(device, versions))
     if perf:
@@ -314,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in r["idle_waits"]:
             print(f"  {model}: batch of {w['batch']} at {w['at_ms']} ms queued "
                   f"{w['queued_ms']} ms, {w['idle_ms']} ms of it with {model} idle")  # fmt: skip
+    print(f"network batches started while another network was executing: {overlapping}")
     if breakdown:
         print(f"a request's time, median of {breakdown['requests']} (ms):")
         print(table(["part", "ms"], [[k.removesuffix("_ms"), v] for k, v in breakdown.items()
@@ -334,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": versions,
         "perf": perf,
         "models": report,
+        "overlapping_network_batches": overlapping,
         "request_breakdown": breakdown,
     }
     print(f"wrote {write_json(args.out, payload)}")

@@ -24,6 +24,10 @@ key on its command line, so it is in tritonserver's argv (readable in ``/proc`` 
 user and root); it is never printed or logged, and is removed from the environment the server
 and its stubs inherit. gRPC TLS: ``--grpc-tls-cert`` / ``--grpc-tls-key`` (and
 ``--grpc-tls-ca`` for client certificates).
+
+Scheduling: a repository whose models ask Triton's rate limiter for resources (the cpu
+target's networks: one runs at a time) is served with ``--rate-limit=execution_count``,
+unless the arguments after ``--`` set ``--rate-limit`` themselves.
 """
 
 from __future__ import annotations
@@ -229,6 +233,14 @@ def backend_dir(root: Path, dest: Path) -> Path:
     return dest
 
 
+def rate_limited(repository: str | Path) -> bool:
+    """Whether a model of ``repository`` asks Triton's rate limiter for resources (the cpu
+    target's networks, ``builders.build --cpu-rate-limit``): such a repository is served with
+    ``--rate-limit=execution_count``, without which Triton ignores the resources."""
+    configs = Path(repository).glob("*/config.pbtxt")
+    return any(re.search(r"^\s*rate_limiter\s*\{", c.read_text(), re.M) for c in configs)
+
+
 class TritonServer:
     """A tritonserver process on 127.0.0.1; ``with TritonServer(repo) as s: s.http_url``.
 
@@ -339,6 +351,9 @@ class TritonServer:
             ]
         if self.grpc_tls is not None:
             cmd += self.grpc_tls.args()
+        own = any(a.startswith("--rate-limit=") or a == "--rate-limit" for a in self.extra_args)
+        if not own and rate_limited(self.repository):
+            cmd.append("--rate-limit=execution_count")  # the resources mean nothing without it
         return [*cmd, *self.extra_args]
 
     def redacted(self, cmd: list[str]) -> list[str]:

@@ -41,6 +41,10 @@ CPU_LAYOUTS = ("models", "chain")
 # copied there at every step (a runtime without torch)
 GPU_LOOPS = ("torch", "numpy")
 CHAINED = ("vae_encoder", "vae_decoder")  # what a chain sampler calls besides unet
+# Triton's rate limiter on the cpu target: each network instance takes one unit of this
+# resource while it executes, and the server (started with --rate-limit=execution_count,
+# which builders.serve adds for such a repository) has one unit, so one network runs at a time
+RATE_LIMIT_RESOURCE = "cpu"
 
 
 def _dtype(name: str) -> int:
@@ -184,6 +188,7 @@ def network_config(
     cpu_lanes: str = "auto",
     cpu_spinning: str = DEFAULT_SPIN_MODE,
     chained: bool = False,
+    rate_limited: bool = False,
 ) -> mc.ModelConfig:
     """A network's config: Python+onnxruntime on ``cpu``; TensorRT UNet + ORT VAE on ``gpu``;
     Python+PyTorch on ``torch`` (``torch_device`` cuda: KIND_GPU instances, one per GPU id
@@ -202,7 +207,11 @@ def network_config(
       finished can wait for the batcher's half-second timer (README, "Served vs in-process");
     - ``vae_decoder`` gets none: its requests have been through the sampler's loop, and a
       refusal there would throw that work away (README, Limits: under overload a quarter of
-      the sampler's runs were)."""
+      the sampler's runs were).
+
+    ``rate_limited``: the instance asks Triton's rate limiter for one unit of
+    :data:`RATE_LIMIT_RESOURCE` per execution (the cpu target's default: one network at a time
+    on the shared cores, README "Served vs in-process")."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     config = mc.ModelConfig(name=spec.name)
@@ -218,6 +227,8 @@ def network_config(
     _batching(config, spec.max_batch, queue_delay_us, limits, queue_policy=admits)
     group = config.instance_group.add()
     group.count = instances
+    if rate_limited:
+        group.rate_limiter.resources.add(name=RATE_LIMIT_RESOURCE, count=1)
     params = dict(parameters or {})
     on_gpu = target == "torch" and torch_device == "cuda"  # a torch network on a GPU
     if target == "cpu":
@@ -320,6 +331,8 @@ def sampler_config(
     group = config.instance_group.add()
     group.count = instances
     group.kind = mc.ModelInstanceGroup.KIND_CPU  # the loop is host code; tensors stay where unet is
+    # never rate-limited: it calls the networks from inside its execute, and a unit it held
+    # would be the one they wait for
     on_gpu = loop_device == "torch-cuda"  # the loop (and fused: the networks) on a GPU
     if fused is not None and on_gpu:
         group.kind = mc.ModelInstanceGroup.KIND_GPU  # it runs the networks: one per GPU

@@ -13,6 +13,7 @@ from benchmarks.batcher_waits import (
     idle_ns,
     main,
     model_batches,
+    overlapping_batches,
     read_trace,
     request_breakdown,
 )
@@ -57,6 +58,23 @@ def test_trace_entries_become_spans_and_batches(tmp_path):
     batches = model_batches(spans, "sampler")
     assert [len(b.queued) for b in batches] == [2, 1, 1]
     assert batches[0].start == int(0.5 * MS) and batches[0].end == 200 * MS
+
+
+def test_network_batches_running_at_once_are_counted(tmp_path):
+    """A batch of one network that starts while another network's batch runs counts once;
+    the sampler (which calls the UNet from inside its own batch) and back-to-back batches
+    do not."""
+    trace = [
+        ("sampler", 0.0, 0.0, 100.0),
+        ("vae_encoder", 0.0, 1.0, 10.0),
+        ("unet", 10.0, 10.0, 50.0),  # after the encoder: fine
+        ("vae_decoder", 20.0, 40.0, 90.0),  # while the UNet runs: counted
+        ("vae_encoder", 45.0, 50.0, 60.0),  # the UNet ended at 50, the decoder still runs
+        ("vae_encoder", 95.0, 95.0, 99.0),  # alone again
+    ]
+    spans = read_trace(_write(tmp_path / "trace.json", trace))
+    assert overlapping_batches(spans) == 2
+    assert overlapping_batches(spans, ("vae_encoder", "unet")) == 0
 
 
 def test_idle_time_excludes_the_busy_intervals():
@@ -163,6 +181,8 @@ def test_a_traced_load_on_a_real_server(built_repository, tmp_path):
     assert models["unet"]["requests"] == models["sampler"]["batches"]
     # each request's steps run one after the other within it (the last step's compute ends
     # a little after the ensemble has answered, so the rest can be slightly negative)
+    # the cpu target's rate limiter: no network batch starts while another network runs
+    assert payload["overlapping_network_batches"] == 0
     parts = payload["request_breakdown"]
     assert parts["requests"] == served and parts["other_ms"] > -1.0
     assert parts["sampler compute_ms"] > 0 and parts["total_ms"] > parts["sampler compute_ms"]

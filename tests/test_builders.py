@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -39,6 +40,31 @@ def built(checkpoint, built_repository, tmp_path_factory):
     args += ["--max-side", "128"]  # as conftest's cpu repository
     assert build.main([*args, "--out", str(gpu), "--target", "gpu", "--engine", "skip"]) == 0
     return {"cpu": cpu, "gpu": gpu, "onnx": onnx_dir}, args
+
+
+def test_rate_limit_reaches_the_server_command(built, tmp_path, capsys):
+    """A repository whose networks ask for the rate limiter's resource is served with
+    ``--rate-limit=execution_count`` (without it Triton ignores the resources), unless the
+    caller sets ``--rate-limit`` itself; ``--no-cpu-rate-limit`` builds without them."""
+    from cxr_sr.builders.serve import TritonServer, rate_limited
+
+    root, args = built
+    flag = "--rate-limit=execution_count"
+    assert rate_limited(root["cpu"]) and flag in TritonServer(root["cpu"]).command(Path("/b"))
+    own = TritonServer(root["cpu"], extra_args=["--rate-limit=off"]).command(Path("/b"))
+    assert flag not in own and own[-1] == "--rate-limit=off"
+    assert not rate_limited(root["gpu"])
+    assert flag not in TritonServer(root["gpu"]).command(Path("/b"))
+
+    out = tmp_path / "free"
+    assert build.main([*args, "--out", str(out), "--no-cpu-rate-limit"]) == 0
+    for name in NETWORKS:
+        config = read_config(out / name / "config.pbtxt")
+        assert not config.instance_group[0].HasField("rate_limiter")
+    assert not rate_limited(out) and flag not in TritonServer(out).command(Path("/b"))
+    bad = [*args, "--out", str(tmp_path / "g"), "--target", "gpu", "--no-cpu-rate-limit"]
+    assert build.main([*bad, "--engine", "skip"]) == 2
+    assert "--no-cpu-rate-limit is for --target cpu" in capsys.readouterr().err
 
 
 def test_gpu_loop_numpy_and_its_target_check(built, tmp_path, capsys):
@@ -270,7 +296,13 @@ def test_cpu_and_gpu_configs(built):
         # one instance: the inference probe then covers every stub (--instances says why)
         assert [g.count for g in cpu.instance_group] == [g.count for g in gpu.instance_group]
         assert [g.count for g in cpu.instance_group] == [1]
+        # the cpu target's networks run one at a time (Triton's rate limiter); the gpu's not
+        [limit] = cpu.instance_group[0].rate_limiter.resources
+        assert (limit.name, limit.count) == ("cpu", 1)
+        assert not gpu.instance_group[0].HasField("rate_limiter")
     assert [g.count for g in sampler.instance_group] == [1]
+    # it calls the networks from inside its execute: a unit it held would block them
+    assert not sampler.instance_group[0].HasField("rate_limiter")
     assert not (root["gpu"] / "unet" / "1" / "model.plan").exists()  # --engine skip
     # the gpu target's loop keeps the latents on the GPU (--gpu-loop torch, the default)
     loop = read_config(root["gpu"] / "sampler" / "config.pbtxt").parameters
