@@ -254,7 +254,7 @@ def assemble(
     queue_delay_us: int | None = None,
     cpu_layout: str = "models",
     gpu_loop: str = "torch",
-    cpu_rate_limit: bool = True,
+    cpu_rate_limit: bool | None = None,
 ) -> Path:
     """Stage 2-3: write the Triton repository for ``target`` into ``out`` (``torch``: the
     checkpoint itself goes next to each network's ``model.py``; ``onnx`` is not used;
@@ -262,7 +262,8 @@ def assemble(
     sampler holds the networks and ``cxr_sr`` has it as its only step; ``cpu_layout`` chain:
     the sampler takes LR and calls the three networks through BLS, and ``cxr_sr`` has it as its
     only step; ``gpu_loop`` torch: the gpu target's sampler keeps its latents on the GPU;
-    ``cpu_rate_limit``: the cpu target's networks run one at a time, Triton's rate limiter)."""
+    ``cpu_rate_limit``: the cpu target's networks run one at a time, Triton's rate limiter;
+    None: with one instance per model, not with more, whose point is to overlap them)."""
     from cxr_sr import Schedule
 
     if torch_layout not in TORCH_LAYOUTS:
@@ -272,6 +273,7 @@ def assemble(
     if cpu_layout not in CPU_LAYOUTS:
         raise ValueError(f"cpu_layout must be one of {CPU_LAYOUTS}, got {cpu_layout!r}")
     fused = target == "torch" and torch_layout == "fused"
+    rate_limit = instances == 1 if cpu_rate_limit is None else cpu_rate_limit
     chain = target == "cpu" and cpu_layout == "chain"
     if queue_delay_us is None:
         queue_delay_us = default_queue_delay_us(target, cpu_layout)
@@ -317,7 +319,7 @@ def assemble(
             cpu_lanes=cpu_lanes,
             cpu_spinning=cpu_spinning,
             parameters=label,
-            rate_limited=target == "cpu" and cpu_rate_limit,
+            rate_limited=target == "cpu" and rate_limit,
         )
         write_config(config, out / name)
 
@@ -481,14 +483,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--cpu-rate-limit",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="cpu target: one network model executes at a time (Triton's rate limiter: each "
         "network instance takes the one unit of a resource 'cpu'; builders.serve then starts "
         "tritonserver with --rate-limit=execution_count, which your own tritonserver command "
         "must add too). Otherwise two networks can run at once, each with its own onnxruntime "
         "threads on the same cores. Measured on 2 cores: the same with 1-4 clients, 2-7%% more "
         "images/s with 8-16, and under a flood no encoder work thrown away (README, Served vs "
-        "in-process); default on",
+        "in-process). Default: on with --instances 1, off with more (more instances are there "
+        "to run at once)",
     )
     p.add_argument(
         "--gpu-loop",
@@ -661,8 +664,8 @@ def main(argv=None) -> int:
     if args.cpu_layout != "models" and args.target != "cpu":
         print("error: --cpu-layout is for --target cpu", file=sys.stderr)
         return 2
-    if not args.cpu_rate_limit and args.target != "cpu":
-        print("error: --no-cpu-rate-limit is for --target cpu", file=sys.stderr)
+    if args.cpu_rate_limit is not None and args.target != "cpu":
+        print("error: --cpu-rate-limit / --no-cpu-rate-limit are for --target cpu", file=sys.stderr)
         return 2
     if args.gpu_loop != "torch" and args.target != "gpu":
         print("error: --gpu-loop is for --target gpu", file=sys.stderr)

@@ -64,7 +64,13 @@ def test_rate_limit_reaches_the_server_command(built, tmp_path, capsys):
     assert not rate_limited(out) and flag not in TritonServer(out).command(Path("/b"))
     bad = [*args, "--out", str(tmp_path / "g"), "--target", "gpu", "--no-cpu-rate-limit"]
     assert build.main([*bad, "--engine", "skip"]) == 2
-    assert "--no-cpu-rate-limit is for --target cpu" in capsys.readouterr().err
+    assert "--no-cpu-rate-limit are for --target cpu" in capsys.readouterr().err
+    # more instances are there to run at once: no rate limiter unless asked for
+    two = [*args, "--instances", "2"]
+    assert build.main([*two, "--out", str(tmp_path / "two")]) == 0
+    assert not rate_limited(tmp_path / "two")
+    assert build.main([*two, "--out", str(tmp_path / "two_rl"), "--cpu-rate-limit"]) == 0
+    assert rate_limited(tmp_path / "two_rl")
 
 
 def test_gpu_loop_numpy_and_its_target_check(built, tmp_path, capsys):
