@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -234,6 +235,19 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def finish(
+    name: str, out: str | Path, report: dict[str, Any], problems: Sequence[str], passed: str
+) -> int:
+    """A pass/fail benchmark's last step: write ``report`` to ``out``, then its verdict, the
+    exit status: 1 with ``problems`` (on stderr), else 0 with the ``passed`` line."""
+    print(f"wrote {write_json(out, report)}")
+    if problems:
+        print(f"{name} FAILED: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    print(f"{name} passed: {passed}")
+    return 0
 
 
 DEFAULT_REPOSITORY = Path("build/model_repository_cpu")  # what `make build` writes

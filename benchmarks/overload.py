@@ -41,13 +41,13 @@ from benchmarks.common import (
     benchmark_parser,
     describe,
     device_info,
+    finish,
     grpc_inputs,
     lr_crops,
     server_log,
     server_version,
     software_versions,
     table,
-    write_json,
 )
 from benchmarks.perf import DEFAULT_PARAMETERS, model_activity, model_statistics
 from cxr_sr.builders.serve import TritonServer
@@ -350,15 +350,10 @@ def main(argv=None) -> int:
         f"{sum(report['other_errors'].values())} other errors"
     )
     print(table(HEADERS, rows(report)))
-    write_json(args.out, report)
-    print(f"wrote {args.out}")
-    if not report["passed"]:
-        print("overload FAILED: " + "; ".join(report["problems"]), file=sys.stderr)
-        return 1
     for note in report["notes"]:
         print(f"note: {note}")
-    print("overload passed: nothing the sampler ran was discarded")
-    return 0
+    passed = "nothing the sampler ran was discarded"
+    return finish("overload", args.out, report, report["problems"], passed)
 
 
 if __name__ == "__main__":

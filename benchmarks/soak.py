@@ -44,13 +44,13 @@ from benchmarks.common import (
     benchmark_parser,
     describe,
     device_info,
+    finish,
     lr_crops,
     positive_ints,
     server_log,
     server_version,
     software_versions,
     table,
-    write_json,
 )
 from benchmarks.perf import (
     DEFAULT_PARAMETERS,
@@ -477,13 +477,8 @@ def main(argv=None) -> int:
         f"server start {d['server_start']:.1f} s, stop {d['server_stop']:.1f} s"
     )
     print(table(MEMORY_HEADERS, memory_rows(report)))
-    write_json(args.out, report)
-    print(f"wrote {args.out}")
-    if problems:
-        print("soak FAILED: " + "; ".join(problems), file=sys.stderr)
-        return 1
-    print(f"soak passed: no failed request, memory growth <= {args.max_growth:.0%}")
-    return 0
+    passed = f"no failed request, memory growth <= {args.max_growth:.0%}"
+    return finish("soak", args.out, report, problems, passed)
 
 
 if __name__ == "__main__":

@@ -273,7 +273,8 @@ def assemble(
     if cpu_layout not in CPU_LAYOUTS:
         raise ValueError(f"cpu_layout must be one of {CPU_LAYOUTS}, got {cpu_layout!r}")
     fused = target == "torch" and torch_layout == "fused"
-    rate_limit = instances == 1 if cpu_rate_limit is None else cpu_rate_limit
+    # more instances are there to run at once, so by default they are not rate-limited
+    rate_limit = target == "cpu" and (instances == 1 if cpu_rate_limit is None else cpu_rate_limit)
     chain = target == "cpu" and cpu_layout == "chain"
     if queue_delay_us is None:
         queue_delay_us = default_queue_delay_us(target, cpu_layout)
@@ -319,7 +320,7 @@ def assemble(
             cpu_lanes=cpu_lanes,
             cpu_spinning=cpu_spinning,
             parameters=label,
-            rate_limited=target == "cpu" and rate_limit,
+            rate_limited=rate_limit,
         )
         write_config(config, out / name)
 
